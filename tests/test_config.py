@@ -1,0 +1,260 @@
+"""Configs, overrides, YAML, presets, seeding, run folders and provenance: the promises of 00_config."""
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from prepretrain_lit.config import (PRESETS, ConfigError, RunConfig, UserError, collect_provenance, config_hash,
+                                    create_run_dir, derive_seed, get_preset, git_state, load_config, merge,
+                                    parse_overrides, save_config, seed_everything, write_provenance)
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# -- bad input: the key, the expected type, the valid choices, the path ------------------------------------
+
+def test_unknown_key_names_key_and_lists_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["train.stpes=10"])
+    msg = str(e.value)
+    assert "'train.stpes'" in msg and "did you mean 'train.steps'" in msg
+    for valid in ("steps", "accum_steps", "precision", "log_every"):
+        assert valid in msg
+
+
+def test_unknown_top_level_key_lists_sections():
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*valid keys: seed, preset, model, data, optim, train"):
+        load_config(overrides=["modle.depth=2"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.steps=ten", "expects int"),
+    ("train.steps=2.5", "expects int"),
+    ("optim.base_lr=fast", "expects float"),
+    ("train.compile=maybe", "expects bool"),
+    ("optim.lr=abc", "expects float or null"),
+    ("optim.betas=[0.9]", "expects tuple[float, float] (2 values)"),
+    ("train.precision=fp8", "expects one of 'fp32', 'bf16', 'fp16'"),
+    ("model=3", "is a section, not a value"),
+])
+def test_wrong_type_names_expected_type(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert expected in str(e.value) and override.split("=")[0] in str(e.value)
+
+
+def test_yaml_types_are_checked_and_the_file_is_named(tmp_path):
+    path = write(tmp_path, """
+        model:
+          depth: "six"
+    """)
+    with pytest.raises(ConfigError, match=rf"{path}: config key 'model.depth' expects int, got 'six'"):
+        load_config(path)
+
+
+def test_yaml_number_for_a_string_key_says_to_quote_it(tmp_path):
+    path = write(tmp_path, "data: {subset: 1000}\n")
+    with pytest.raises(ConfigError, match="quote it"):
+        load_config(path)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=f"config file not found: {missing}"):
+        load_config(missing)
+
+
+def test_invalid_yaml_and_non_mapping_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: {depth: [1, 2\n"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n", "list.yaml"))
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError) as e:
+        get_preset("vit_b14")
+    assert "did you mean" in str(e.value)
+    for name in PRESETS: assert name in str(e.value)
+
+
+def test_sizes_that_cannot_build_a_model_are_refused():
+    with pytest.raises(ConfigError, match="not a multiple of model.patch_size"):
+        load_config(preset="tiny", overrides=["model.img_size=30"])
+    with pytest.raises(ConfigError, match="not divisible by model.num_heads"):
+        load_config(preset="tiny", overrides=["model.num_heads=5"])
+    with pytest.raises(ConfigError, match="train.steps=0 must be > 0"):
+        load_config(overrides=["train.steps=0"])
+
+
+def test_config_errors_are_user_errors_and_value_errors():
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+
+
+def test_malformed_override():
+    for bad in ("model.depth", "=3", "model..depth=3"):
+        with pytest.raises(ConfigError, match="not of the form key=value"):
+            parse_overrides([bad])
+
+
+# -- layering and typing -----------------------------------------------------------------------------------
+
+def test_layers_preset_then_file_then_overrides(tmp_path):
+    path = write(tmp_path, """
+        preset: tiny
+        seed: 7
+        model: {depth: 3}
+        optim: {betas: [0.9, 0.999], clip_grad: 1.0}
+    """)
+    cfg = load_config(path, overrides=["model.depth=5", "train.steps=1e3"])
+    tiny = get_preset("tiny")
+    assert cfg.preset == "tiny" and cfg.seed == 7
+    assert cfg.model.depth == 5                        # override beats file
+    assert cfg.model.embed_dim == tiny.model.embed_dim  # preset kept where the file is silent
+    assert cfg.optim.betas == (0.9, 0.999) and cfg.optim.clip_grad == 1.0
+    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
+
+
+def test_command_line_preset_beats_the_files_preset(tmp_path):
+    path = write(tmp_path, "preset: tiny\nseed: 1\n")
+    cfg = load_config(path, preset="vit_l16")
+    assert cfg.preset == "vit_l16" and cfg.model.depth == 24 and cfg.seed == 1
+
+
+def test_override_values_are_parsed_for_their_field():
+    cfg = load_config(overrides=["optim.base_lr=1e-3", "data.subset=1000", "optim.lr=null",
+                                 "optim.layer_decay=0.65", "train.compile=yes", "optim.betas=0.9,0.98"])
+    assert cfg.optim.base_lr == 1e-3 and isinstance(cfg.optim.base_lr, float)
+    assert cfg.data.subset == "1000"
+    assert cfg.optim.lr is None and cfg.optim.layer_decay == 0.65
+    assert cfg.train.compile is True and cfg.optim.betas == (0.9, 0.98)
+
+
+def test_merge_does_not_mutate_its_input():
+    base = RunConfig()
+    merged = merge(base, {"model": {"depth": 2}})
+    assert base.model.depth == 12 and merged.model.depth == 2
+
+
+def test_yaml_round_trip_and_hash(tmp_path):
+    cfg = load_config(preset="tiny", overrides=["seed=3", "optim.clip_grad=0.5"])
+    back = load_config(save_config(cfg, tmp_path / "config.yaml"))
+    assert back == cfg and config_hash(back) == config_hash(cfg)
+    assert config_hash(cfg) != config_hash(merge(cfg, {"optim": {"clip_grad": 0.4}}))
+    assert len(config_hash(cfg)) == 12 and len(config_hash(cfg, length=64)) == 64
+
+
+def test_presets_match_the_paper_sizes():
+    sizes = {name: get_preset(name).model for name in PRESETS}
+    assert (sizes["vit_2b14"].embed_dim, sizes["vit_2b14"].depth, sizes["vit_2b14"].num_heads) == (2560, 24, 32)
+    assert (sizes["vit_6.5b14"].embed_dim, sizes["vit_6.5b14"].depth, sizes["vit_6.5b14"].num_heads) == (4096, 32, 32)
+    assert sizes["vit_h14"].patch_size == 14 and sizes["vit_l16"].patch_size == 16
+    assert abs(sizes["vit_b16"].encoder_params() - 86e6) < 1e6
+    assert abs(sizes["vit_l16"].encoder_params() - 304e6) < 3e6
+    tiny = get_preset("tiny")
+    assert tiny.train.device == "cpu" and tiny.model.img_size <= 64
+
+
+def test_scaled_lr_follows_the_linear_rule():
+    cfg = RunConfig()
+    assert cfg.optim.scaled_lr(4096) == pytest.approx(1.5e-4 * 16)
+    assert merge(cfg, {"optim": {"lr": 0.1}}).optim.scaled_lr(4096) == 0.1
+
+
+# -- seeding -----------------------------------------------------------------------------------------------
+
+def test_derived_seeds_differ_per_rank_and_worker_and_repeat():
+    seeds = {derive_seed(0, rank, worker) for rank in range(4) for worker in range(4)}
+    assert len(seeds) == 16
+    assert derive_seed(5, 1, 2) == derive_seed(5, 1, 2)
+    assert derive_seed(0, 1) != derive_seed(1, 0)
+
+
+def test_seed_everything_makes_draws_repeat_per_rank():
+    import random
+
+    import numpy as np
+    import torch
+
+    def draw(rank):
+        seed_everything(11, rank)
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+    assert draw(0) == draw(0)
+    assert draw(0) != draw(1)
+
+
+# -- run folders -------------------------------------------------------------------------------------------
+
+def test_run_dir_layout_and_refusal_of_another_config(tmp_path):
+    cfg = get_preset("tiny")
+    d = create_run_dir(cfg, tmp_path, "exp", "mae")
+    assert d == tmp_path / "exp" / "mae" and (d / "checkpoints").is_dir()
+    assert load_config(d / "config.yaml") == cfg
+    (d / "checkpoints" / "step_100.pt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"optim.base_lr: 0.001 -> 0.002"):
+        create_run_dir(merge(cfg, {"optim": {"base_lr": 2e-3}}), tmp_path, "exp", "mae")
+    assert (d / "checkpoints" / "step_100.pt").read_text() == "keep me"
+    assert load_config(d / "config.yaml") == cfg  # the old config was not overwritten
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "..", "."])
+def test_run_dir_rejects_names_that_are_not_folders(tmp_path, bad):
+    with pytest.raises(ConfigError, match="cannot name a folder"):
+        create_run_dir(RunConfig(), tmp_path, "exp", bad)
+
+
+# -- provenance --------------------------------------------------------------------------------------------
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_git_state_commit_and_dirty_flag(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    git(repo, "add", "a.py")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    head = git(repo, "rev-parse", "HEAD")
+    assert git_state(repo) == {"commit": head, "dirty": False}
+    (repo / "new.txt").write_text("untracked files do not make the tree dirty\n")
+    assert git_state(repo)["dirty"] is False
+    (repo / "a.py").write_text("x = 2\n")
+    assert git_state(repo) == {"commit": head, "dirty": True}
+
+
+def test_git_state_outside_a_repository(tmp_path):
+    assert git_state(tmp_path) == {"commit": None, "dirty": None}
+
+
+def test_provenance_record(tmp_path):
+    import timm
+    import torch
+
+    import prepretrain_lit
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "one")
+    cfg = load_config(preset="tiny", overrides=["seed=4"])
+    record = json.loads(write_provenance(tmp_path, cfg, source=repo).read_text())
+    assert record["git"] == {"commit": git(repo, "rev-parse", "HEAD"), "dirty": False}
+    assert record["config_hash"] == config_hash(cfg) and record["config"]["seed"] == 4
+    versions = record["versions"]
+    assert versions["torch"] == torch.__version__ and versions["timm"] == timm.__version__
+    assert versions["prepretrain_lit"] == prepretrain_lit.__version__
+    assert versions["python"].count(".") == 2
+    assert record["host"] and record["devices"] and record["started"].endswith("+00:00")
+    assert not list(tmp_path.glob(".provenance.json.tmp*"))  # written atomically, no temporary left
+
+
+def test_provenance_without_config():
+    record = collect_provenance()
+    assert record["config"] is None and record["config_hash"] is None and "torch" in record["versions"]
