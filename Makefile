@@ -10,20 +10,22 @@ STAMP  := $(VENV)/.installed
 # Quieter pip: the build machines' extra local indexes print one warning per missing package.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: help install demo test test-fast lock export clean-nbs readme lab kernel distclean
+.PHONY: help install demo test test-fast lock lock-upgrade export clean-nbs readme lab kernel distclean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 # The virtual environment is (re)built whenever the lock or the packaging changes. It never sees a
-# system torch (no --system-site-packages), and installs the lock with --no-deps so exactly the
-# locked set is installed; `pip check` then proves the set is complete and consistent.
+# system torch (no --system-site-packages). The lock is installed with --no-deps, so exactly the
+# locked set goes in; pip-sync then removes whatever an older lock left behind; the package itself
+# is installed editable (-qq hides setuptools' notice about editable installs), and `pip check` proves the set is consistent.
 $(STAMP): requirements.lock setup.py settings.ini
 	@echo "== installing the locked environment into $(VENV) (python: $(PYTHON))"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 10), "prepretrain-lit needs Python >= 3.10, got " + sys.version.split()[0]'
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock $(PIP_QUIET)
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . $(PIP_QUIET)
+	$(BIN)/pip-sync --quiet requirements.lock $(PIP_QUIET)
+	$(BIN)/python -m pip install -qq --no-deps --no-build-isolation -e . $(PIP_QUIET)
 	$(BIN)/python -m pip check
 	@touch $(STAMP)
 
@@ -38,8 +40,11 @@ test: $(STAMP)  ## sync, clean, pytest and notebook checks; says which step fail
 test-fast: $(STAMP)  ## the same checks, skipping tests marked slow or multiproc
 	@$(BIN)/python tools/check.py --fast
 
-lock: $(STAMP)  ## re-resolve requirements.lock and environment.yml from settings.ini
+lock: $(STAMP)  ## re-resolve requirements.lock and environment.yml after a change to settings.ini
 	$(BIN)/python tools/lock.py
+
+lock-upgrade: $(STAMP)  ## the same, moving every pin to the newest version allowed
+	$(BIN)/python tools/lock.py --upgrade
 
 export: $(STAMP)  ## regenerate prepretrain_lit/ and README.md from the notebooks
 	$(BIN)/nbdev_export

@@ -1,6 +1,7 @@
 """Regenerate `requirements.lock` and `environment.yml` from the loose requirements in settings.ini.
 
-Run it through `make lock`. It resolves `settings.ini`'s `requirements` and `dev_requirements`
+Run it through `make lock` (keeps existing pins that still fit) or `make lock-upgrade` (newest
+versions allowed). It resolves `settings.ini`'s `requirements` and `dev_requirements`
 (read by setup.py) with pip-compile for the running interpreter, then writes the same exact pins
 into `environment.yml` for conda users. When pip is configured with a constraint file (as on the
 project's build machines, where it caps torch at the wheels kept on local disk), that constraint
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,8 +48,9 @@ def machine_constraints() -> list[str]:
     return [f for f in dict.fromkeys(found) if Path(f).is_file()]
 
 
-def compile_lock() -> None:
-    "Resolve settings.ini's requirements (through setup.py) into requirements.lock."
+def compile_lock(upgrade: bool = False) -> None:
+    """Resolve settings.ini's requirements (through setup.py) into requirements.lock.
+    Pins already in the lock are kept while they satisfy the requirements, unless `upgrade`."""
     with tempfile.TemporaryDirectory() as tmp:
         sources = ["setup.py"]
         constraints = machine_constraints()
@@ -56,7 +59,9 @@ def compile_lock() -> None:
             extra.write_text("".join(f"-c {c}\n" for c in constraints))
             sources.append(str(extra))
         out = Path(tmp) / "requirements.lock"
+        if LOCK.exists() and not upgrade: shutil.copy(LOCK, out)  # pip-compile keeps pins that still fit
         cmd = [sys.executable, "-m", "piptools", "compile", "--quiet", "--extra", "dev",
+               *(["--upgrade"] if upgrade else []),
                "--allow-unsafe", "--strip-extras", "--no-header", "--no-annotate",
                "--no-emit-index-url", "--no-emit-find-links", "--output-file", str(out), *sources]
         subprocess.run(cmd, check=True, cwd=ROOT)
@@ -95,6 +100,6 @@ def write_environment() -> None:
 
 
 if __name__ == "__main__":
-    if "--env-only" not in sys.argv: compile_lock()
+    if "--env-only" not in sys.argv: compile_lock(upgrade="--upgrade" in sys.argv)
     write_environment()
     print(f"wrote {LOCK.relative_to(ROOT)} ({len(read_lock())} pins) and {ENV_YML.relative_to(ROOT)}")
