@@ -9,7 +9,7 @@ __all__ = ['PRESETS', 'UserError', 'ConfigError', 'ModelConfig', 'DataConfig', '
            'seed_everything', 'seed_worker', 'run_dir', 'config_diff', 'create_run_dir', 'git_state',
            'package_versions', 'device_names', 'collect_provenance', 'write_provenance']
 
-# %% ../nbs/00_config.ipynb #09f80214
+# %% ../nbs/00_config.ipynb #b1e4f4b6
 import dataclasses
 import difflib
 import hashlib
@@ -32,14 +32,14 @@ from typing import Any, Literal, Sequence, get_args, get_origin, get_type_hints
 import numpy as np
 import yaml
 
-# %% ../nbs/00_config.ipynb #8be7ae62
+# %% ../nbs/00_config.ipynb #6f054dd0
 class UserError(Exception):
     "A mistake in what the user asked for: the CLI prints the message alone, with no traceback."
 
 class ConfigError(UserError, ValueError):
     "A config that cannot be used; the message names the key, what was expected and the valid choices."
 
-# %% ../nbs/00_config.ipynb #439b3758
+# %% ../nbs/00_config.ipynb #292ef4ab
 @dataclass
 class ModelConfig:
     "The ViT trunk (encoder) and MAE's light decoder; `img_size` must be a multiple of `patch_size`."
@@ -93,7 +93,7 @@ class ModelConfig:
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must lie in [0, 1)")
 
-# %% ../nbs/00_config.ipynb #4a2d5358
+# %% ../nbs/00_config.ipynb #3a6cca3d
 @dataclass
 class DataConfig:
     "Which images, and how many per process."
@@ -162,13 +162,13 @@ class RunConfig:
             section = getattr(self, f.name)
             if is_dataclass(section): section.check()
 
-# %% ../nbs/00_config.ipynb #4366be0c
+# %% ../nbs/00_config.ipynb #f5c4e5bd
 def _check_positive(obj, section: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value <= 0: raise ConfigError(f"{section}.{name}={value} must be > 0")
 
-# %% ../nbs/00_config.ipynb #9469e16d
+# %% ../nbs/00_config.ipynb #44cf5883
 def type_name(tp) -> str:
     "A short readable name for a type annotation: `int`, `float or null`, `one of 'a', 'b'`."
     origin, args = get_origin(tp), get_args(tp)
@@ -249,7 +249,7 @@ def coerce(value, tp, key: str):
     if isinstance(value, tp): return value
     raise bad
 
-# %% ../nbs/00_config.ipynb #f7a517ff
+# %% ../nbs/00_config.ipynb #b56ddc4d
 def _unknown_key(key: str, prefix: str, cls) -> ConfigError:
     names = [f.name for f in fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
@@ -273,7 +273,7 @@ def merge(cfg, updates: dict, prefix: str = ""):
             changes[key] = coerce(value, hints[key], prefix + key)
     return dataclasses.replace(cfg, **changes)
 
-# %% ../nbs/00_config.ipynb #8f8b4b33
+# %% ../nbs/00_config.ipynb #78d89c58
 def parse_overrides(overrides: Sequence[str]) -> dict:
     "`['a.b=1', 'c=x']` -> `{'a': {'b': '1'}, 'c': 'x'}` (values stay strings until `merge` types them)."
     tree: dict = {}
@@ -292,7 +292,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         node[leaf] = value.strip()
     return tree
 
-# %% ../nbs/00_config.ipynb #e94ac760
+# %% ../nbs/00_config.ipynb #84a59b7a
 def _vit(arch: str, patch: int, width: int, depth: int, heads: int) -> dict:
     return dict(model=dict(arch=arch, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads))
 
@@ -320,7 +320,7 @@ def get_preset(name: str) -> RunConfig:
     cfg = merge(RunConfig(), PRESETS[name], prefix="")
     return dataclasses.replace(cfg, preset=name)
 
-# %% ../nbs/00_config.ipynb #ecb2cfc6
+# %% ../nbs/00_config.ipynb #cb1e680e
 def load_yaml(path: str | os.PathLike) -> dict:
     "The mapping in YAML file `path`; a missing file, bad YAML or a non-mapping raises `ConfigError`."
     path = Path(path)
@@ -345,7 +345,7 @@ def load_config(path: str | os.PathLike | None = None, preset: str | None = None
     cfg.check()
     return cfg
 
-# %% ../nbs/00_config.ipynb #204dcf0c
+# %% ../nbs/00_config.ipynb #50a993af
 def config_to_dict(cfg) -> dict:
     "A plain nested dict of `cfg` (tuples become lists, so it is safe YAML and JSON)."
     def plain(v):
@@ -377,7 +377,7 @@ def save_config(cfg, path: str | os.PathLike) -> Path:
     "Write `cfg` as YAML to `path`, atomically."
     return atomic_write_text(path, config_to_yaml(cfg))
 
-# %% ../nbs/00_config.ipynb #b5c4b6d2
+# %% ../nbs/00_config.ipynb #2a9a94fd
 def derive_seed(seed: int, *keys: int) -> int:
     "A 32-bit seed for the stream named by `keys` (e.g. rank, worker) of the run seeded with `seed`."
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
@@ -400,7 +400,7 @@ def seed_worker(worker_id: int, seed: int, rank: int = 0) -> None:
     np.random.seed(s)
     torch.manual_seed(s)
 
-# %% ../nbs/00_config.ipynb #5a03db7f
+# %% ../nbs/00_config.ipynb #d8d268dc
 def run_dir(root: str | os.PathLike, experiment: str, stage: str, variant: str | None = None) -> Path:
     "The folder of one stage run: `root/experiment/stage[/variant]`."
     parts = [experiment, stage] + ([variant] if variant else [])
@@ -438,7 +438,7 @@ def create_run_dir(cfg: RunConfig, root: str | os.PathLike, experiment: str, sta
     save_config(cfg, saved)
     return d
 
-# %% ../nbs/00_config.ipynb #65cd2156
+# %% ../nbs/00_config.ipynb #643b790c
 def git_state(path: str | os.PathLike | None = None) -> dict:
     "`{'commit': sha or None, 'dirty': bool or None}` of the git work tree holding `path` (default: this package)."
     if path is None:
@@ -484,7 +484,7 @@ def collect_provenance(cfg: RunConfig | None = None, source: str | os.PathLike |
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
-def write_provenance(run_dir: str | os.PathLike, cfg: RunConfig, source: str | os.PathLike | None = None) -> Path:
-    "Write `provenance.json` into `run_dir` (atomically) and return its path."
+def write_provenance(folder: str | os.PathLike, cfg: RunConfig, source: str | os.PathLike | None = None) -> Path:
+    "Write `provenance.json` into the run folder `folder` (atomically) and return its path."
     record = collect_provenance(cfg, source)
-    return atomic_write_text(Path(run_dir) / "provenance.json", json.dumps(record, indent=2) + "\n")
+    return atomic_write_text(Path(folder) / "provenance.json", json.dumps(record, indent=2) + "\n")
