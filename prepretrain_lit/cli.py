@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['add_config_args', 'config_from_args', 'cmd_config_show', 'presets_table', 'cmd_config_presets', 'cmd_env',
-           'trunk_summary', 'cmd_demo', 'build_parser', 'main']
+           'mae_summary', 'cmd_demo', 'build_parser', 'main']
 
-# %% ../nbs/10_cli.ipynb #3cdb2317
+# %% ../nbs/10_cli.ipynb #0496622d
 import argparse
 import json
 import sys
@@ -14,10 +14,10 @@ import time
 from typing import Callable, Sequence
 
 import prepretrain_lit
-from .config import (PRESETS, ModelConfig, RunConfig, UserError, collect_provenance,
+from .config import (PRESETS, RunConfig, UserError, collect_provenance,
                                     config_hash, config_to_dict, config_to_yaml, get_preset, load_config)
 
-# %% ../nbs/10_cli.ipynb #f514f39a
+# %% ../nbs/10_cli.ipynb #8f2eb3b1
 def add_config_args(p: argparse.ArgumentParser) -> None:
     "The three config layers as options: `--preset`, `--config FILE`, `--set key=value` (repeatable)."
     p.add_argument("--preset", help=f"start from a named preset: {', '.join(PRESETS)}")
@@ -55,35 +55,38 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(json.dumps({k: record[k] for k in ("versions", "git", "devices", "host", "platform")}, indent=2))
     return 0
 
-# %% ../nbs/10_cli.ipynb #57a27ba6
-def trunk_summary(m: ModelConfig, batch_size: int = 8) -> dict:
-    "Build the timm ViT trunk of `m`, run forward and backward on a random batch, and describe it."
+# %% ../nbs/10_cli.ipynb #66acb152
+def mae_summary(cfg: RunConfig) -> dict:
+    "Build the MAE model of `cfg`, run forward and backward on a random batch, and describe it."
     import torch
-    from timm.models.vision_transformer import VisionTransformer
-    vit = VisionTransformer(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans,
-                            embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-                            mlp_ratio=m.mlp_ratio, num_classes=0)
-    params = sum(p.numel() for p in vit.parameters())
-    if params != m.encoder_params():
-        raise RuntimeError(f"timm built {params} parameters, ModelConfig.encoder_params() says {m.encoder_params()}")
-    x = torch.randn(batch_size, m.in_chans, m.img_size, m.img_size)
+    from prepretrain_lit.mae import mae_from_config
+    m = cfg.model
+    model = mae_from_config(m, cfg.mae)
+    encoder = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder_", "mask_token")))
+    if encoder != m.encoder_params():
+        raise RuntimeError(f"the encoder has {encoder} parameters, ModelConfig.encoder_params() says {m.encoder_params()}")
+    imgs = torch.randn(cfg.data.batch_size, m.in_chans, m.img_size, m.img_size)
     start = time.perf_counter()
-    tokens = vit.forward_features(x)                     # (B, 1 + L, D)
-    tokens.float().pow(2).mean().backward()
-    return {"arch": m.arch, "params": params, "input": list(x.shape), "tokens": list(tokens.shape),
-            "forward_backward_s": round(time.perf_counter() - start, 3)}
+    loss, pred, mask = model(imgs, mask_ratio=cfg.mae.mask_ratio)   # pred (N, L, p*p*C), mask (N, L)
+    loss.backward()
+    return {"arch": m.arch, "encoder_params": encoder,
+            "decoder_params": sum(p.numel() for p in model.parameters()) - encoder,
+            "images": list(imgs.shape), "patches": m.num_patches,
+            "visible_per_image": int(m.num_patches - mask[0].sum().item()), "pred": list(pred.shape),
+            "loss_at_init": round(loss.item(), 4), "forward_backward_s": round(time.perf_counter() - start, 3)}
 
 def cmd_demo(args: argparse.Namespace) -> int:
     preset = args.preset or (None if args.config else "tiny")  # the demo is the tiny CPU run unless told
     cfg = load_config(args.config, preset=preset, overrides=args.overrides)
     print(f"== config ({cfg.preset or 'custom'}, hash {config_hash(cfg)})\n{config_to_yaml(cfg)}")
+    print("== environment")
     cmd_env(args)
-    print("== ViT trunk")
-    print(json.dumps(trunk_summary(cfg.model, batch_size=cfg.data.batch_size), indent=2))
+    print("== MAE model, one training step's forward and backward on a random batch")
+    print(json.dumps(mae_summary(cfg), indent=2))
     print("The end-to-end pipeline (shards -> MAE -> WSP -> transfer -> report) is not built yet: see the issues.")
     return 0
 
-# %% ../nbs/10_cli.ipynb #b843757c
+# %% ../nbs/10_cli.ipynb #2aa6426a
 def build_parser() -> argparse.ArgumentParser:
     "The `prepretrain` argument parser with every subcommand."
     parser = argparse.ArgumentParser(prog="prepretrain", description="MAE pre-pretraining and SplitMask, literate.")

@@ -75,9 +75,13 @@ def test_env_reports_versions(capsys):
     assert record["versions"]["torch"] == torch.__version__ and "commit" in record["git"]
 
 
-def test_demo_builds_the_tiny_trunk(capsys):
+def test_demo_builds_the_tiny_mae_and_runs_a_step(capsys):
     assert main(["demo", "--set", "data.batch_size=2"]) == 0
     out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{", out.index("== MAE model")):out.rindex("}") + 1])
     tiny = load_config(preset="tiny")
-    assert f'"params": {tiny.model.encoder_params()}' in out
-    assert f'"tokens": [\n    2,\n    {tiny.model.num_patches + 1},\n    {tiny.model.embed_dim}\n  ]' in out
+    assert summary["encoder_params"] == tiny.model.encoder_params()
+    assert summary["images"] == [2, 3, tiny.model.img_size, tiny.model.img_size]
+    assert summary["visible_per_image"] == int(tiny.model.num_patches * (1 - tiny.mae.mask_ratio))
+    assert summary["pred"] == [2, tiny.model.num_patches, tiny.model.patch_size ** 2 * 3]
+    assert summary["loss_at_init"] > 0

@@ -29,7 +29,7 @@ def test_unknown_key_names_key_and_lists_valid_ones():
 
 
 def test_unknown_top_level_key_lists_sections():
-    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*valid keys: seed, preset, model, data, optim, train"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*valid keys: seed, preset, model, mae, data, optim, train"):
         load_config(overrides=["modle.depth=2"])
 
 
@@ -258,3 +258,10 @@ def test_provenance_record(tmp_path):
 def test_provenance_without_config():
     record = collect_provenance()
     assert record["config"] is None and record["config_hash"] is None and "torch" in record["versions"]
+
+
+def test_mask_ratio_must_hide_some_and_keep_some():
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(ConfigError, match="mae.mask_ratio"):
+            load_config(overrides=[f"mae.mask_ratio={bad}"])
+    assert load_config(overrides=["mae.mask_ratio=0.9"]).mae.mask_ratio == 0.9
