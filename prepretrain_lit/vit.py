@@ -9,7 +9,7 @@ __all__ = ['LayerNorm6', 'VIT_SIZES', 'vit_tiny_patch16', 'vit_small_patch16', '
            'CheckpointMismatchError', 'load_state_dict_file', 'check_state_dict', 'trunk_state_dict', 'load_trunk',
            'save_trunk']
 
-# %% ../nbs/02_vit.ipynb #3bf76ea9
+# %% ../nbs/02_vit.ipynb #d834e0cf
 import argparse
 from functools import partial
 from pathlib import Path
@@ -22,7 +22,7 @@ from timm.models.vision_transformer import Block, PatchEmbed
 
 from .config import ModelConfig, UserError
 
-# %% ../nbs/02_vit.ipynb #0a022ab3
+# %% ../nbs/02_vit.ipynb #da4f46e9
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
     "Sin-cos encoding of `positions` (M,) into (M, embed_dim): sines then cosines."
     if embed_dim % 2: raise ValueError(f"sin-cos embedding needs an even width, got {embed_dim}")
@@ -40,7 +40,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = False)
     if cls_token: emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
 
-# %% ../nbs/02_vit.ipynb #955084d2
+# %% ../nbs/02_vit.ipynb #3e41344b
 def init_linear_and_norm(m: nn.Module) -> None:
     "MAE's per-module init: Xavier-uniform linears with zero bias; LayerNorm weight 1, bias 0."
     if isinstance(m, nn.Linear):
@@ -55,7 +55,7 @@ def init_patch_embed(proj: nn.Conv2d) -> None:
     nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
     if proj.bias is not None: nn.init.zeros_(proj.bias)
 
-# %% ../nbs/02_vit.ipynb #57101de1
+# %% ../nbs/02_vit.ipynb #863e1a57
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)  # MAE, MAWS and timm's ViT all use eps=1e-6
 
 class ViT(nn.Module):
@@ -106,7 +106,7 @@ class ViT(nn.Module):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.forward_features(imgs)
 
-# %% ../nbs/02_vit.ipynb #249aada1
+# %% ../nbs/02_vit.ipynb #7caaea27
 VIT_SIZES: dict[str, dict] = {
     "tiny":  dict(embed_dim=192, depth=12, num_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6),
@@ -136,7 +136,7 @@ def vit_from_config(m: ModelConfig) -> ViT:
     return ViT(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, embed_dim=m.embed_dim,
                depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate)
 
-# %% ../nbs/02_vit.ipynb #9c7ebf5c
+# %% ../nbs/02_vit.ipynb #3ece6733
 class CheckpointMismatchError(UserError, ValueError):
     "A state dict that does not fit a model; the message lists missing, unexpected and mis-shaped keys."
 
@@ -177,7 +177,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], i
         parts.append("  Check the architecture (size, patch, image size) matches the checkpoint's.")
         raise CheckpointMismatchError("\n".join(parts))
 
-# %% ../nbs/02_vit.ipynb #2e7dfc53
+# %% ../nbs/02_vit.ipynb #d1ed3194
 DECODER_PREFIXES = ("decoder_", "mask_token")
 HEAD_PREFIXES = ("head.", "fc_norm.")
 
@@ -187,15 +187,16 @@ def trunk_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 def load_trunk(model: ViT, checkpoint: str | Path | Mapping[str, torch.Tensor],
                interpolate_pos_embed: bool = False) -> ViT:
-    "Load the encoder weights of `checkpoint` (a path or a state dict) into `model`, strictly; returns `model`."
+    """Load the encoder weights of `checkpoint` (a path or a state dict) into `model`; returns `model`.
+    Every trunk key must fit exactly; when `model` is a MAE, its decoder keeps its own weights."""
     source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "state dict"
     sd = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, Path)) else dict(checkpoint)
     sd = trunk_state_dict(sd)
     pos = sd.get("pos_embed")
     if interpolate_pos_embed and pos is not None and pos.shape != model.pos_embed.shape:
         sd["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=[model.grid_size] * 2, num_prefix_tokens=1)
-    check_state_dict(model, sd, source=source)
-    model.load_state_dict(sd, strict=True)
+    check_state_dict(model, sd, ignore_missing=DECODER_PREFIXES, source=source)
+    model.load_state_dict(sd, strict=False)  # strictness already checked, decoder aside
     return model
 
 def save_trunk(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:

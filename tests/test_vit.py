@@ -147,3 +147,18 @@ def test_drop_path_rises_linearly_with_depth():
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in vit.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2])
     assert isinstance(ModelConfig().drop_path_rate, float)
+
+
+def test_a_timm_trunk_loads_into_a_mae_encoder_and_keeps_the_decoder():
+    torch.manual_seed(0)
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **SMALL).eval()
+    mae = mae_vit_base_patch16(**SMALL, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    decoder_before = mae.decoder_pred.weight.clone()
+    load_trunk(mae, theirs.state_dict()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(mae.forward_features(x), theirs.forward_features(x))
+    assert torch.equal(mae.decoder_pred.weight, decoder_before)
+    bad = theirs.state_dict()
+    del bad["blocks.0.norm1.weight"]
+    with pytest.raises(CheckpointMismatchError, match="missing keys \\(1\\): blocks.0.norm1.weight"):
+        load_trunk(mae, bad)
