@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['add_config_args', 'config_from_args', 'cmd_config_show', 'presets_table', 'cmd_config_presets', 'cmd_env',
-           'mae_summary', 'cmd_demo', 'build_parser', 'main']
+           'cmd_shards_build', 'parse_subset', 'cmd_shards_verify', 'demo_shards', 'mae_summary', 'cmd_demo',
+           'build_parser', 'main']
 
-# %% ../nbs/10_cli.ipynb #0496622d
+# %% ../nbs/10_cli.ipynb #5c050a83
 import argparse
 import json
 import sys
@@ -17,7 +18,7 @@ import prepretrain_lit
 from .config import (PRESETS, RunConfig, UserError, collect_provenance,
                                     config_hash, config_to_dict, config_to_yaml, get_preset, load_config)
 
-# %% ../nbs/10_cli.ipynb #8f2eb3b1
+# %% ../nbs/10_cli.ipynb #cfa2cf42
 def add_config_args(p: argparse.ArgumentParser) -> None:
     "The three config layers as options: `--preset`, `--config FILE`, `--set key=value` (repeatable)."
     p.add_argument("--preset", help=f"start from a named preset: {', '.join(PRESETS)}")
@@ -55,9 +56,55 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(json.dumps({k: record[k] for k in ("versions", "git", "devices", "host", "platform")}, indent=2))
     return 0
 
-# %% ../nbs/10_cli.ipynb #66acb152
-def mae_summary(cfg: RunConfig) -> dict:
-    "Build the MAE model of `cfg`, run forward and backward on a random batch, and describe it."
+# %% ../nbs/10_cli.ipynb #27c2da9f
+def cmd_shards_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from prepretrain_lit.data import (build_from_recipe, build_shards, imagefolder_source, load_manifest,
+                                      table_source)
+    source = Path(args.source)
+    subsets = dict(parse_subset(s) for s in args.subset)
+    if source.suffix in (".yaml", ".yml"):
+        if args.name or subsets: raise UserError("--name and --subset come from the recipe manifest itself")
+        path = build_from_recipe(source, args.out, workers=args.workers, num_samples=args.num_samples)
+    else:
+        if source.is_dir(): src = imagefolder_source(source)
+        elif source.suffix in (".csv", ".jsonl", ".json"): src = table_source(source)
+        else: raise UserError(f"{source}: not a recipe manifest (.yaml), an image folder or a .csv/.jsonl sample list")
+        if args.name: src.name = args.name
+        if args.num_samples: src.n = min(src.n, args.num_samples)
+        path = build_shards(src, args.out, shard_size=args.shard_size, fmt=args.format, quality=args.quality,
+                            max_side=args.max_side, workers=args.workers, subsets=subsets)
+    m = load_manifest(path)
+    print(f"wrote {len(m.shards)} shards, {m.num_samples} samples; manifest: {path}")
+    return 0
+
+def parse_subset(text: str) -> tuple[str, int]:
+    "`'1k=1000'` -> `('1k', 1000)`."
+    name, _, size = text.partition("=")
+    if not name or not size.isdigit(): raise UserError(f"--subset {text!r} is not NAME=SIZE (e.g. 1k=1000)")
+    return name, int(size)
+
+def cmd_shards_verify(args: argparse.Namespace) -> int:
+    from prepretrain_lit.data import load_manifest, verify_manifest
+    m = load_manifest(args.manifest)
+    problems = verify_manifest(m, progress=True)
+    for p in problems: print(p)
+    print(f"{m.path}: {len(m.shards)} shards, {len(problems)} problem(s)" if problems else
+          f"{m.path}: all {len(m.shards)} shards match ({m.num_samples} samples)")
+    return 1 if problems else 0
+
+# %% ../nbs/10_cli.ipynb #77a0a5c4
+def demo_shards(out: "Path", num_samples: int = 2000) -> "Path":
+    "Build the demo's `shapes` shards under `out`, or reuse them when they are already there and intact."
+    from prepretrain_lit.data import build_from_recipe, load_manifest, shipped_manifest, verify_manifest
+    manifest = out / "shapes.yaml"
+    if manifest.is_file():
+        m = load_manifest(manifest)
+        if m.num_samples == num_samples and not verify_manifest(m): return manifest
+    return build_from_recipe(shipped_manifest("shapes"), out, workers=2, num_samples=num_samples)
+
+def mae_summary(cfg: RunConfig, imgs: "torch.Tensor | None" = None) -> dict:
+    "Build the MAE model of `cfg`, run forward and backward on `imgs` (random if None), and describe it."
     import torch
     from prepretrain_lit.mae import mae_from_config
     m = cfg.model
@@ -65,7 +112,7 @@ def mae_summary(cfg: RunConfig) -> dict:
     encoder = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder_", "mask_token")))
     if encoder != m.encoder_params():
         raise RuntimeError(f"the encoder has {encoder} parameters, ModelConfig.encoder_params() says {m.encoder_params()}")
-    imgs = torch.randn(cfg.data.batch_size, m.in_chans, m.img_size, m.img_size)
+    if imgs is None: imgs = torch.randn(cfg.data.batch_size, m.in_chans, m.img_size, m.img_size)
     start = time.perf_counter()
     loss, pred, mask = model(imgs, mask_ratio=cfg.mae.mask_ratio)   # pred (N, L, p*p*C), mask (N, L)
     loss.backward()
@@ -76,17 +123,25 @@ def mae_summary(cfg: RunConfig) -> dict:
             "loss_at_init": round(loss.item(), 4), "forward_backward_s": round(time.perf_counter() - start, 3)}
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from prepretrain_lit.loader import ShardStream, StreamLoader, mae_transform
     preset = args.preset or (None if args.config else "tiny")  # the demo is the tiny CPU run unless told
     cfg = load_config(args.config, preset=preset, overrides=args.overrides)
     print(f"== config ({cfg.preset or 'custom'}, hash {config_hash(cfg)})\n{config_to_yaml(cfg)}")
     print("== environment")
     cmd_env(args)
-    print("== MAE model, one training step's forward and backward on a random batch")
-    print(json.dumps(mae_summary(cfg), indent=2))
-    print("The end-to-end pipeline (shards -> MAE -> WSP -> transfer -> report) is not built yet: see the issues.")
+    print("== data: built-in shapes as webdataset shards")
+    manifest = demo_shards(Path(args.out) / "demo" / "shards" / "shapes", args.num_samples)
+    stream = ShardStream(manifest, mae_transform(cfg.model.img_size), seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+    loader = StreamLoader(stream, cfg.data.batch_size, num_workers=cfg.data.num_workers)
+    batch = next(iter(loader))
+    print(f"manifest {manifest}: one batch of {tuple(batch['image'].shape)}; first caption: {batch['caption'][0]!r}")
+    print("== MAE model: one training step's forward and backward on that batch")
+    print(json.dumps(mae_summary(cfg, batch["image"]), indent=2))
+    print("The end-to-end pipeline (MAE -> WSP -> transfer -> report) is not built yet: see the issues.")
     return 0
 
-# %% ../nbs/10_cli.ipynb #2aa6426a
+# %% ../nbs/10_cli.ipynb #60eeba01
 def build_parser() -> argparse.ArgumentParser:
     "The `prepretrain` argument parser with every subcommand."
     parser = argparse.ArgumentParser(prog="prepretrain", description="MAE pre-pretraining and SplitMask, literate.")
@@ -101,9 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=cmd_config_show)
     config_sub.add_parser("presets", help="list the presets and their sizes").set_defaults(handler=cmd_config_presets)
 
+    shards = sub.add_parser("shards", help="write and verify webdataset shards")
+    shards_sub = shards.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", required=True)
+    build = shards_sub.add_parser("build", help="write shards and a manifest")
+    build.add_argument("source", help="a recipe manifest (data_manifests/shapes.yaml), an ImageFolder, or a .csv/.jsonl")
+    build.add_argument("--out", required=True, help="folder for the shards and their manifest")
+    build.add_argument("--num-samples", type=int, help="build only this many samples (shapes can also make more)")
+    build.add_argument("--shard-size", type=int, default=1000, help="samples per shard (folder / list sources)")
+    build.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image encoding (folder / list sources)")
+    build.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    build.add_argument("--max-side", type=int, help="shrink images so their longer side is at most this")
+    build.add_argument("--workers", type=int, default=1, help="processes building shards in parallel")
+    build.add_argument("--subset", action="append", default=[], metavar="NAME=SIZE", help="a nested subset; repeatable")
+    build.add_argument("--name", help="dataset name (default: the folder or file name)")
+    build.set_defaults(handler=cmd_shards_build)
+    verify = shards_sub.add_parser("verify", help="re-hash and recount every shard of a manifest")
+    verify.add_argument("manifest")
+    verify.set_defaults(handler=cmd_shards_verify)
+
     sub.add_parser("env", help="versions, git commit and devices").set_defaults(handler=cmd_env)
     demo = sub.add_parser("demo", help="the main job on built-in data, on CPU (make demo)")
     add_config_args(demo)
+    demo.add_argument("--out", default="runs", help="folder for the demo's outputs (default: runs)")
+    demo.add_argument("--num-samples", type=int, default=2000, help="shapes images to build")
     demo.set_defaults(handler=cmd_demo)
     return parser
 

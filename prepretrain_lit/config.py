@@ -9,7 +9,7 @@ __all__ = ['PRESETS', 'UserError', 'ConfigError', 'ModelConfig', 'DataConfig', '
            'seed_everything', 'seed_worker', 'run_dir', 'config_diff', 'create_run_dir', 'git_state',
            'package_versions', 'device_names', 'collect_provenance', 'write_provenance']
 
-# %% ../nbs/00_config.ipynb #9ad4cb5b
+# %% ../nbs/00_config.ipynb #a5039a73
 import dataclasses
 import difflib
 import hashlib
@@ -32,14 +32,14 @@ from typing import Any, Literal, Sequence, get_args, get_origin, get_type_hints
 import numpy as np
 import yaml
 
-# %% ../nbs/00_config.ipynb #0791b769
+# %% ../nbs/00_config.ipynb #08f63344
 class UserError(Exception):
     "A mistake in what the user asked for: the CLI prints the message alone, with no traceback."
 
 class ConfigError(UserError, ValueError):
     "A config that cannot be used; the message names the key, what was expected and the valid choices."
 
-# %% ../nbs/00_config.ipynb #30ef1202
+# %% ../nbs/00_config.ipynb #d287466c
 @dataclass
 class ModelConfig:
     "The ViT trunk (encoder) and MAE's light decoder; `img_size` must be a multiple of `patch_size`."
@@ -93,18 +93,23 @@ class ModelConfig:
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must lie in [0, 1)")
 
-# %% ../nbs/00_config.ipynb #451ed139
+# %% ../nbs/00_config.ipynb #401f70f1
 @dataclass
 class DataConfig:
-    "Which images, and how many per process."
-    dataset: str = "shapes"         # a built-in dataset name, or the path of a manifest YAML
+    "Which images, how many per process, and how much bad data to tolerate."
+    dataset: str = "shapes"         # the path of a manifest YAML (a built-in name until it is built)
     subset: str | None = None       # a named subset of the manifest (data-scaling ablations)
     batch_size: int = 64            # images per process per micro-batch (MAE: 64 x 8 GPUs x 8 nodes)
     num_workers: int = 8            # loader processes per rank
+    shuffle_buffer: int = 1000      # samples held for shuffling in each loader worker
+    max_skip_fraction: float = 0.01 # stop when more than this share of samples is bad
+    verify_checksums: bool = False  # re-hash every shard before training starts
 
     def check(self) -> None:
-        _check_positive(self, "data", "batch_size")
+        _check_positive(self, "data", "batch_size", "shuffle_buffer")
         if self.num_workers < 0: raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ConfigError(f"data.max_skip_fraction={self.max_skip_fraction} must lie in [0, 1]")
 
 @dataclass
 class OptimConfig:
@@ -173,13 +178,13 @@ class RunConfig:
             section = getattr(self, f.name)
             if is_dataclass(section): section.check()
 
-# %% ../nbs/00_config.ipynb #8514bde5
+# %% ../nbs/00_config.ipynb #f21c3453
 def _check_positive(obj, section: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value <= 0: raise ConfigError(f"{section}.{name}={value} must be > 0")
 
-# %% ../nbs/00_config.ipynb #96256b71
+# %% ../nbs/00_config.ipynb #9fd9eb80
 def type_name(tp) -> str:
     "A short readable name for a type annotation: `int`, `float or null`, `one of 'a', 'b'`."
     origin, args = get_origin(tp), get_args(tp)
@@ -260,7 +265,7 @@ def coerce(value, tp, key: str):
     if isinstance(value, tp): return value
     raise bad
 
-# %% ../nbs/00_config.ipynb #495106c3
+# %% ../nbs/00_config.ipynb #74012421
 def _unknown_key(key: str, prefix: str, cls) -> ConfigError:
     names = [f.name for f in fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
@@ -284,7 +289,7 @@ def merge(cfg, updates: dict, prefix: str = ""):
             changes[key] = coerce(value, hints[key], prefix + key)
     return dataclasses.replace(cfg, **changes)
 
-# %% ../nbs/00_config.ipynb #04eabd3f
+# %% ../nbs/00_config.ipynb #b451c802
 def parse_overrides(overrides: Sequence[str]) -> dict:
     "`['a.b=1', 'c=x']` -> `{'a': {'b': '1'}, 'c': 'x'}` (values stay strings until `merge` types them)."
     tree: dict = {}
@@ -303,7 +308,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         node[leaf] = value.strip()
     return tree
 
-# %% ../nbs/00_config.ipynb #4b37fa26
+# %% ../nbs/00_config.ipynb #f9997f2d
 def _vit(arch: str, patch: int, width: int, depth: int, heads: int) -> dict:
     return dict(model=dict(arch=arch, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads))
 
@@ -331,7 +336,7 @@ def get_preset(name: str) -> RunConfig:
     cfg = merge(RunConfig(), PRESETS[name], prefix="")
     return dataclasses.replace(cfg, preset=name)
 
-# %% ../nbs/00_config.ipynb #9185538a
+# %% ../nbs/00_config.ipynb #1d688798
 def load_yaml(path: str | os.PathLike) -> dict:
     "The mapping in YAML file `path`; a missing file, bad YAML or a non-mapping raises `ConfigError`."
     path = Path(path)
@@ -356,7 +361,7 @@ def load_config(path: str | os.PathLike | None = None, preset: str | None = None
     cfg.check()
     return cfg
 
-# %% ../nbs/00_config.ipynb #a7bbe3fc
+# %% ../nbs/00_config.ipynb #11961d97
 def config_to_dict(cfg) -> dict:
     "A plain nested dict of `cfg` (tuples become lists, so it is safe YAML and JSON)."
     def plain(v):
@@ -388,7 +393,7 @@ def save_config(cfg, path: str | os.PathLike) -> Path:
     "Write `cfg` as YAML to `path`, atomically."
     return atomic_write_text(path, config_to_yaml(cfg))
 
-# %% ../nbs/00_config.ipynb #fad0754a
+# %% ../nbs/00_config.ipynb #d5530749
 def derive_seed(seed: int, *keys: int) -> int:
     "A 32-bit seed for the stream named by `keys` (e.g. rank, worker) of the run seeded with `seed`."
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
@@ -411,7 +416,7 @@ def seed_worker(worker_id: int, seed: int, rank: int = 0) -> None:
     np.random.seed(s)
     torch.manual_seed(s)
 
-# %% ../nbs/00_config.ipynb #130d491a
+# %% ../nbs/00_config.ipynb #fa28a33b
 def run_dir(root: str | os.PathLike, experiment: str, stage: str, variant: str | None = None) -> Path:
     "The folder of one stage run: `root/experiment/stage[/variant]`."
     parts = [experiment, stage] + ([variant] if variant else [])
@@ -449,7 +454,7 @@ def create_run_dir(cfg: RunConfig, root: str | os.PathLike, experiment: str, sta
     save_config(cfg, saved)
     return d
 
-# %% ../nbs/00_config.ipynb #7747c8b2
+# %% ../nbs/00_config.ipynb #ddfb580d
 def git_state(path: str | os.PathLike | None = None) -> dict:
     "`{'commit': sha or None, 'dirty': bool or None}` of the git work tree holding `path` (default: this package)."
     if path is None:

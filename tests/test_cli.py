@@ -75,8 +75,9 @@ def test_env_reports_versions(capsys):
     assert record["versions"]["torch"] == torch.__version__ and "commit" in record["git"]
 
 
-def test_demo_builds_the_tiny_mae_and_runs_a_step(capsys):
-    assert main(["demo", "--set", "data.batch_size=2"]) == 0
+def test_demo_builds_shards_and_runs_the_tiny_mae_on_a_batch(capsys, tmp_path):
+    assert main(["demo", "--set", "data.batch_size=2", "--out", str(tmp_path), "--num-samples", "100"]) == 0
+    assert (tmp_path / "demo" / "shards" / "shapes" / "shapes.yaml").is_file()
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{", out.index("== MAE model")):out.rindex("}") + 1])
     tiny = load_config(preset="tiny")

@@ -1,0 +1,324 @@
+"""Data: manifests, shards round trip, bad samples survived and counted, splits, subsets, determinism, CLI."""
+import io
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from prepretrain_lit.config import DataConfig, UserError
+from prepretrain_lit.data import (SHAPES, SHAPES_HASHTAGS, ManifestError, Source, build_from_recipe, build_shards,
+                                  digits_source, imagefolder_source, load_manifest, parse_manifest, render_shapes,
+                                  shapes_source, table_source, verify_manifest, write_shard)
+from prepretrain_lit.loader import (DataQualityError, ShardStream, StreamLoader, eval_transform, finetune_transform,
+                                    make_loader, mae_transform)
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = Path(sys.executable).parent / "prepretrain"
+
+
+def small_shapes(tmp_path, n=200, shard_size=50, fmt="png", **kw) -> Path:
+    return build_shards(shapes_source(n, seed=0, size=32), tmp_path / "shards", shard_size=shard_size, fmt=fmt,
+                        progress=False, **kw)
+
+
+def read_all(manifest, **kw):
+    stream = ShardStream(manifest, shuffle_buffer=kw.pop("shuffle_buffer", 8), **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = list(stream)
+    return items, [str(w.message) for w in caught]
+
+
+# -- manifests ---------------------------------------------------------------------------------------------
+
+BASE = dict(name="x", format="webdataset", num_samples=20, shards="x-{0..1}.tar", shard_samples=[10, 10])
+
+
+@pytest.mark.parametrize("change, field, problem", [
+    ({"num_samples": None}, "num_samples", "is missing"),
+    ({"format": "tfrecord"}, "format", "known formats: webdataset, recipe"),
+    ({"shard_samples": [10, 11]}, "shard_samples", "adds up to 21, but num_samples is 20"),
+    ({"shard_samples": [20]}, "shard_samples", "has 1 entries for 2 shards"),
+    ({"sha256": ["ab"] * 2}, "sha256", "64 lowercase hex digits"),
+    ({"sha256": ["a" * 64]}, "sha256", "has 1 entries for 2 shards"),
+    ({"classes": ["a", "b"], "num_classes": 3}, "num_classes", "'classes' names 2"),
+    ({"subsets": {"big": 21}}, "subsets.big", "between 1 and num_samples=20"),
+    ({"colour": "red"}, "colour", "is not a manifest field"),
+    ({"shards": []}, "shards", "is missing"),
+])
+def test_manifest_validation_names_file_and_field(tmp_path, change, field, problem):
+    data = {**BASE, **change}
+    data = {k: v for k, v in data.items() if v is not None}
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ManifestError) as e:
+        load_manifest(path)
+    assert str(path) in str(e.value) and f"'{field}'" in str(e.value) and problem in str(e.value)
+
+
+def test_missing_manifest_and_unknown_subset(tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found"):
+        load_manifest(tmp_path / "none.yaml")
+    m = parse_manifest({**BASE, "subsets": {"5": 5}}, tmp_path / "m.yaml")
+    with pytest.raises(ManifestError, match="no subset 'six'; subsets: 5"):
+        m.subset_size("six")
+
+
+def test_shipped_manifests_load_with_their_real_counts():
+    manifests = {p.stem: load_manifest(p) for p in (ROOT / "data_manifests").glob("*.yaml")}
+    assert manifests["imagenet-1k-train"].num_samples == 1281167 and manifests["imagenet-1k-train"].num_classes == 1000
+    assert manifests["imagenet-1k-val"].num_samples == 50000
+    assert manifests["inaturalist-2018-train"].num_classes == 8142
+    assert manifests["food-101-train"].num_samples + manifests["food-101-test"].num_samples == 101000
+    assert len(manifests["food-101-train"].classes) == 101
+    assert manifests["digits-train"].num_samples + manifests["digits-test"].num_samples == 1797
+    shapes = manifests["shapes"]
+    assert shapes.classes == list(SHAPES) and shapes.hashtags == list(SHAPES_HASHTAGS)   # recipe matches the code
+    ig = manifests["ig-hashtags"]
+    assert ig.num_hashtags == 28000 and [ig.subset_size(s) for s in ("0.5M", "1M", "100M")] == [500000, 1000000, 100000000]
+
+
+def test_a_template_cannot_be_streamed_until_filled_in():
+    with pytest.raises(UserError, match="is a template: replace CHANGE-ME"):
+        ShardStream(ROOT / "data_manifests" / "imagenet-1k-val.yaml")
+
+
+# -- round trip --------------------------------------------------------------------------------------------
+
+def test_shards_round_trip_images_labels_hashtags_captions(tmp_path):
+    manifest = load_manifest(small_shapes(tmp_path, n=60, shard_size=25))
+    assert manifest.shard_samples == [25, 25, 10] and verify_manifest(manifest) == []
+    items, warns = read_all(manifest)
+    assert len(items) == 60 and not warns
+    vocab = manifest.hashtags
+    for item in items:
+        image, meta = render_shapes(0, int(item["key"]), size=32)
+        assert np.array_equal(np.asarray(item["image"]), image)          # PNG: exact pixels
+        assert item["label"] == meta["label"] and item["caption"] == meta["caption"]
+        assert [vocab[i] for i in item["hashtags"].nonzero().flatten().tolist()] == sorted(meta["hashtags"], key=vocab.index)
+
+
+def test_jpeg_shards_decode_close_to_the_source(tmp_path):
+    items, _ = read_all(small_shapes(tmp_path, n=10, shard_size=10, fmt="jpg"))
+    for item in items:
+        diff = np.abs(np.asarray(item["image"]).astype(int) - render_shapes(0, int(item["key"]), size=32)[0])
+        assert diff.mean() < 5          # quality 95, 4:4:4 chroma
+
+
+def test_imagefolder_and_table_sources(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((40, 60, 3), 50 * i, np.uint8)).save(tmp_path / "folder" / cls / f"{i}.png")
+    src = imagefolder_source(tmp_path / "folder")
+    assert src.classes == ["cat", "dog"] and src.n == 6
+    path = build_shards(src, tmp_path / "out", shard_size=4, max_side=30, progress=False)
+    items, _ = read_all(path)
+    assert sorted(i["label"] for i in items) == [0, 0, 0, 1, 1, 1] and items[0]["image"].size == (30, 20)
+    (tmp_path / "list.csv").write_text("path,label,hashtags,caption\nfolder/cat/0.png,cat,a b,first\nfolder/dog/1.png,dog,b,second\n")
+    table = table_source(tmp_path / "list.csv")
+    assert table.classes == ["cat", "dog"] and table.hashtags == ["a", "b"]
+    items, _ = read_all(build_shards(table, tmp_path / "out2", progress=False))
+    assert {(i["caption"], i["label"], i["hashtags"].tolist().count(1.0)) for i in items} == {("first", 0, 2), ("second", 1, 1)}
+
+
+# -- bad samples -------------------------------------------------------------------------------------------
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def damaged_dataset(tmp_path) -> Path:
+    "Two shards of 10 samples: shard 0 holds a truncated image, one without image and one without label."
+    samples = []
+    for i in range(20):
+        sample = {"__key__": f"{i:04d}", "png": _png(i), "cls": i % 2, "json": {"caption": f"c{i}"}}
+        if i == 3: sample["png"] = sample["png"][:40]           # truncated image
+        if i == 5: del sample["png"]                             # no image
+        if i == 7: del sample["cls"]                             # no label
+        samples.append(sample)
+    d = tmp_path / "damaged"
+    d.mkdir()
+    counts, digests = zip(*(write_shard(d / f"d-{s}.tar", samples[s * 10:(s + 1) * 10]) for s in range(2)))
+    manifest = dict(name="d", format="webdataset", num_samples=20, shards="d-{0..1}.tar", shard_samples=list(counts),
+                    sha256=list(digests), image_field="png", caption_field="json.caption", classes=["even", "odd"])
+    (d / "d.yaml").write_text(yaml.safe_dump(manifest))
+    return d / "d.yaml"
+
+
+def test_corrupt_missing_and_unlabelled_samples_are_skipped_named_and_counted(tmp_path):
+    path = damaged_dataset(tmp_path)
+    loader = StreamLoader(ShardStream(path, max_skip_fraction=0.5, shuffle_buffer=4), batch_size=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keys = [k for batch in loader for k in batch["key"]]
+    assert sorted(keys) == [f"{i:04d}" for i in range(20) if i not in (3, 5, 7)]
+    assert (loader.seen, loader.skipped) == (17, 3)
+    message = " ".join(str(w.message) for w in caught)
+    assert "d-0.tar" in message and "0003" in message and "does not decode" in message
+
+
+def test_a_truncated_tar_is_survived_and_its_lost_samples_counted(tmp_path):
+    path = damaged_dataset(tmp_path)
+    shard = path.parent / "d-1.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])               # cut the second shard short
+    loader = StreamLoader(ShardStream(path, max_skip_fraction=0.9, shuffle_buffer=4), batch_size=2, drop_last=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keys = [k for batch in loader for k in batch["key"]]
+    read_from_second = [k for k in keys if int(k) >= 10]
+    assert len(read_from_second) < 10 and loader.seen == len(keys)
+    assert loader.skipped == 3 + (10 - len(read_from_second))  # the 3 bad samples + every sample the cut lost
+    assert any("d-1.tar" in str(w.message) and "lost" in str(w.message) for w in caught)
+    assert any("d-1.tar" in p for p in verify_manifest(load_manifest(path)))
+
+
+def test_a_missing_shard_is_survived(tmp_path):
+    path = damaged_dataset(tmp_path)
+    (path.parent / "d-0.tar").unlink()
+    loader = StreamLoader(ShardStream(path, max_skip_fraction=0.9), batch_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keys = [k for batch in loader for k in batch["key"]]
+    assert sorted(keys) == [f"{i:04d}" for i in range(10, 20)] and loader.skipped == 10
+
+
+def test_too_many_bad_samples_stop_the_run_with_a_clear_error(tmp_path):
+    path = damaged_dataset(tmp_path)
+    loader = StreamLoader(ShardStream(path, max_skip_fraction=0.05, min_samples_for_check=10), batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataQualityError, match=r"skipped as bad .* limit 5.0%.*prepretrain shards verify"):
+            list(loader)
+
+
+def test_verify_reports_every_kind_of_mismatch(tmp_path):
+    manifest = load_manifest(small_shapes(tmp_path, n=90, shard_size=30))
+    Path(manifest.shards[0]).unlink()
+    with open(manifest.shards[1], "ab") as f: f.write(b"\0" * 1024)
+    data = yaml.safe_load(Path(manifest.path).read_text())
+    data["shard_samples"] = [30, 30, 31]
+    data["num_samples"] = 91
+    Path(manifest.path).write_text(yaml.safe_dump(data))
+    problems = verify_manifest(load_manifest(manifest.path))
+    assert len(problems) == 3
+    assert "000000.tar: missing" in problems[0] and "000001.tar: sha256" in problems[1]
+    assert "000002.tar: 30 samples, the manifest says 31" in problems[2]
+
+
+def test_verify_checksums_before_training(tmp_path):
+    path = small_shapes(tmp_path, n=40, shard_size=20)
+    with open(load_manifest(path).shards[0], "ab") as f: f.write(b"\0" * 512)
+    with pytest.raises(DataQualityError, match="1 shard\\(s\\) fail verification"):
+        make_loader(DataConfig(dataset=str(path), batch_size=4, num_workers=0, verify_checksums=True), None)
+    assert make_loader(DataConfig(dataset=str(path), batch_size=4, num_workers=0), None) is not None
+
+
+# -- splitting, determinism, subsets -----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_workers_times_two_ranks_see_disjoint_samples_covering_the_epoch(tmp_path):
+    path = small_shapes(tmp_path, n=160, shard_size=20)
+    seen = {}
+    for rank in range(2):
+        loader = StreamLoader(ShardStream(path, eval_transform(32), rank=rank, world_size=2, shuffle_buffer=16),
+                              batch_size=5, num_workers=2, drop_last=False)
+        seen[rank] = [k for batch in loader for k in batch["key"]]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == [f"{i:09d}" for i in range(160)]
+    assert len(seen[0]) == len(set(seen[0])) == 80
+
+
+def test_epoch_seeded_order_replays_and_infinite_mode_moves_on(tmp_path):
+    path = small_shapes(tmp_path, n=40, shard_size=10)
+    def order(epoch):
+        s = ShardStream(path, shuffle_buffer=8, seed=5)
+        s.set_epoch(epoch)
+        return [x["key"] for x in s]
+    assert order(2) == order(2) and order(2) != order(3) and sorted(order(2)) == sorted(order(3))
+    endless = iter(ShardStream(path, shuffle_buffer=8, seed=5, infinite=True))
+    keys = [next(endless)["key"] for _ in range(100)]
+    assert keys[:40] == order(0) and keys[40:80] == order(1)
+
+
+def test_subsets_are_nested_exact_and_independent_of_sharding(tmp_path):
+    sizes = {"25": 25, "50": 50, "100": 100}
+    a = build_shards(shapes_source(150, size=32), tmp_path / "a", shard_size=20, subsets=sizes, progress=False)
+    b = build_shards(shapes_source(150, size=32), tmp_path / "b", shard_size=70, subsets=sizes, progress=False)
+    members = {}
+    for name in sizes:
+        ka = {x["key"] for x in read_all(a, subset=name)[0]}
+        kb = {x["key"] for x in read_all(b, subset=name)[0]}
+        assert ka == kb and len(ka) == sizes[name]
+        members[name] = ka
+    assert members["25"] < members["50"] < members["100"]
+
+
+def test_shapes_is_deterministic_to_the_byte(tmp_path):
+    one = load_manifest(build_shards(shapes_source(120, seed=3, size=32), tmp_path / "1", shard_size=50, progress=False))
+    two = load_manifest(build_shards(shapes_source(120, seed=3, size=32), tmp_path / "2", shard_size=50, workers=2,
+                                     progress=False))
+    other = load_manifest(build_shards(shapes_source(120, seed=4, size=32), tmp_path / "3", shard_size=50, progress=False))
+    assert one.sha256 == two.sha256 and one.sha256 != other.sha256
+
+
+def test_shapes_labels_hashtags_and_captions_agree():
+    for i in range(50):
+        image, meta = render_shapes(0, i)
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        assert SHAPES[meta["label"]] in meta["hashtags"] and meta["caption"].startswith(f"a large ")
+        assert SHAPES[meta["label"]] in meta["caption"].split(",")[0].split(" and ")[0]
+        assert sum(w in meta["hashtags"] for w in ("one", "two", "three")) == 1
+
+
+def test_digits_recipe_builds_the_fixed_test_split(tmp_path):
+    path = build_from_recipe(ROOT / "data_manifests" / "digits-test.yaml", tmp_path, progress=False)
+    m = load_manifest(path)
+    assert m.num_samples == 450 and m.classes == [str(d) for d in range(10)]
+    items, _ = read_all(path)
+    assert np.bincount([x["label"] for x in items]).min() >= 43     # stratified: every digit present
+
+
+# -- transforms --------------------------------------------------------------------------------------------
+
+def test_transforms_give_the_model_size():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    for make in (mae_transform, eval_transform, finetune_transform):
+        out = make(32)(img)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert torch.equal(eval_transform(32)(img), eval_transform(32)(img))   # evaluation is deterministic
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+def test_cli_build_and_verify(tmp_path):
+    out = tmp_path / "shapes"
+    res = subprocess.run([str(PRETRAIN), "shards", "build", str(ROOT / "data_manifests" / "shapes.yaml"), "--out", str(out),
+                          "--num-samples", "1500"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    m = load_manifest(out / "shapes.yaml")
+    assert m.num_samples == 1500 and list(m.subsets) == ["1k"]              # subsets larger than the build dropped
+    assert subprocess.run([str(PRETRAIN), "shards", "verify", str(out / "shapes.yaml")], capture_output=True).returncode == 0
+    with open(m.shards[1], "ab") as f: f.write(b"\0" * 512)
+    res = subprocess.run([str(PRETRAIN), "shards", "verify", str(out / "shapes.yaml")], capture_output=True, text=True)
+    assert res.returncode == 1 and "shapes-000001.tar: sha256" in res.stdout
+
+
+def test_cli_build_bad_source_is_a_clear_error(tmp_path):
+    res = subprocess.run([str(PRETRAIN), "shards", "build", str(tmp_path / "nothing.txt"), "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "not a recipe manifest (.yaml), an image folder or a .csv/.jsonl" in res.stderr
+
+
+def test_a_builtin_name_that_was_not_built_says_how_to_build_it():
+    with pytest.raises(UserError, match="prepretrain shards build .*shapes.yaml --out data/shapes"):
+        make_loader(DataConfig(dataset="shapes"), None)
