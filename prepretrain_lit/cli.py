@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['add_config_args', 'config_from_args', 'cmd_config_show', 'presets_table', 'cmd_config_presets', 'cmd_env',
-           'cmd_shards_build', 'parse_subset', 'cmd_shards_verify', 'demo_shards', 'mae_summary', 'cmd_demo',
-           'build_parser', 'main']
+           'cmd_shards_build', 'parse_subset', 'cmd_shards_verify', 'cmd_train', 'demo_shards', 'mae_summary',
+           'cmd_demo', 'build_parser', 'main']
 
-# %% ../nbs/10_cli.ipynb #5c050a83
+# %% ../nbs/10_cli.ipynb #42d5e48e
 import argparse
 import json
 import sys
@@ -18,7 +18,7 @@ import prepretrain_lit
 from .config import (PRESETS, RunConfig, UserError, collect_provenance,
                                     config_hash, config_to_dict, config_to_yaml, get_preset, load_config)
 
-# %% ../nbs/10_cli.ipynb #cfa2cf42
+# %% ../nbs/10_cli.ipynb #8c87fece
 def add_config_args(p: argparse.ArgumentParser) -> None:
     "The three config layers as options: `--preset`, `--config FILE`, `--set key=value` (repeatable)."
     p.add_argument("--preset", help=f"start from a named preset: {', '.join(PRESETS)}")
@@ -56,7 +56,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(json.dumps({k: record[k] for k in ("versions", "git", "devices", "host", "platform")}, indent=2))
     return 0
 
-# %% ../nbs/10_cli.ipynb #27c2da9f
+# %% ../nbs/10_cli.ipynb #1af69927
 def cmd_shards_build(args: argparse.Namespace) -> int:
     from pathlib import Path
     from prepretrain_lit.data import (build_from_recipe, build_shards, imagefolder_source, load_manifest,
@@ -93,7 +93,18 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
           f"{m.path}: all {len(m.shards)} shards match ({m.num_samples} samples)")
     return 1 if problems else 0
 
-# %% ../nbs/10_cli.ipynb #77a0a5c4
+# %% ../nbs/10_cli.ipynb #fa2ea0f3
+def cmd_train(args: argparse.Namespace) -> int:
+    from prepretrain_lit.trainer import EXIT_PREEMPTED, Preempted, train
+    cfg = config_from_args(args)
+    try: last = train(args.stage, cfg, args.out, resume=True if args.resume else None)
+    except Preempted as e:
+        print(f"prepretrain: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    print(json.dumps(last))
+    return 0
+
+# %% ../nbs/10_cli.ipynb #4e46b270
 def demo_shards(out: "Path", num_samples: int = 2000) -> "Path":
     "Build the demo's `shapes` shards under `out`, or reuse them when they are already there and intact."
     from prepretrain_lit.data import build_from_recipe, load_manifest, shipped_manifest, verify_manifest
@@ -141,7 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("The end-to-end pipeline (MAE -> WSP -> transfer -> report) is not built yet: see the issues.")
     return 0
 
-# %% ../nbs/10_cli.ipynb #60eeba01
+# %% ../nbs/10_cli.ipynb #d20bfced
 def build_parser() -> argparse.ArgumentParser:
     "The `prepretrain` argument parser with every subcommand."
     parser = argparse.ArgumentParser(prog="prepretrain", description="MAE pre-pretraining and SplitMask, literate.")
@@ -173,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify = shards_sub.add_parser("verify", help="re-hash and recount every shard of a manifest")
     verify.add_argument("manifest")
     verify.set_defaults(handler=cmd_shards_verify)
+
+    train_p = sub.add_parser("train", help="train one stage into a run folder (alone or under torchrun)")
+    train_p.add_argument("stage", help="the objective: mae")
+    add_config_args(train_p)
+    train_p.add_argument("--out", required=True, help="the run folder (config, metrics, checkpoints, model.pt)")
+    train_p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from")
+    train_p.set_defaults(handler=cmd_train)
 
     sub.add_parser("env", help="versions, git commit and devices").set_defaults(handler=cmd_env)
     demo = sub.add_parser("demo", help="the main job on built-in data, on CPU (make demo)")

@@ -6,10 +6,10 @@
 __all__ = ['PRESETS', 'UserError', 'ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig', 'MAEConfig',
            'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'get_preset', 'load_yaml', 'load_config',
            'config_to_dict', 'config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config', 'derive_seed',
-           'seed_everything', 'seed_worker', 'run_dir', 'config_diff', 'create_run_dir', 'git_state',
+           'seed_everything', 'seed_worker', 'run_dir', 'config_diff', 'create_run_dir', 'init_run_folder', 'git_state',
            'package_versions', 'device_names', 'collect_provenance', 'write_provenance']
 
-# %% ../nbs/00_config.ipynb #a5039a73
+# %% ../nbs/00_config.ipynb #b3511e7c
 import dataclasses
 import difflib
 import hashlib
@@ -32,14 +32,14 @@ from typing import Any, Literal, Sequence, get_args, get_origin, get_type_hints
 import numpy as np
 import yaml
 
-# %% ../nbs/00_config.ipynb #08f63344
+# %% ../nbs/00_config.ipynb #a1d079aa
 class UserError(Exception):
     "A mistake in what the user asked for: the CLI prints the message alone, with no traceback."
 
 class ConfigError(UserError, ValueError):
     "A config that cannot be used; the message names the key, what was expected and the valid choices."
 
-# %% ../nbs/00_config.ipynb #d287466c
+# %% ../nbs/00_config.ipynb #e6f83b9a
 @dataclass
 class ModelConfig:
     "The ViT trunk (encoder) and MAE's light decoder; `img_size` must be a multiple of `patch_size`."
@@ -93,7 +93,7 @@ class ModelConfig:
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must lie in [0, 1)")
 
-# %% ../nbs/00_config.ipynb #401f70f1
+# %% ../nbs/00_config.ipynb #11440faa
 @dataclass
 class DataConfig:
     "Which images, how many per process, and how much bad data to tolerate."
@@ -143,9 +143,12 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype; fp16 adds a grad scaler
     device: Literal["auto", "cpu", "cuda"] = "auto"      # auto: cuda when available
     compile: bool = False           # torch.compile the model
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # how several processes share the model: replicate, or shard (FSDP2)
+    activation_checkpointing: bool = False    # recompute block activations in backward (2B, 6.5B trunks)
     checkpoint_every: int = 500     # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2       # newest checkpoints kept on disk
-    log_every: int = 10             # steps between metric lines
+    log_every: int = 10             # steps between metric lines (and NaN / preemption checks)
+    tensorboard: bool = False       # also write TensorBoard events (needs the tensorboard package)
 
     def check(self) -> None:
         _check_positive(self, "train", "steps", "accum_steps", "checkpoint_every", "keep_checkpoints",
@@ -178,13 +181,13 @@ class RunConfig:
             section = getattr(self, f.name)
             if is_dataclass(section): section.check()
 
-# %% ../nbs/00_config.ipynb #f21c3453
+# %% ../nbs/00_config.ipynb #2227699f
 def _check_positive(obj, section: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value <= 0: raise ConfigError(f"{section}.{name}={value} must be > 0")
 
-# %% ../nbs/00_config.ipynb #9fd9eb80
+# %% ../nbs/00_config.ipynb #8eb1c41b
 def type_name(tp) -> str:
     "A short readable name for a type annotation: `int`, `float or null`, `one of 'a', 'b'`."
     origin, args = get_origin(tp), get_args(tp)
@@ -265,7 +268,7 @@ def coerce(value, tp, key: str):
     if isinstance(value, tp): return value
     raise bad
 
-# %% ../nbs/00_config.ipynb #74012421
+# %% ../nbs/00_config.ipynb #0a53bd66
 def _unknown_key(key: str, prefix: str, cls) -> ConfigError:
     names = [f.name for f in fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
@@ -289,7 +292,7 @@ def merge(cfg, updates: dict, prefix: str = ""):
             changes[key] = coerce(value, hints[key], prefix + key)
     return dataclasses.replace(cfg, **changes)
 
-# %% ../nbs/00_config.ipynb #b451c802
+# %% ../nbs/00_config.ipynb #5b80c749
 def parse_overrides(overrides: Sequence[str]) -> dict:
     "`['a.b=1', 'c=x']` -> `{'a': {'b': '1'}, 'c': 'x'}` (values stay strings until `merge` types them)."
     tree: dict = {}
@@ -308,7 +311,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         node[leaf] = value.strip()
     return tree
 
-# %% ../nbs/00_config.ipynb #f9997f2d
+# %% ../nbs/00_config.ipynb #6825ab59
 def _vit(arch: str, patch: int, width: int, depth: int, heads: int) -> dict:
     return dict(model=dict(arch=arch, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads))
 
@@ -336,7 +339,7 @@ def get_preset(name: str) -> RunConfig:
     cfg = merge(RunConfig(), PRESETS[name], prefix="")
     return dataclasses.replace(cfg, preset=name)
 
-# %% ../nbs/00_config.ipynb #1d688798
+# %% ../nbs/00_config.ipynb #0e18afaa
 def load_yaml(path: str | os.PathLike) -> dict:
     "The mapping in YAML file `path`; a missing file, bad YAML or a non-mapping raises `ConfigError`."
     path = Path(path)
@@ -361,7 +364,7 @@ def load_config(path: str | os.PathLike | None = None, preset: str | None = None
     cfg.check()
     return cfg
 
-# %% ../nbs/00_config.ipynb #11961d97
+# %% ../nbs/00_config.ipynb #674029bd
 def config_to_dict(cfg) -> dict:
     "A plain nested dict of `cfg` (tuples become lists, so it is safe YAML and JSON)."
     def plain(v):
@@ -393,7 +396,7 @@ def save_config(cfg, path: str | os.PathLike) -> Path:
     "Write `cfg` as YAML to `path`, atomically."
     return atomic_write_text(path, config_to_yaml(cfg))
 
-# %% ../nbs/00_config.ipynb #d5530749
+# %% ../nbs/00_config.ipynb #f6ff6820
 def derive_seed(seed: int, *keys: int) -> int:
     "A 32-bit seed for the stream named by `keys` (e.g. rank, worker) of the run seeded with `seed`."
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
@@ -416,7 +419,7 @@ def seed_worker(worker_id: int, seed: int, rank: int = 0) -> None:
     np.random.seed(s)
     torch.manual_seed(s)
 
-# %% ../nbs/00_config.ipynb #fa28a33b
+# %% ../nbs/00_config.ipynb #53322c3c
 def run_dir(root: str | os.PathLike, experiment: str, stage: str, variant: str | None = None) -> Path:
     "The folder of one stage run: `root/experiment/stage[/variant]`."
     parts = [experiment, stage] + ([variant] if variant else [])
@@ -440,8 +443,12 @@ def config_diff(a, b) -> list[str]:
 
 def create_run_dir(cfg: RunConfig, root: str | os.PathLike, experiment: str, stage: str,
                    variant: str | None = None) -> Path:
-    "Create the run folder (with `checkpoints/`) and write `config.yaml`; refuse one holding another config."
-    d = run_dir(root, experiment, stage, variant)
+    "Create the run folder `root/experiment/stage[/variant]` (see `init_run_folder`)."
+    return init_run_folder(cfg, run_dir(root, experiment, stage, variant))
+
+def init_run_folder(cfg: RunConfig, folder: str | os.PathLike) -> Path:
+    "Create `folder` (with `checkpoints/`) and write `config.yaml`; refuse a folder holding another config."
+    d = Path(folder)
     saved = d / "config.yaml"
     if saved.exists():
         old = load_config(saved)
@@ -454,7 +461,7 @@ def create_run_dir(cfg: RunConfig, root: str | os.PathLike, experiment: str, sta
     save_config(cfg, saved)
     return d
 
-# %% ../nbs/00_config.ipynb #ddfb580d
+# %% ../nbs/00_config.ipynb #62de5b16
 def git_state(path: str | os.PathLike | None = None) -> dict:
     "`{'commit': sha or None, 'dirty': bool or None}` of the git work tree holding `path` (default: this package)."
     if path is None:

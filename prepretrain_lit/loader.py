@@ -7,10 +7,12 @@ __all__ = ['IMAGE_EXTS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TRANSFORMS', 'shard_a
            'DataQualityError', 'decode_sample', 'ShardStream', 'check_skip_fraction', 'mae_transform', 'eval_transform',
            'finetune_transform', 'collate_samples', 'StreamLoader', 'resolve_manifest', 'make_loader']
 
-# %% ../nbs/01b_loader.ipynb #c3fa074d
+# %% ../nbs/01b_loader.ipynb #1e7c1933
+import hashlib
 import io
 import json
 import math
+import random
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,7 +27,7 @@ from .config import DataConfig, UserError, derive_seed
 from .data import (KEY_EXT, TEMPLATE_MARK, Manifest, in_subset, load_manifest, shipped_manifest,
                                   tar_members, verify_manifest)
 
-# %% ../nbs/01b_loader.ipynb #33c64c6f
+# %% ../nbs/01b_loader.ipynb #d71318f7
 def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
                      worker: int = 0, num_workers: int = 1) -> list[int]:
     "Indices of the shards that `worker` of `rank` reads in `epoch`: a seeded permutation, dealt round-robin."
@@ -33,7 +35,7 @@ def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, worl
     readers = world_size * max(num_workers, 1)
     return order[rank * max(num_workers, 1) + worker::readers].tolist()
 
-# %% ../nbs/01b_loader.ipynb #bf0a1ad0
+# %% ../nbs/01b_loader.ipynb #65937b07
 def tar_samples(location: str) -> Iterator[dict]:
     "Samples (dicts of raw bytes per extension, `__key__`, `__url__`) of the shard at `location`."
     stream = gopen(location)
@@ -51,7 +53,7 @@ def tar_samples(location: str) -> Iterator[dict]:
     finally:
         stream.close()
 
-# %% ../nbs/01b_loader.ipynb #5a0f1735
+# %% ../nbs/01b_loader.ipynb #97f57e8d
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 class BadSample(Exception):
@@ -90,7 +92,7 @@ def decode_sample(sample: dict, manifest: Manifest) -> dict:
     return {"image": image, "label": -1 if label is None else label, "hashtags": meta.get("hashtags", []),
             "caption": _field(sample, meta, manifest.caption_field) or "", "key": sample["__key__"]}
 
-# %% ../nbs/01b_loader.ipynb #484293e8
+# %% ../nbs/01b_loader.ipynb #24986731
 class ShardStream(torch.utils.data.IterableDataset):
     """Samples of `manifest` for this rank and loader worker: split, read, filter, decode, shuffle, transform.
     Each item: image (transformed), label (int, -1 if none), hashtags (multi-hot over the vocabulary),
@@ -129,9 +131,20 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
 
+    def resume_from(self, batches: int, batch_size: int) -> None:
+        "Make the next iteration start after `batches` batches of `batch_size` (dealt round-robin over workers)."
+        self.start_batches, self.batch_size = batches, batch_size
+
+    def _items_to_skip(self, worker: int, workers: int) -> int:
+        "Items this worker produced for the first `start_batches` batches (batch b comes from worker b % workers)."
+        batches = getattr(self, "start_batches", 0)
+        mine = batches // workers + (1 if worker < batches % workers else 0)
+        return mine * getattr(self, "batch_size", 0)
+
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, workers = self._reader()
         self._counts = {"seen": 0, "skipped": 0}
+        self._to_skip = self._items_to_skip(worker, workers)
         epoch = self.epoch
         while True:
             rng = np.random.default_rng(derive_seed(self.seed, epoch, rank, worker))
@@ -174,6 +187,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     self._skip(1)
                     continue
                 self._counts["seen"] += 1
+                sample["epoch"] = epoch
                 yield sample
 
     def _shuffled(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
@@ -184,12 +198,34 @@ class ShardStream(torch.utils.data.IterableDataset):
             if len(buffer) >= self.shuffle_buffer:
                 j = int(rng.integers(len(buffer)))
                 buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                yield self._finish(buffer.pop())
+                item = self._finish(buffer.pop())
+                if item is not None: yield item
         rng.shuffle(buffer)
-        for sample in buffer: yield self._finish(sample)
+        for sample in buffer:
+            item = self._finish(sample)
+            if item is not None: yield item
 
-    def _finish(self, sample: dict) -> dict:
-        image = self.transform(sample["image"]) if self.transform else sample["image"]
+    def _transform(self, sample: dict):
+        """The transform, with its randomness drawn from a seed of (run seed, epoch, sample key): the same sample
+        in the same epoch is augmented the same way whichever worker reads it and whether or not the run resumed.
+        The caller's random state is left as it was."""
+        if self.transform is None: return sample["image"]
+        key = int.from_bytes(hashlib.blake2b(sample["key"].encode(), digest_size=8).digest(), "big")
+        seed = derive_seed(self.seed, sample["epoch"], key)
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            image = self.transform(sample["image"])
+        random.setstate(state)
+        return image
+
+    def _finish(self, sample: dict) -> dict | None:
+        if self._to_skip > 0:                      # resuming: this item was consumed before the interruption
+            self._to_skip -= 1
+            self._pending = 0
+            return None
+        image = self._transform(sample)
         hashtags = torch.zeros(len(self.vocab))
         present = [self.vocab[t] for t in sample["hashtags"] if t in self.vocab]
         if present: hashtags[present] = 1.0
@@ -205,7 +241,7 @@ def check_skip_fraction(seen: int, skipped: int, limit: float, min_samples: int,
                                f"limit {limit:.1%}). Run `prepretrain shards verify` on the manifest, rebuild the damaged "
                                "shards, or raise data.max_skip_fraction if this data is known to be noisy.")
 
-# %% ../nbs/01b_loader.ipynb #164a56ed
+# %% ../nbs/01b_loader.ipynb #64b95120
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -228,7 +264,7 @@ def finetune_transform(img_size: int, auto_augment: str = "rand-m9-mstd0.5-inc1"
 
 TRANSFORMS = {"mae": mae_transform, "eval": eval_transform, "finetune": finetune_transform}
 
-# %% ../nbs/01b_loader.ipynb #50dbf552
+# %% ../nbs/01b_loader.ipynb #103675b9
 def collate_samples(items: list[dict]) -> dict:
     "Batch stream items: tensors stacked, labels and skip counts as tensors, images left as a list when not tensors."
     batch = {}
@@ -240,16 +276,22 @@ def collate_samples(items: list[dict]) -> dict:
     return batch
 
 class StreamLoader:
-    "A DataLoader over a `ShardStream` that counts samples seen and skipped."
+    "A DataLoader over a `ShardStream` that counts samples seen and skipped, and can resume mid-stream."
     def __init__(self, stream: ShardStream, batch_size: int, num_workers: int = 0, drop_last: bool = True,
                  pin_memory: bool = False):
         self.stream, self.batch_size = stream, batch_size
+        generator = torch.Generator().manual_seed(derive_seed(stream.seed, 0x10ADE5))  # keeps the global RNG untouched
         self.loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
                                                   collate_fn=collate_samples, drop_last=drop_last,
-                                                  pin_memory=pin_memory, persistent_workers=False)
+                                                  pin_memory=pin_memory, persistent_workers=False, generator=generator)
         self.seen = self.skipped = 0
 
     def set_epoch(self, epoch: int) -> None: self.stream.set_epoch(epoch)
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        "The batches from number `start` on (0-based, counted from the stream's epoch): how a resumed run continues."
+        self.stream.resume_from(start, self.batch_size)
+        return iter(self)
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:

@@ -8,7 +8,7 @@ __all__ = ['mae_vit_tiny_patch16', 'mae_vit_small_patch16', 'mae_vit_base_patch1
            'random_masking', 'MaskedAutoencoderViT', 'mae_from_config', 'load_mae_checkpoint', 'reconstruct',
            'show_reconstructions']
 
-# %% ../nbs/03_mae.ipynb #ac83de13
+# %% ../nbs/03_mae.ipynb #b258a93a
 from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -19,9 +19,9 @@ from timm.models.vision_transformer import Block
 
 from .config import MAEConfig, ModelConfig
 from .vit import (VIT_SIZES, LayerNorm6, ViT, check_state_dict, init_linear_and_norm,
-                                 load_state_dict_file, sincos_pos_embed_2d)
+                                 load_state_dict_file, run_blocks, sincos_pos_embed_2d)
 
-# %% ../nbs/03_mae.ipynb #f448637a
+# %% ../nbs/03_mae.ipynb #c93acc2c
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     "imgs (N, C, H, W) -> patches (N, L, p*p*C), pixel order (row, column, channel) within a patch."
     N, C, H, W = imgs.shape
@@ -38,7 +38,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, in_chans: int = 3) -> torch.Ten
     x = x.reshape(N, h, h, p, p, in_chans)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(N, in_chans, h * p, h * p)      # n c h p w q
 
-# %% ../nbs/03_mae.ipynb #2572c541
+# %% ../nbs/03_mae.ipynb #2d0d8ef3
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep `int(L * (1 - mask_ratio))` tokens per sample, those with the smallest `noise`.
@@ -54,7 +54,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     mask = (ids_restore >= len_keep).float()                        # 1 = removed, in patch order
     return x_masked, mask, ids_restore
 
-# %% ../nbs/03_mae.ipynb #4e7ed4f8
+# %% ../nbs/03_mae.ipynb #95a8e8dd
 class MaskedAutoencoderViT(ViT):
     "MAE: a `ViT` encoder on the visible patches and a light decoder predicting every patch's pixels."
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
@@ -81,6 +81,9 @@ class MaskedAutoencoderViT(ViT):
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             module.apply(init_linear_and_norm)
 
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}
+
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         "imgs (N, C, H, W) -> (N, L, p*p*C)."
         return patchify(imgs, self.patch_size)
@@ -102,7 +105,7 @@ class MaskedAutoencoderViT(ViT):
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)                           # shuffled order
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # patch order
         x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
-        for block in self.decoder_blocks: x = block(x)
+        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,7 @@ class MaskedAutoencoderViT(ViT):
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
-# %% ../nbs/03_mae.ipynb #38bc3a51
+# %% ../nbs/03_mae.ipynb #2276e348
 def _mae_factory(size: str, patch_size: int):
     def factory(**kwargs) -> MaskedAutoencoderViT:
         args = dict(patch_size=patch_size, **VIT_SIZES[size], decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
@@ -150,7 +153,7 @@ def mae_from_config(m: ModelConfig, mae: MAEConfig | None = None) -> MaskedAutoe
                                 decoder_num_heads=m.decoder_num_heads, mlp_ratio=m.mlp_ratio,
                                 norm_pix_loss=mae.norm_pix_loss)
 
-# %% ../nbs/03_mae.ipynb #e64ffd24
+# %% ../nbs/03_mae.ipynb #ce3937ee
 def load_mae_checkpoint(model: MaskedAutoencoderViT, checkpoint: str | Path | Mapping[str, torch.Tensor]
                         ) -> MaskedAutoencoderViT:
     "Load an official-layout MAE checkpoint (path or state dict) into `model`, strictly; returns `model`."
@@ -160,7 +163,7 @@ def load_mae_checkpoint(model: MaskedAutoencoderViT, checkpoint: str | Path | Ma
     model.load_state_dict(sd, strict=True)
     return model
 
-# %% ../nbs/03_mae.ipynb #c414ddc8
+# %% ../nbs/03_mae.ipynb #743117fd
 @torch.no_grad()
 def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float = 0.75,
                 noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

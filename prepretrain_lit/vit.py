@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['LayerNorm6', 'VIT_SIZES', 'vit_tiny_patch16', 'vit_small_patch16', 'vit_base_patch16', 'vit_large_patch16',
            'vit_huge_patch14', 'vit_2b_patch14', 'vit_6_5b_patch14', 'DECODER_PREFIXES', 'HEAD_PREFIXES', 'sincos_1d',
-           'sincos_pos_embed_2d', 'init_linear_and_norm', 'init_patch_embed', 'ViT', 'vit_from_config',
+           'sincos_pos_embed_2d', 'init_linear_and_norm', 'init_patch_embed', 'run_blocks', 'ViT', 'vit_from_config',
            'CheckpointMismatchError', 'load_state_dict_file', 'check_state_dict', 'trunk_state_dict', 'load_trunk',
            'save_trunk']
 
-# %% ../nbs/02_vit.ipynb #d834e0cf
+# %% ../nbs/02_vit.ipynb #1c0d8eab
 import argparse
 from functools import partial
 from pathlib import Path
@@ -18,11 +18,12 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block, PatchEmbed
 
 from .config import ModelConfig, UserError
 
-# %% ../nbs/02_vit.ipynb #da4f46e9
+# %% ../nbs/02_vit.ipynb #b855a999
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
     "Sin-cos encoding of `positions` (M,) into (M, embed_dim): sines then cosines."
     if embed_dim % 2: raise ValueError(f"sin-cos embedding needs an even width, got {embed_dim}")
@@ -40,7 +41,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = False)
     if cls_token: emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
 
-# %% ../nbs/02_vit.ipynb #3e41344b
+# %% ../nbs/02_vit.ipynb #7b337f8e
 def init_linear_and_norm(m: nn.Module) -> None:
     "MAE's per-module init: Xavier-uniform linears with zero bias; LayerNorm weight 1, bias 0."
     if isinstance(m, nn.Linear):
@@ -55,8 +56,14 @@ def init_patch_embed(proj: nn.Conv2d) -> None:
     nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
     if proj.bias is not None: nn.init.zeros_(proj.bias)
 
-# %% ../nbs/02_vit.ipynb #863e1a57
+# %% ../nbs/02_vit.ipynb #b9f0a828
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)  # MAE, MAWS and timm's ViT all use eps=1e-6
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+    "Apply `blocks` in order; with `checkpointed`, recompute their activations during backward to save memory."
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if checkpointed and torch.is_grad_enabled() else block(x)
+    return x
 
 class ViT(nn.Module):
     "ViT encoder with fixed 2-D sin-cos positions and MAE's init; parameter names as timm and official MAE."
@@ -73,6 +80,7 @@ class ViT(nn.Module):
             for i in range(depth)])
         self.norm = LayerNorm6(embed_dim)
         self.embed_dim, self.num_heads, self.depth = embed_dim, num_heads, depth
+        self.grad_checkpointing = False
         self.initialize_trunk()
 
     @property
@@ -96,7 +104,7 @@ class ViT(nn.Module):
         "Tokens (N, K, D), any K <= L -> (N, 1 + K, D): cls prepended, blocks, final norm."
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        for block in self.blocks: x = block(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -106,7 +114,20 @@ class ViT(nn.Module):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.forward_features(imgs)
 
-# %% ../nbs/02_vit.ipynb #7caaea27
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        "Recompute each block's activations in the backward pass (activation checkpointing), as timm's ViT."
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        "Parameters the optimiser must not decay (besides 1-D ones): the tokens and position embeddings."
+        return {"cls_token", "pos_embed"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        "timm's layer grouping (stem, blocks, final norm), used for layer-wise lr decay."
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+# %% ../nbs/02_vit.ipynb #87a5c753
 VIT_SIZES: dict[str, dict] = {
     "tiny":  dict(embed_dim=192, depth=12, num_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6),
@@ -136,7 +157,7 @@ def vit_from_config(m: ModelConfig) -> ViT:
     return ViT(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, embed_dim=m.embed_dim,
                depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate)
 
-# %% ../nbs/02_vit.ipynb #3ece6733
+# %% ../nbs/02_vit.ipynb #712fa410
 class CheckpointMismatchError(UserError, ValueError):
     "A state dict that does not fit a model; the message lists missing, unexpected and mis-shaped keys."
 
@@ -177,7 +198,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], i
         parts.append("  Check the architecture (size, patch, image size) matches the checkpoint's.")
         raise CheckpointMismatchError("\n".join(parts))
 
-# %% ../nbs/02_vit.ipynb #d1ed3194
+# %% ../nbs/02_vit.ipynb #badf171e
 DECODER_PREFIXES = ("decoder_", "mask_token")
 HEAD_PREFIXES = ("head.", "fc_norm.")
 

@@ -221,3 +221,20 @@ def test_figure_has_four_columns_per_image():
     from prepretrain_lit.mae import show_reconstructions
     fig = show_reconstructions(small_mae(), torch.randn(3, 3, 32, 32), max_images=2)
     assert len(fig.axes) == 8 and fig.axes[3].get_title() == "reconstruction + visible"
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    grads = []
+    for checkpointed in (False, True):
+        model = small_mae()
+        model.set_grad_checkpointing(checkpointed)
+        model(imgs, 0.75, noise)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_no_weight_decay_names_the_tokens():
+    assert small_mae().no_weight_decay() == {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"}
