@@ -236,3 +236,26 @@ def test_launch_returns_every_ranks_result_and_restores_signal_handlers(tmp_path
     results = launch(train_worker, "mae", tiny("train.steps=2", "data.batch_size=4"), str(tmp_path), nprocs=2)
     assert sorted(results) == [0, 1] and results[0]["step"] == 2 and results[0]["loss"] == results[1]["loss"]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_with_clipping_trains_and_checkpoints_the_scaler(tmp_path, precision):
+    cfg = tiny(f"train.precision={precision}", "train.steps=3", "optim.clip_grad=0.5", "train.checkpoint_every=3")
+    last = train("mae", cfg, tmp_path, progress=False)
+    assert math.isfinite(last["loss"])
+    state = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=True)
+    assert state["scaler"].get("scale") is not None if precision == "fp16" else state["scaler"] == {}
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_the_command_line_under_torchrun(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(PRETRAIN), "train",
+                          "mae", "--preset", "tiny", "--out", str(tmp_path), *[a for o in TINY + ["train.steps=2"] for a in ("--set", o)]],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    provenance = json.loads((tmp_path / "provenance.json").read_text())
+    assert provenance["config"]["train"]["steps"] == 2
+    assert res.stdout.count("\"step\": 2") == 1          # only rank 0 prints the result
