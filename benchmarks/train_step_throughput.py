@@ -81,7 +81,7 @@ def main() -> None:
         trainer = Trainer(cfg, mae_objective(cfg), data, out, progress=False)
         repeat = iter(lambda: batch, None)
         counter = iter(range(10 ** 9))
-        trainer_step = lambda: trainer.train_step(repeat, next(counter))
+        trainer_step = lambda: trainer.train_step(repeat, next(counter))[0]
         t_plain = time_it(plain_step, 3, args.iters, device)
         t_trainer = time_it(trainer_step, 3, args.iters, device)
 

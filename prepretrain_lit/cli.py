@@ -7,7 +7,7 @@ __all__ = ['add_config_args', 'config_from_args', 'cmd_config_show', 'presets_ta
            'cmd_shards_build', 'parse_subset', 'cmd_shards_verify', 'cmd_train', 'demo_shards', 'mae_summary',
            'cmd_demo', 'build_parser', 'main']
 
-# %% ../nbs/10_cli.ipynb #c2a11a29
+# %% ../nbs/10_cli.ipynb #5c5a72e5
 import argparse
 import json
 import os
@@ -19,7 +19,7 @@ import prepretrain_lit
 from .config import (PRESETS, RunConfig, UserError, collect_provenance,
                                     config_hash, config_to_dict, config_to_yaml, get_preset, load_config)
 
-# %% ../nbs/10_cli.ipynb #d44c991f
+# %% ../nbs/10_cli.ipynb #a4fc00ff
 def add_config_args(p: argparse.ArgumentParser) -> None:
     "The three config layers as options: `--preset`, `--config FILE`, `--set key=value` (repeatable)."
     p.add_argument("--preset", help=f"start from a named preset: {', '.join(PRESETS)}")
@@ -57,7 +57,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(json.dumps({k: record[k] for k in ("versions", "git", "devices", "host", "platform")}, indent=2))
     return 0
 
-# %% ../nbs/10_cli.ipynb #512b6ebb
+# %% ../nbs/10_cli.ipynb #26d84f1b
 def cmd_shards_build(args: argparse.Namespace) -> int:
     from pathlib import Path
     from prepretrain_lit.data import (build_from_recipe, build_shards, imagefolder_source, load_manifest,
@@ -94,7 +94,7 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
           f"{m.path}: all {len(m.shards)} shards match ({m.num_samples} samples)")
     return 1 if problems else 0
 
-# %% ../nbs/10_cli.ipynb #5b96b1f6
+# %% ../nbs/10_cli.ipynb #2e0e7281
 def cmd_train(args: argparse.Namespace) -> int:
     from prepretrain_lit.trainer import EXIT_PREEMPTED, Preempted, train
     cfg = config_from_args(args)
@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0: print(json.dumps(last))   # once, not once per process
     return 0
 
-# %% ../nbs/10_cli.ipynb #64f3e589
+# %% ../nbs/10_cli.ipynb #4aaa4aa0
 def demo_shards(out: "Path", num_samples: int = 2000) -> "Path":
     "Build the demo's `shapes` shards under `out`, or reuse them when they are already there and intact."
     from prepretrain_lit.data import build_from_recipe, load_manifest, shipped_manifest, verify_manifest
@@ -153,7 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("The end-to-end pipeline (MAE -> WSP -> transfer -> report) is not built yet: see the issues.")
     return 0
 
-# %% ../nbs/10_cli.ipynb #7aeb8935
+# %% ../nbs/10_cli.ipynb #2844243a
 def build_parser() -> argparse.ArgumentParser:
     "The `prepretrain` argument parser with every subcommand."
     parser = argparse.ArgumentParser(prog="prepretrain", description="MAE pre-pretraining and SplitMask, literate.")
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=cmd_shards_verify)
 
     train_p = sub.add_parser("train", help="train one stage into a run folder (alone or under torchrun)")
-    train_p.add_argument("stage", help="the objective: mae")
+    train_p.add_argument("stage", help="the objective: mae or splitmask")
     add_config_args(train_p)
     train_p.add_argument("--out", required=True, help="the run folder (config, metrics, checkpoints, model.pt)")
     train_p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from")

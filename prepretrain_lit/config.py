@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'UserError', 'ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig', 'MAEConfig',
-           'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'get_preset', 'load_yaml', 'load_config',
-           'config_to_dict', 'config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config', 'derive_seed',
-           'seed_everything', 'seed_worker', 'run_dir', 'config_diff', 'create_run_dir', 'init_run_folder', 'git_state',
-           'package_versions', 'device_names', 'collect_provenance', 'write_provenance']
+           'SplitMaskConfig', 'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'get_preset', 'load_yaml',
+           'load_config', 'config_to_dict', 'config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config',
+           'derive_seed', 'seed_everything', 'seed_worker', 'run_dir', 'config_diff', 'create_run_dir',
+           'init_run_folder', 'git_state', 'package_versions', 'device_names', 'collect_provenance', 'write_provenance']
 
-# %% ../nbs/00_config.ipynb #b3511e7c
+# %% ../nbs/00_config.ipynb #85972f21
 import dataclasses
 import difflib
 import hashlib
@@ -32,14 +32,14 @@ from typing import Any, Literal, Sequence, get_args, get_origin, get_type_hints
 import numpy as np
 import yaml
 
-# %% ../nbs/00_config.ipynb #a1d079aa
+# %% ../nbs/00_config.ipynb #31004ef6
 class UserError(Exception):
     "A mistake in what the user asked for: the CLI prints the message alone, with no traceback."
 
 class ConfigError(UserError, ValueError):
     "A config that cannot be used; the message names the key, what was expected and the valid choices."
 
-# %% ../nbs/00_config.ipynb #e6f83b9a
+# %% ../nbs/00_config.ipynb #119f16e3
 @dataclass
 class ModelConfig:
     "The ViT trunk (encoder) and MAE's light decoder; `img_size` must be a multiple of `patch_size`."
@@ -93,7 +93,7 @@ class ModelConfig:
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must lie in [0, 1)")
 
-# %% ../nbs/00_config.ipynb #11440faa
+# %% ../nbs/00_config.ipynb #9b439dff
 @dataclass
 class DataConfig:
     "Which images, how many per process, and how much bad data to tolerate."
@@ -165,12 +165,32 @@ class MAEConfig:
             raise ConfigError(f"mae.mask_ratio={self.mask_ratio} must lie strictly between 0 and 1")
 
 @dataclass
+class SplitMaskConfig:
+    "SplitMask's objective (El-Nouby et al. 2021); defaults chosen here, the paper's exact values are not public."
+    split_ratio: float = 0.5        # share of the patches in subset A (B gets the rest)
+    decoder_depth: int = 2          # the shallow inpainting decoder (width and heads: model.decoder_*)
+    target: Literal["pixels", "kmeans"] = "pixels"  # normalised pixels, or k-means patch tokens (cross-entropy)
+    kmeans_clusters: int = 512      # tokenizer vocabulary for target=kmeans
+    kmeans_samples: int = 1024      # images sampled to fit the tokenizer
+    temperature: float = 0.2        # InfoNCE temperature
+    infonce_weight: float = 1.0     # lambda: total = inpainting + lambda * InfoNCE
+    projection_dim: int = 256       # output of the projection head on the pooled descriptors
+
+    def check(self) -> None:
+        if not 0.0 < self.split_ratio < 1.0:
+            raise ConfigError(f"splitmask.split_ratio={self.split_ratio} must lie strictly between 0 and 1")
+        _check_positive(self, "splitmask", "decoder_depth", "kmeans_clusters", "kmeans_samples", "temperature",
+                        "projection_dim")
+        if self.infonce_weight < 0: raise ConfigError(f"splitmask.infonce_weight={self.infonce_weight} must be >= 0")
+
+@dataclass
 class RunConfig:
     "Everything one stage run needs: a seed and a section per concern."
     seed: int = 0                   # the one seed; ranks and data workers derive theirs from it
     preset: str | None = None       # the preset this config started from (a record; set by load_config)
     model: ModelConfig = field(default_factory=ModelConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    splitmask: SplitMaskConfig = field(default_factory=SplitMaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -181,13 +201,13 @@ class RunConfig:
             section = getattr(self, f.name)
             if is_dataclass(section): section.check()
 
-# %% ../nbs/00_config.ipynb #2227699f
+# %% ../nbs/00_config.ipynb #88739110
 def _check_positive(obj, section: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value <= 0: raise ConfigError(f"{section}.{name}={value} must be > 0")
 
-# %% ../nbs/00_config.ipynb #8eb1c41b
+# %% ../nbs/00_config.ipynb #7801d70d
 def type_name(tp) -> str:
     "A short readable name for a type annotation: `int`, `float or null`, `one of 'a', 'b'`."
     origin, args = get_origin(tp), get_args(tp)
@@ -268,7 +288,7 @@ def coerce(value, tp, key: str):
     if isinstance(value, tp): return value
     raise bad
 
-# %% ../nbs/00_config.ipynb #0a53bd66
+# %% ../nbs/00_config.ipynb #d2e2e6e0
 def _unknown_key(key: str, prefix: str, cls) -> ConfigError:
     names = [f.name for f in fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
@@ -292,7 +312,7 @@ def merge(cfg, updates: dict, prefix: str = ""):
             changes[key] = coerce(value, hints[key], prefix + key)
     return dataclasses.replace(cfg, **changes)
 
-# %% ../nbs/00_config.ipynb #5b80c749
+# %% ../nbs/00_config.ipynb #fdb462a4
 def parse_overrides(overrides: Sequence[str]) -> dict:
     "`['a.b=1', 'c=x']` -> `{'a': {'b': '1'}, 'c': 'x'}` (values stay strings until `merge` types them)."
     tree: dict = {}
@@ -311,7 +331,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         node[leaf] = value.strip()
     return tree
 
-# %% ../nbs/00_config.ipynb #6825ab59
+# %% ../nbs/00_config.ipynb #76bd5274
 def _vit(arch: str, patch: int, width: int, depth: int, heads: int) -> dict:
     return dict(model=dict(arch=arch, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads))
 
@@ -339,7 +359,7 @@ def get_preset(name: str) -> RunConfig:
     cfg = merge(RunConfig(), PRESETS[name], prefix="")
     return dataclasses.replace(cfg, preset=name)
 
-# %% ../nbs/00_config.ipynb #0e18afaa
+# %% ../nbs/00_config.ipynb #ba45d62c
 def load_yaml(path: str | os.PathLike) -> dict:
     "The mapping in YAML file `path`; a missing file, bad YAML or a non-mapping raises `ConfigError`."
     path = Path(path)
@@ -364,7 +384,7 @@ def load_config(path: str | os.PathLike | None = None, preset: str | None = None
     cfg.check()
     return cfg
 
-# %% ../nbs/00_config.ipynb #674029bd
+# %% ../nbs/00_config.ipynb #f13f9e5a
 def config_to_dict(cfg) -> dict:
     "A plain nested dict of `cfg` (tuples become lists, so it is safe YAML and JSON)."
     def plain(v):
@@ -396,7 +416,7 @@ def save_config(cfg, path: str | os.PathLike) -> Path:
     "Write `cfg` as YAML to `path`, atomically."
     return atomic_write_text(path, config_to_yaml(cfg))
 
-# %% ../nbs/00_config.ipynb #f6ff6820
+# %% ../nbs/00_config.ipynb #d96f642d
 def derive_seed(seed: int, *keys: int) -> int:
     "A 32-bit seed for the stream named by `keys` (e.g. rank, worker) of the run seeded with `seed`."
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
@@ -419,7 +439,7 @@ def seed_worker(worker_id: int, seed: int, rank: int = 0) -> None:
     np.random.seed(s)
     torch.manual_seed(s)
 
-# %% ../nbs/00_config.ipynb #53322c3c
+# %% ../nbs/00_config.ipynb #8dcdc442
 def run_dir(root: str | os.PathLike, experiment: str, stage: str, variant: str | None = None) -> Path:
     "The folder of one stage run: `root/experiment/stage[/variant]`."
     parts = [experiment, stage] + ([variant] if variant else [])
@@ -461,7 +481,7 @@ def init_run_folder(cfg: RunConfig, folder: str | os.PathLike) -> Path:
     save_config(cfg, saved)
     return d
 
-# %% ../nbs/00_config.ipynb #62de5b16
+# %% ../nbs/00_config.ipynb #654fa4ab
 def git_state(path: str | os.PathLike | None = None) -> dict:
     "`{'commit': sha or None, 'dirty': bool or None}` of the git work tree holding `path` (default: this package)."
     if path is None:

@@ -7,7 +7,7 @@ __all__ = ['IMAGE_EXTS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TRANSFORMS', 'shard_a
            'DataQualityError', 'decode_sample', 'ShardStream', 'check_skip_fraction', 'mae_transform', 'eval_transform',
            'finetune_transform', 'collate_samples', 'StreamLoader', 'resolve_manifest', 'make_loader']
 
-# %% ../nbs/01b_loader.ipynb #1e7c1933
+# %% ../nbs/01b_loader.ipynb #389e77ea
 import hashlib
 import io
 import json
@@ -27,7 +27,7 @@ from .config import DataConfig, UserError, derive_seed
 from .data import (KEY_EXT, TEMPLATE_MARK, Manifest, in_subset, load_manifest, shipped_manifest,
                                   tar_members, verify_manifest)
 
-# %% ../nbs/01b_loader.ipynb #d71318f7
+# %% ../nbs/01b_loader.ipynb #9d996214
 def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
                      worker: int = 0, num_workers: int = 1) -> list[int]:
     "Indices of the shards that `worker` of `rank` reads in `epoch`: a seeded permutation, dealt round-robin."
@@ -35,7 +35,7 @@ def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, worl
     readers = world_size * max(num_workers, 1)
     return order[rank * max(num_workers, 1) + worker::readers].tolist()
 
-# %% ../nbs/01b_loader.ipynb #65937b07
+# %% ../nbs/01b_loader.ipynb #d0390091
 def tar_samples(location: str) -> Iterator[dict]:
     "Samples (dicts of raw bytes per extension, `__key__`, `__url__`) of the shard at `location`."
     stream = gopen(location)
@@ -53,7 +53,7 @@ def tar_samples(location: str) -> Iterator[dict]:
     finally:
         stream.close()
 
-# %% ../nbs/01b_loader.ipynb #97f57e8d
+# %% ../nbs/01b_loader.ipynb #595ac494
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 class BadSample(Exception):
@@ -92,7 +92,7 @@ def decode_sample(sample: dict, manifest: Manifest) -> dict:
     return {"image": image, "label": -1 if label is None else label, "hashtags": meta.get("hashtags", []),
             "caption": _field(sample, meta, manifest.caption_field) or "", "key": sample["__key__"]}
 
-# %% ../nbs/01b_loader.ipynb #24986731
+# %% ../nbs/01b_loader.ipynb #3fb74aaa
 class ShardStream(torch.utils.data.IterableDataset):
     """Samples of `manifest` for this rank and loader worker: split, read, filter, decode, shuffle, transform.
     Each item: image (transformed), label (int, -1 if none), hashtags (multi-hot over the vocabulary),
@@ -241,7 +241,7 @@ def check_skip_fraction(seen: int, skipped: int, limit: float, min_samples: int,
                                f"limit {limit:.1%}). Run `prepretrain shards verify` on the manifest, rebuild the damaged "
                                "shards, or raise data.max_skip_fraction if this data is known to be noisy.")
 
-# %% ../nbs/01b_loader.ipynb #64b95120
+# %% ../nbs/01b_loader.ipynb #63f36b8c
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -264,7 +264,7 @@ def finetune_transform(img_size: int, auto_augment: str = "rand-m9-mstd0.5-inc1"
 
 TRANSFORMS = {"mae": mae_transform, "eval": eval_transform, "finetune": finetune_transform}
 
-# %% ../nbs/01b_loader.ipynb #103675b9
+# %% ../nbs/01b_loader.ipynb #b2423401
 def collate_samples(items: list[dict]) -> dict:
     "Batch stream items: tensors stacked, labels and skip counts as tensors, images left as a list when not tensors."
     batch = {}

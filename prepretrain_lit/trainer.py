@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['OBJECTIVES', 'STAGE_TRANSFORMS', 'CKPT', 'EXIT_PREEMPTED', 'MODEL_INIT_STREAM', 'DistInfo', 'first_slurm_host',
            'setup_distributed', 'cleanup_distributed', 'steps_for', 'lr_at', 'param_groups', 'build_optimizer',
-           'set_lr', 'Objective', 'MAEObjective', 'mae_objective', 'SyntheticImages', 'checkpoint_path',
-           'complete_checkpoints', 'rng_state', 'set_rng_state', 'save_file_atomic', 'TrainingDiverged', 'Preempted',
-           'catch_signals', 'threading_is_main', 'request_requeue', 'Trainer', 'memory_mb', 'build_data', 'train',
-           'train_worker', 'free_port', 'launch']
+           'set_lr', 'Objective', 'MAEObjective', 'mae_objective', 'splitmask_objective', 'SyntheticImages',
+           'checkpoint_path', 'complete_checkpoints', 'rng_state', 'set_rng_state', 'save_file_atomic',
+           'TrainingDiverged', 'Preempted', 'catch_signals', 'threading_is_main', 'request_requeue', 'Trainer',
+           'memory_mb', 'build_data', 'train', 'train_worker', 'free_port', 'launch']
 
-# %% ../nbs/06_trainer.ipynb #270271bc
+# %% ../nbs/06_trainer.ipynb #6ff7073a
 import contextlib
 import json
 import math
@@ -38,7 +38,7 @@ import torch.nn as nn
 from .config import (RunConfig, UserError, atomic_write_text, config_hash, derive_seed,
                                     init_run_folder, seed_everything, write_provenance)
 
-# %% ../nbs/06_trainer.ipynb #f36f89af
+# %% ../nbs/06_trainer.ipynb #9d793da2
 @dataclass
 class DistInfo:
     "Where this process stands: rank, world size, local rank, device and backend."
@@ -89,7 +89,7 @@ def cleanup_distributed(info: DistInfo) -> None:
     "Destroy the process group if this process created it."
     if info.owns_group and dist.is_initialized(): dist.destroy_process_group()
 
-# %% ../nbs/06_trainer.ipynb #c7434611
+# %% ../nbs/06_trainer.ipynb #70f4800e
 def steps_for(epochs: float, num_samples: int, global_batch: int) -> int:
     "Optimizer steps for `epochs` passes over `num_samples` at `global_batch` (0.1 epoch of MAE is `steps_for(0.1, ...)`)."
     return max(1, math.ceil(epochs * num_samples / global_batch))
@@ -121,7 +121,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     "Set every group's rate to `lr` times its `lr_scale`."
     for g in optimizer.param_groups: g["lr"] = lr * g.get("lr_scale", 1.0)
 
-# %% ../nbs/06_trainer.ipynb #75cf6151
+# %% ../nbs/06_trainer.ipynb #8364278d
 class Objective(nn.Module):
     "What a stage learns: `forward(batch) -> (loss, logs)`, with the model as `self.model`."
     def __init__(self, model: nn.Module):
@@ -155,10 +155,14 @@ def mae_objective(cfg: RunConfig) -> MAEObjective:
     from prepretrain_lit.mae import mae_from_config
     return MAEObjective(mae_from_config(cfg.model, cfg.mae), cfg.mae.mask_ratio)
 
-OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {"mae": mae_objective}
-STAGE_TRANSFORMS: dict[str, str] = {"mae": "mae"}
+def splitmask_objective(cfg: RunConfig) -> Objective:
+    from prepretrain_lit.splitmask import SplitMaskObjective, splitmask_from_config
+    return SplitMaskObjective(splitmask_from_config(cfg.model, cfg.splitmask), cfg.splitmask.kmeans_samples)
 
-# %% ../nbs/06_trainer.ipynb #8868b35d
+OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {"mae": mae_objective, "splitmask": splitmask_objective}
+STAGE_TRANSFORMS: dict[str, str] = {"mae": "mae", "splitmask": "mae"}
+
+# %% ../nbs/06_trainer.ipynb #845741c5
 class SyntheticImages:
     "Deterministic random images (and MAE noise) indexed by global sample number; `batches(start)` resumes."
     def __init__(self, batch_size: int, img_size: int, num_patches: int, seed: int = 0, rank: int = 0,
@@ -181,7 +185,7 @@ class SyntheticImages:
             yield {"image": torch.stack(images), "noise": torch.stack(noise), "skipped": torch.zeros(self.batch_size, dtype=torch.long)}
             step += 1
 
-# %% ../nbs/06_trainer.ipynb #ac0e6cc7
+# %% ../nbs/06_trainer.ipynb #83cc52dd
 CKPT = re.compile(r"^step_(\d{8})(\.pt)?$")
 
 def checkpoint_path(folder: Path, step: int, sharded: bool = False) -> Path:
@@ -217,7 +221,7 @@ def save_file_atomic(obj: Any, path: Path) -> Path:
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/06_trainer.ipynb #7bf28a5f
+# %% ../nbs/06_trainer.ipynb #38b81a09
 EXIT_PREEMPTED = 3
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -253,7 +257,7 @@ def request_requeue() -> None:
     try: subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e: warnings.warn(f"could not requeue SLURM job {job}: {e}")
 
-# %% ../nbs/06_trainer.ipynb #6dcbf570
+# %% ../nbs/06_trainer.ipynb #85377d07
 class Trainer:
     "The one training loop: objective in, checkpoints, metrics and a trained model out."
     def __init__(self, cfg: RunConfig, objective: Objective, data, out_dir: str | os.PathLike,
@@ -400,17 +404,18 @@ class Trainer:
         if self.sharded: self.objective.set_requires_gradient_sync(last_micro)
         return contextlib.nullcontext()
 
-    def train_step(self, batches: Iterator[dict], step: int) -> torch.Tensor:
-        "One optimizer step over `accum_steps` micro-batches; returns the mean loss (a device tensor, not synced)."
+    def train_step(self, batches: Iterator[dict], step: int) -> tuple[torch.Tensor, dict]:
+        "One optimizer step over `accum_steps` micro-batches; returns the mean loss and logs (device tensors, not synced)."
         t = self.cfg.train
-        total = torch.zeros((), device=self.info.device)
+        total, logs = torch.zeros((), device=self.info.device), {}
         for micro in range(t.accum_steps):
             batch = self._to_device(next(batches))
             with self._sync_context(micro == t.accum_steps - 1):
                 with torch.autocast(self.info.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None and not self.sharded):
-                    loss, _ = self.model(batch)
+                    loss, parts = self.model(batch)
                 self.scaler.scale(loss / t.accum_steps).backward()
             total += loss.detach().float() / t.accum_steps
+            for k, v in parts.items(): logs[k] = logs.get(k, 0) + v.detach().float() / t.accum_steps
         set_lr(self.optimizer, lr_at(step, t.steps, self.warmup, self.peak_lr, self.cfg.optim.min_lr))
         if self.cfg.optim.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
@@ -418,7 +423,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return total, logs
 
     def fit(self) -> dict:
         "Train to `train.steps`, resuming from the newest checkpoint in the run folder; returns the last metrics."
@@ -434,11 +439,12 @@ class Trainer:
         batches = self.data.batches(start=start * t.accum_steps)
         from tqdm.auto import tqdm
         bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
-        losses, last, tic, step = [], {}, time.perf_counter(), start
+        losses, parts, last, tic, step = [], [], {}, time.perf_counter(), start
         self.model.train()
         with catch_signals() as signals:
             while step < t.steps:
-                losses.append(self.train_step(batches, step))
+                loss_t, logs_t = self.train_step(batches, step)
+                losses.append(loss_t); parts.append(logs_t)
                 step += 1
                 bar.update(1)
                 at_log, at_ckpt = step % t.log_every == 0 or step == t.steps, step % t.checkpoint_every == 0 or step == t.steps
@@ -460,8 +466,11 @@ class Trainer:
                 last = {"step": step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0),
                         "images_per_s": len(losses) * self.global_batch / max(elapsed, 1e-9),
                         "data_skipped": counters["skipped"], "memory_mb": memory_mb(self.info.device)}
+                for name in parts[0]:          # the objective's own logs (e.g. SplitMask's loss parts), averaged
+                    value = self._all_reduce(torch.stack([p[name] for p in parts]).mean().reshape(1)).item()
+                    last[name] = value / self.info.world_size
                 if at_log: self._metrics(last); bar.set_postfix(loss=f"{loss:.4f}")
-                losses, tic = [], time.perf_counter()
+                losses, parts, tic = [], [], time.perf_counter()
                 stop = self._all_reduce(torch.tensor([float(bool(signals))], device=self.info.device), dist.ReduceOp.MAX).item() > 0
                 if at_ckpt or stop: self.save(step, counters)
                 if stop:
@@ -495,7 +504,7 @@ def memory_mb(device: torch.device) -> float:
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-# %% ../nbs/06_trainer.ipynb #ab77d943
+# %% ../nbs/06_trainer.ipynb #84261d83
 MODEL_INIT_STREAM = 2 ** 31 - 1   # the seed stream of the initial weights: one for all ranks (FSDP shards must agree)
 
 def build_data(stage: str, cfg: RunConfig, info: DistInfo):
@@ -524,6 +533,8 @@ def train(stage: str, cfg: RunConfig, out_dir: str | os.PathLike, resume: bool |
         if info.distributed: dist.barrier()
         torch.manual_seed(derive_seed(cfg.seed, MODEL_INIT_STREAM))   # the same initial weights on every rank
         objective = OBJECTIVES[stage](cfg)
+        if hasattr(objective, "prepare") and not complete_checkpoints(out / "checkpoints"):
+            objective.prepare(build_data(stage, cfg, DistInfo()).batches(0))   # e.g. fit a tokenizer: same data on every rank
         seed_everything(cfg.seed, info.rank)                         # then a stream of its own per rank
         trainer = Trainer(cfg, objective, build_data(stage, cfg, info), out, info, progress)
         return trainer.fit()

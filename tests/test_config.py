@@ -29,7 +29,7 @@ def test_unknown_key_names_key_and_lists_valid_ones():
 
 
 def test_unknown_top_level_key_lists_sections():
-    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*valid keys: seed, preset, model, mae, data, optim, train"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*valid keys: seed, preset, model, mae, splitmask, data, optim, train"):
         load_config(overrides=["modle.depth=2"])
 
 

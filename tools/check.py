@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import os
 import shutil
 import subprocess
 import sys
@@ -110,7 +111,10 @@ def step_notebooks(fast: bool = False) -> tuple[bool, str]:
     "Execute every notebook with nbdev_test; slow and multiproc cells too unless `fast`, gpu cells on CUDA."
     flags = [] if fast else ["slow", "multiproc"]
     if _cuda_available(): flags.append("gpu")
-    res = _run([BIN / "nbdev_test", "--flags", " ".join(flags), "--timing"])
+    # One notebook at a time by default: on a 2-core machine two notebooks' torch threads fight over the same
+    # cores and the whole step runs 3x slower than in sequence. Raise it on bigger machines.
+    workers = os.environ.get("NOTEBOOK_WORKERS", "1")
+    res = _run([BIN / "nbdev_test", "--flags", " ".join(flags), "--timing", "--n_workers", workers])
     return res.returncode == 0, ("every notebook executed" if res.returncode == 0 else
                                  "a notebook failed to execute (its traceback is above)")
 
