@@ -7,7 +7,7 @@ __all__ = ['add_config_args', 'config_from_args', 'cmd_config_show', 'presets_ta
            'cmd_shards_build', 'parse_subset', 'cmd_shards_verify', 'cmd_train', 'demo_shards', 'mae_summary',
            'cmd_demo', 'build_parser', 'main']
 
-# %% ../nbs/10_cli.ipynb #5c5a72e5
+# %% ../nbs/10_cli.ipynb #626cd9b5
 import argparse
 import json
 import os
@@ -19,7 +19,7 @@ import prepretrain_lit
 from .config import (PRESETS, RunConfig, UserError, collect_provenance,
                                     config_hash, config_to_dict, config_to_yaml, get_preset, load_config)
 
-# %% ../nbs/10_cli.ipynb #a4fc00ff
+# %% ../nbs/10_cli.ipynb #555acad0
 def add_config_args(p: argparse.ArgumentParser) -> None:
     "The three config layers as options: `--preset`, `--config FILE`, `--set key=value` (repeatable)."
     p.add_argument("--preset", help=f"start from a named preset: {', '.join(PRESETS)}")
@@ -57,7 +57,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(json.dumps({k: record[k] for k in ("versions", "git", "devices", "host", "platform")}, indent=2))
     return 0
 
-# %% ../nbs/10_cli.ipynb #26d84f1b
+# %% ../nbs/10_cli.ipynb #6652c7a2
 def cmd_shards_build(args: argparse.Namespace) -> int:
     from pathlib import Path
     from prepretrain_lit.data import (build_from_recipe, build_shards, imagefolder_source, load_manifest,
@@ -94,7 +94,7 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
           f"{m.path}: all {len(m.shards)} shards match ({m.num_samples} samples)")
     return 1 if problems else 0
 
-# %% ../nbs/10_cli.ipynb #2e0e7281
+# %% ../nbs/10_cli.ipynb #78384937
 def cmd_train(args: argparse.Namespace) -> int:
     from prepretrain_lit.trainer import EXIT_PREEMPTED, Preempted, train
     cfg = config_from_args(args)
@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0: print(json.dumps(last))   # once, not once per process
     return 0
 
-# %% ../nbs/10_cli.ipynb #4aaa4aa0
+# %% ../nbs/10_cli.ipynb #7851f416
 def demo_shards(out: "Path", num_samples: int = 2000) -> "Path":
     "Build the demo's `shapes` shards under `out`, or reuse them when they are already there and intact."
     from prepretrain_lit.data import build_from_recipe, load_manifest, shipped_manifest, verify_manifest
@@ -153,7 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("The end-to-end pipeline (MAE -> WSP -> transfer -> report) is not built yet: see the issues.")
     return 0
 
-# %% ../nbs/10_cli.ipynb #2844243a
+# %% ../nbs/10_cli.ipynb #d202e9f8
 def build_parser() -> argparse.ArgumentParser:
     "The `prepretrain` argument parser with every subcommand."
     parser = argparse.ArgumentParser(prog="prepretrain", description="MAE pre-pretraining and SplitMask, literate.")

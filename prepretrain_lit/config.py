@@ -9,7 +9,7 @@ __all__ = ['PRESETS', 'UserError', 'ConfigError', 'ModelConfig', 'DataConfig', '
            'derive_seed', 'seed_everything', 'seed_worker', 'run_dir', 'config_diff', 'create_run_dir',
            'init_run_folder', 'git_state', 'package_versions', 'device_names', 'collect_provenance', 'write_provenance']
 
-# %% ../nbs/00_config.ipynb #85972f21
+# %% ../nbs/00_config.ipynb #679a62a0
 import dataclasses
 import difflib
 import hashlib
@@ -32,14 +32,14 @@ from typing import Any, Literal, Sequence, get_args, get_origin, get_type_hints
 import numpy as np
 import yaml
 
-# %% ../nbs/00_config.ipynb #31004ef6
+# %% ../nbs/00_config.ipynb #819c4f24
 class UserError(Exception):
     "A mistake in what the user asked for: the CLI prints the message alone, with no traceback."
 
 class ConfigError(UserError, ValueError):
     "A config that cannot be used; the message names the key, what was expected and the valid choices."
 
-# %% ../nbs/00_config.ipynb #119f16e3
+# %% ../nbs/00_config.ipynb #70a1ff6f
 @dataclass
 class ModelConfig:
     "The ViT trunk (encoder) and MAE's light decoder; `img_size` must be a multiple of `patch_size`."
@@ -93,7 +93,7 @@ class ModelConfig:
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must lie in [0, 1)")
 
-# %% ../nbs/00_config.ipynb #9b439dff
+# %% ../nbs/00_config.ipynb #92fec145
 @dataclass
 class DataConfig:
     "Which images, how many per process, and how much bad data to tolerate."
@@ -201,13 +201,13 @@ class RunConfig:
             section = getattr(self, f.name)
             if is_dataclass(section): section.check()
 
-# %% ../nbs/00_config.ipynb #88739110
+# %% ../nbs/00_config.ipynb #791f187d
 def _check_positive(obj, section: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value <= 0: raise ConfigError(f"{section}.{name}={value} must be > 0")
 
-# %% ../nbs/00_config.ipynb #7801d70d
+# %% ../nbs/00_config.ipynb #44f792dd
 def type_name(tp) -> str:
     "A short readable name for a type annotation: `int`, `float or null`, `one of 'a', 'b'`."
     origin, args = get_origin(tp), get_args(tp)
@@ -288,7 +288,7 @@ def coerce(value, tp, key: str):
     if isinstance(value, tp): return value
     raise bad
 
-# %% ../nbs/00_config.ipynb #d2e2e6e0
+# %% ../nbs/00_config.ipynb #e96b14bc
 def _unknown_key(key: str, prefix: str, cls) -> ConfigError:
     names = [f.name for f in fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
@@ -312,7 +312,7 @@ def merge(cfg, updates: dict, prefix: str = ""):
             changes[key] = coerce(value, hints[key], prefix + key)
     return dataclasses.replace(cfg, **changes)
 
-# %% ../nbs/00_config.ipynb #fdb462a4
+# %% ../nbs/00_config.ipynb #92baf11a
 def parse_overrides(overrides: Sequence[str]) -> dict:
     "`['a.b=1', 'c=x']` -> `{'a': {'b': '1'}, 'c': 'x'}` (values stay strings until `merge` types them)."
     tree: dict = {}
@@ -331,7 +331,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         node[leaf] = value.strip()
     return tree
 
-# %% ../nbs/00_config.ipynb #76bd5274
+# %% ../nbs/00_config.ipynb #43e8868a
 def _vit(arch: str, patch: int, width: int, depth: int, heads: int) -> dict:
     return dict(model=dict(arch=arch, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads))
 
@@ -359,7 +359,7 @@ def get_preset(name: str) -> RunConfig:
     cfg = merge(RunConfig(), PRESETS[name], prefix="")
     return dataclasses.replace(cfg, preset=name)
 
-# %% ../nbs/00_config.ipynb #ba45d62c
+# %% ../nbs/00_config.ipynb #385ea08c
 def load_yaml(path: str | os.PathLike) -> dict:
     "The mapping in YAML file `path`; a missing file, bad YAML or a non-mapping raises `ConfigError`."
     path = Path(path)
@@ -384,7 +384,7 @@ def load_config(path: str | os.PathLike | None = None, preset: str | None = None
     cfg.check()
     return cfg
 
-# %% ../nbs/00_config.ipynb #f13f9e5a
+# %% ../nbs/00_config.ipynb #424a5330
 def config_to_dict(cfg) -> dict:
     "A plain nested dict of `cfg` (tuples become lists, so it is safe YAML and JSON)."
     def plain(v):
@@ -416,7 +416,7 @@ def save_config(cfg, path: str | os.PathLike) -> Path:
     "Write `cfg` as YAML to `path`, atomically."
     return atomic_write_text(path, config_to_yaml(cfg))
 
-# %% ../nbs/00_config.ipynb #d96f642d
+# %% ../nbs/00_config.ipynb #30f1e4c4
 def derive_seed(seed: int, *keys: int) -> int:
     "A 32-bit seed for the stream named by `keys` (e.g. rank, worker) of the run seeded with `seed`."
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
@@ -439,7 +439,7 @@ def seed_worker(worker_id: int, seed: int, rank: int = 0) -> None:
     np.random.seed(s)
     torch.manual_seed(s)
 
-# %% ../nbs/00_config.ipynb #8dcdc442
+# %% ../nbs/00_config.ipynb #f13fb829
 def run_dir(root: str | os.PathLike, experiment: str, stage: str, variant: str | None = None) -> Path:
     "The folder of one stage run: `root/experiment/stage[/variant]`."
     parts = [experiment, stage] + ([variant] if variant else [])
@@ -481,7 +481,7 @@ def init_run_folder(cfg: RunConfig, folder: str | os.PathLike) -> Path:
     save_config(cfg, saved)
     return d
 
-# %% ../nbs/00_config.ipynb #654fa4ab
+# %% ../nbs/00_config.ipynb #28a932ed
 def git_state(path: str | os.PathLike | None = None) -> dict:
     "`{'commit': sha or None, 'dirty': bool or None}` of the git work tree holding `path` (default: this package)."
     if path is None:

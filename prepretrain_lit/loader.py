@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TRANSFORMS', 'shard_assignment', 'tar_samples', 'BadSample',
-           'DataQualityError', 'decode_sample', 'ShardStream', 'check_skip_fraction', 'mae_transform', 'eval_transform',
-           'finetune_transform', 'collate_samples', 'StreamLoader', 'resolve_manifest', 'make_loader']
+           'DataQualityError', 'decode_sample', 'ShardStream', 'check_enough_shards', 'check_skip_fraction',
+           'mae_transform', 'eval_transform', 'finetune_transform', 'collate_samples', 'StreamLoader',
+           'resolve_manifest', 'make_loader']
 
-# %% ../nbs/01b_loader.ipynb #389e77ea
+# %% ../nbs/01b_loader.ipynb #f221f637
 import hashlib
 import io
 import json
@@ -27,7 +28,7 @@ from .config import DataConfig, UserError, derive_seed
 from .data import (KEY_EXT, TEMPLATE_MARK, Manifest, in_subset, load_manifest, shipped_manifest,
                                   tar_members, verify_manifest)
 
-# %% ../nbs/01b_loader.ipynb #9d996214
+# %% ../nbs/01b_loader.ipynb #45a801bf
 def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
                      worker: int = 0, num_workers: int = 1) -> list[int]:
     "Indices of the shards that `worker` of `rank` reads in `epoch`: a seeded permutation, dealt round-robin."
@@ -35,7 +36,7 @@ def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, worl
     readers = world_size * max(num_workers, 1)
     return order[rank * max(num_workers, 1) + worker::readers].tolist()
 
-# %% ../nbs/01b_loader.ipynb #d0390091
+# %% ../nbs/01b_loader.ipynb #0113c2e8
 def tar_samples(location: str) -> Iterator[dict]:
     "Samples (dicts of raw bytes per extension, `__key__`, `__url__`) of the shard at `location`."
     stream = gopen(location)
@@ -53,7 +54,7 @@ def tar_samples(location: str) -> Iterator[dict]:
     finally:
         stream.close()
 
-# %% ../nbs/01b_loader.ipynb #595ac494
+# %% ../nbs/01b_loader.ipynb #486415e1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 class BadSample(Exception):
@@ -92,7 +93,7 @@ def decode_sample(sample: dict, manifest: Manifest) -> dict:
     return {"image": image, "label": -1 if label is None else label, "hashtags": meta.get("hashtags", []),
             "caption": _field(sample, meta, manifest.caption_field) or "", "key": sample["__key__"]}
 
-# %% ../nbs/01b_loader.ipynb #3fb74aaa
+# %% ../nbs/01b_loader.ipynb #d1c2852d
 class ShardStream(torch.utils.data.IterableDataset):
     """Samples of `manifest` for this rank and loader worker: split, read, filter, decode, shuffle, transform.
     Each item: image (transformed), label (int, -1 if none), hashtags (multi-hot over the vocabulary),
@@ -143,6 +144,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, workers = self._reader()
+        if self.infinite: check_enough_shards(len(self.manifest.shards), world, workers, self.manifest.path)
         self._counts = {"seen": 0, "skipped": 0}
         self._to_skip = self._items_to_skip(worker, workers)
         epoch = self.epoch
@@ -233,6 +235,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         return {"image": image, "label": sample["label"], "hashtags": hashtags, "caption": sample["caption"],
                 "key": sample["key"], "skipped": skipped}
 
+def check_enough_shards(num_shards: int, world_size: int, num_workers: int, where="") -> None:
+    "Every reader (rank x loader worker) of an endless stream needs a shard, or it would wait forever."
+    readers = world_size * max(num_workers, 1)
+    if num_shards < readers:
+        raise UserError(f"{where}: {num_shards} shard(s) cannot feed {world_size} rank(s) x {max(num_workers, 1)} loader "
+                        f"worker(s) = {readers} readers. Lower data.num_workers, or rebuild with smaller shards "
+                        "(prepretrain shards build --shard-size)")
+
 def check_skip_fraction(seen: int, skipped: int, limit: float, min_samples: int, where: str = "") -> None:
     "Raise `DataQualityError` when more than `limit` of at least `min_samples` samples were skipped."
     total = seen + skipped
@@ -241,7 +251,7 @@ def check_skip_fraction(seen: int, skipped: int, limit: float, min_samples: int,
                                f"limit {limit:.1%}). Run `prepretrain shards verify` on the manifest, rebuild the damaged "
                                "shards, or raise data.max_skip_fraction if this data is known to be noisy.")
 
-# %% ../nbs/01b_loader.ipynb #63f36b8c
+# %% ../nbs/01b_loader.ipynb #236f3e03
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -264,7 +274,7 @@ def finetune_transform(img_size: int, auto_augment: str = "rand-m9-mstd0.5-inc1"
 
 TRANSFORMS = {"mae": mae_transform, "eval": eval_transform, "finetune": finetune_transform}
 
-# %% ../nbs/01b_loader.ipynb #b2423401
+# %% ../nbs/01b_loader.ipynb #069a3b96
 def collate_samples(items: list[dict]) -> dict:
     "Batch stream items: tensors stacked, labels and skip counts as tensors, images left as a list when not tensors."
     batch = {}
@@ -285,6 +295,10 @@ class StreamLoader:
                                                   collate_fn=collate_samples, drop_last=drop_last,
                                                   pin_memory=pin_memory, persistent_workers=False, generator=generator)
         self.seen = self.skipped = 0
+        if stream.infinite:   # fail now, not in a worker that would wait forever
+            world = stream.world_size or (torch.distributed.get_world_size() if torch.distributed.is_available()
+                                          and torch.distributed.is_initialized() else 1)
+            check_enough_shards(len(stream.manifest.shards), world, num_workers, stream.manifest.path)
 
     def set_epoch(self, epoch: int) -> None: self.stream.set_epoch(epoch)
 

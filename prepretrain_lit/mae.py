@@ -8,7 +8,7 @@ __all__ = ['mae_vit_tiny_patch16', 'mae_vit_small_patch16', 'mae_vit_base_patch1
            'random_masking', 'MaskedAutoencoderViT', 'mae_from_config', 'load_mae_checkpoint', 'reconstruct',
            'show_reconstructions']
 
-# %% ../nbs/03_mae.ipynb #5326769d
+# %% ../nbs/03_mae.ipynb #0aa94ff4
 from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -21,7 +21,7 @@ from .config import MAEConfig, ModelConfig
 from .vit import (VIT_SIZES, LayerNorm6, ViT, check_state_dict, init_linear_and_norm,
                                  load_state_dict_file, run_blocks, sincos_pos_embed_2d)
 
-# %% ../nbs/03_mae.ipynb #bf04cc1e
+# %% ../nbs/03_mae.ipynb #4afa3c7c
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     "imgs (N, C, H, W) -> patches (N, L, p*p*C), pixel order (row, column, channel) within a patch."
     N, C, H, W = imgs.shape
@@ -38,7 +38,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, in_chans: int = 3) -> torch.Ten
     x = x.reshape(N, h, h, p, p, in_chans)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(N, in_chans, h * p, h * p)      # n c h p w q
 
-# %% ../nbs/03_mae.ipynb #ee28f0b7
+# %% ../nbs/03_mae.ipynb #f986dded
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep `int(L * (1 - mask_ratio))` tokens per sample, those with the smallest `noise`.
@@ -54,7 +54,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     mask = (ids_restore >= len_keep).float()                        # 1 = removed, in patch order
     return x_masked, mask, ids_restore
 
-# %% ../nbs/03_mae.ipynb #8c70d22b
+# %% ../nbs/03_mae.ipynb #187a88c1
 class MaskedAutoencoderViT(ViT):
     "MAE: a `ViT` encoder on the visible patches and a light decoder predicting every patch's pixels."
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
@@ -97,16 +97,19 @@ class MaskedAutoencoderViT(ViT):
         x, mask, ids_restore = random_masking(self.patch_tokens(imgs), mask_ratio, noise)
         return self.forward_tokens(x), mask, ids_restore
 
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        "latent (N, 1 + K, D), ids_restore (N, L) -> predicted patches (N, L, p*p*C), cls dropped."
+    def decoder_features(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        "latent (N, 1 + K, D), ids_restore (N, L) -> decoder outputs (N, 1 + L, Dd): mask tokens filled in, normed."
         x = self.decoder_embed(latent)                                              # (N, 1 + K, Dd)
         N, L = ids_restore.shape
         mask_tokens = self.mask_token.expand(N, L + 1 - x.shape[1], -1)             # (N, L - K, Dd)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)                           # shuffled order
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # patch order
         x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
-        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+        return self.decoder_norm(run_blocks(self.decoder_blocks, x, self.grad_checkpointing))
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        "latent (N, 1 + K, D), ids_restore (N, L) -> predicted patches (N, L, p*p*C), cls dropped."
+        return self.decoder_pred(self.decoder_features(latent, ids_restore))[:, 1:, :]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         "Mean squared error per patch, averaged over removed patches (mask 1); normalised targets if `norm_pix_loss`."
@@ -128,7 +131,7 @@ class MaskedAutoencoderViT(ViT):
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
-# %% ../nbs/03_mae.ipynb #06770796
+# %% ../nbs/03_mae.ipynb #a7735a66
 def _mae_factory(size: str, patch_size: int):
     def factory(**kwargs) -> MaskedAutoencoderViT:
         args = dict(patch_size=patch_size, **VIT_SIZES[size], decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
@@ -153,7 +156,7 @@ def mae_from_config(m: ModelConfig, mae: MAEConfig | None = None) -> MaskedAutoe
                                 decoder_num_heads=m.decoder_num_heads, mlp_ratio=m.mlp_ratio,
                                 norm_pix_loss=mae.norm_pix_loss)
 
-# %% ../nbs/03_mae.ipynb #5a12705f
+# %% ../nbs/03_mae.ipynb #69cec00e
 def load_mae_checkpoint(model: MaskedAutoencoderViT, checkpoint: str | Path | Mapping[str, torch.Tensor]
                         ) -> MaskedAutoencoderViT:
     "Load an official-layout MAE checkpoint (path or state dict) into `model`, strictly; returns `model`."
@@ -163,7 +166,7 @@ def load_mae_checkpoint(model: MaskedAutoencoderViT, checkpoint: str | Path | Ma
     model.load_state_dict(sd, strict=True)
     return model
 
-# %% ../nbs/03_mae.ipynb #9bf58af8
+# %% ../nbs/03_mae.ipynb #ead59df7
 @torch.no_grad()
 def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float = 0.75,
                 noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

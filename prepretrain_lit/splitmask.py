@@ -6,7 +6,7 @@
 __all__ = ['split_patches', 'gather_tokens', 'all_gather_with_grad', 'info_nce', 'normalise_patches', 'fit_kmeans',
            'SplitMaskViT', 'init_linear', 'splitmask_from_config', 'SplitMaskObjective']
 
-# %% ../nbs/04_splitmask.ipynb #a904beec
+# %% ../nbs/04_splitmask.ipynb #1aa6f7ca
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -16,7 +16,7 @@ from .config import ModelConfig, SplitMaskConfig
 from .mae import MaskedAutoencoderViT, patchify
 from .trainer import Objective
 
-# %% ../nbs/04_splitmask.ipynb #16459882
+# %% ../nbs/04_splitmask.ipynb #f5c9d6bf
 def split_patches(noise: torch.Tensor, ratio: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """noise (N, L) -> per-branch permutations (ids_shuffle_a, ids_shuffle_b), each (N, L), whose first
     `len_a` (resp. `L - len_a`) entries are that branch's visible patches; `len_a = int(L * ratio)`."""
@@ -28,7 +28,7 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     "x (N, L, D), ids (N, K) -> x[n, ids[n]] (N, K, D)."
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
-# %% ../nbs/04_splitmask.ipynb #ecc20301
+# %% ../nbs/04_splitmask.ipynb #8986bc30
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     "Concatenate `x` (N, ...) from every rank along dim 0, differentiably; `x` itself in one process."
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return x
@@ -47,7 +47,7 @@ def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> tuple[
     accuracy = (logits_ab.argmax(dim=1) == targets).float().mean()
     return loss, accuracy
 
-# %% ../nbs/04_splitmask.ipynb #6b90be89
+# %% ../nbs/04_splitmask.ipynb #de783e30
 def normalise_patches(patches: torch.Tensor) -> torch.Tensor:
     "Per-patch mean 0, unbiased variance 1 (MAE's norm_pix target): (..., P) -> (..., P)."
     mean = patches.mean(dim=-1, keepdim=True)
@@ -68,7 +68,7 @@ def fit_kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch
         centroids = torch.where(empty.unsqueeze(1), centroids, sums / counts)   # an empty cluster keeps its centre
     return centroids
 
-# %% ../nbs/04_splitmask.ipynb #a6a44a9d
+# %% ../nbs/04_splitmask.ipynb #5fb5d4e7
 class SplitMaskViT(MaskedAutoencoderViT):
     "SplitMask: encode two disjoint halves, inpaint each from the other, match their pooled descriptors."
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
@@ -89,13 +89,8 @@ class SplitMaskViT(MaskedAutoencoderViT):
 
     def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "latent (N, 1+K, D) -> predictions (N, L, out) and the pooled decoder descriptor (N, Dd)."
-        x = self.decoder_embed(latent)
-        N, L = ids_restore.shape
-        x_ = torch.cat([x[:, 1:], self.mask_token.expand(N, L + 1 - x.shape[1], -1)], dim=1)
-        x = torch.cat([x[:, :1], gather_tokens(x_, ids_restore)], dim=1) + self.decoder_pos_embed
-        from prepretrain_lit.vit import run_blocks
-        x = self.decoder_norm(run_blocks(self.decoder_blocks, x, self.grad_checkpointing))
-        return self.decoder_pred(x[:, 1:]), x[:, 1:].mean(dim=1)
+        x = self.decoder_features(latent, ids_restore)[:, 1:]       # MAE's decoder, cls dropped
+        return self.decoder_pred(x), x.mean(dim=1)
 
     def targets(self, imgs: torch.Tensor) -> torch.Tensor:
         "Normalised patches (N, L, P), or their k-means token ids (N, L)."
@@ -148,7 +143,7 @@ def splitmask_from_config(m: ModelConfig, s: SplitMaskConfig) -> SplitMaskViT:
                         split_ratio=s.split_ratio, target=s.target, kmeans_clusters=s.kmeans_clusters,
                         temperature=s.temperature, infonce_weight=s.infonce_weight, projection_dim=s.projection_dim)
 
-# %% ../nbs/04_splitmask.ipynb #96658214
+# %% ../nbs/04_splitmask.ipynb #82e90f51
 class SplitMaskObjective(Objective):
     "SplitMask as a trainer objective: `forward(batch) -> (loss, logs)`; a batch's `noise` (N, L) fixes the split."
     def __init__(self, model: SplitMaskViT, tokenizer_images: int = 1024):

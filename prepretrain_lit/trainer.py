@@ -10,7 +10,7 @@ __all__ = ['OBJECTIVES', 'STAGE_TRANSFORMS', 'CKPT', 'EXIT_PREEMPTED', 'MODEL_IN
            'TrainingDiverged', 'Preempted', 'catch_signals', 'threading_is_main', 'request_requeue', 'Trainer',
            'memory_mb', 'build_data', 'train', 'train_worker', 'free_port', 'launch']
 
-# %% ../nbs/06_trainer.ipynb #6ff7073a
+# %% ../nbs/06_trainer.ipynb #8d14e6cc
 import contextlib
 import json
 import math
@@ -38,7 +38,7 @@ import torch.nn as nn
 from .config import (RunConfig, UserError, atomic_write_text, config_hash, derive_seed,
                                     init_run_folder, seed_everything, write_provenance)
 
-# %% ../nbs/06_trainer.ipynb #9d793da2
+# %% ../nbs/06_trainer.ipynb #a8622951
 @dataclass
 class DistInfo:
     "Where this process stands: rank, world size, local rank, device and backend."
@@ -76,7 +76,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto")
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    dev = torch.device(f"cuda:{local % torch.cuda.device_count()}") if use_cuda else torch.device("cpu")  # 1 GPU per task too
     if use_cuda: torch.cuda.set_device(dev)
     backend = ("nccl" if use_cuda else "gloo") if world > 1 else None
     owns = False
@@ -89,7 +89,7 @@ def cleanup_distributed(info: DistInfo) -> None:
     "Destroy the process group if this process created it."
     if info.owns_group and dist.is_initialized(): dist.destroy_process_group()
 
-# %% ../nbs/06_trainer.ipynb #70f4800e
+# %% ../nbs/06_trainer.ipynb #5debd7b3
 def steps_for(epochs: float, num_samples: int, global_batch: int) -> int:
     "Optimizer steps for `epochs` passes over `num_samples` at `global_batch` (0.1 epoch of MAE is `steps_for(0.1, ...)`)."
     return max(1, math.ceil(epochs * num_samples / global_batch))
@@ -121,7 +121,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     "Set every group's rate to `lr` times its `lr_scale`."
     for g in optimizer.param_groups: g["lr"] = lr * g.get("lr_scale", 1.0)
 
-# %% ../nbs/06_trainer.ipynb #8364278d
+# %% ../nbs/06_trainer.ipynb #e83cb51d
 class Objective(nn.Module):
     "What a stage learns: `forward(batch) -> (loss, logs)`, with the model as `self.model`."
     def __init__(self, model: nn.Module):
@@ -162,7 +162,7 @@ def splitmask_objective(cfg: RunConfig) -> Objective:
 OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {"mae": mae_objective, "splitmask": splitmask_objective}
 STAGE_TRANSFORMS: dict[str, str] = {"mae": "mae", "splitmask": "mae"}
 
-# %% ../nbs/06_trainer.ipynb #845741c5
+# %% ../nbs/06_trainer.ipynb #49aaff1a
 class SyntheticImages:
     "Deterministic random images (and MAE noise) indexed by global sample number; `batches(start)` resumes."
     def __init__(self, batch_size: int, img_size: int, num_patches: int, seed: int = 0, rank: int = 0,
@@ -185,7 +185,7 @@ class SyntheticImages:
             yield {"image": torch.stack(images), "noise": torch.stack(noise), "skipped": torch.zeros(self.batch_size, dtype=torch.long)}
             step += 1
 
-# %% ../nbs/06_trainer.ipynb #83cc52dd
+# %% ../nbs/06_trainer.ipynb #736f2137
 CKPT = re.compile(r"^step_(\d{8})(\.pt)?$")
 
 def checkpoint_path(folder: Path, step: int, sharded: bool = False) -> Path:
@@ -221,7 +221,7 @@ def save_file_atomic(obj: Any, path: Path) -> Path:
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/06_trainer.ipynb #38b81a09
+# %% ../nbs/06_trainer.ipynb #423ce0c0
 EXIT_PREEMPTED = 3
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -257,7 +257,7 @@ def request_requeue() -> None:
     try: subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e: warnings.warn(f"could not requeue SLURM job {job}: {e}")
 
-# %% ../nbs/06_trainer.ipynb #85377d07
+# %% ../nbs/06_trainer.ipynb #d1f2c5d7
 class Trainer:
     "The one training loop: objective in, checkpoints, metrics and a trained model out."
     def __init__(self, cfg: RunConfig, objective: Objective, data, out_dir: str | os.PathLike,
@@ -270,6 +270,9 @@ class Trainer:
         self.peak_lr = cfg.optim.scaled_lr(self.global_batch)
         self.warmup = round(cfg.optim.warmup_fraction * t.steps)
         self.sharded = t.strategy == "fsdp" and self.info.distributed
+        if self.sharded and t.precision == "fp16":
+            raise UserError("train.precision=fp16 is not supported with train.strategy=fsdp (its loss scaling would need "
+                            "a sharded grad scaler); use train.precision=bf16")
         self.objective = objective.to(self.info.device)
         if t.activation_checkpointing and hasattr(objective.model, "set_grad_checkpointing"):
             objective.model.set_grad_checkpointing(True)
@@ -298,8 +301,8 @@ class Trainer:
             fully_shard(objective, mesh=mesh, mp_policy=mp)
         elif self.info.distributed:
             ids = [self.info.device.index] if self.info.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-        if self.cfg.train.compile: model = torch.compile(model)
+            model = self.ddp = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+        if self.cfg.train.compile: model = torch.compile(model)   # DDP's no_sync stays reachable as self.ddp
         return model
 
     # -- state ----------------------------------------------------------------------------------------------
@@ -315,7 +318,7 @@ class Trainer:
         extra = {"step": step, "schedule": {"total": self.cfg.train.steps, "warmup": self.warmup, "peak_lr": self.peak_lr,
                                             "min_lr": self.cfg.optim.min_lr},
                  "data": {"batches": step * self.cfg.train.accum_steps, **counters}, "rng": rngs,
-                 "scaler": self.scaler.state_dict(), "config_hash": config_hash(self.cfg)}
+                 "scaler": self.scaler.state_dict(), "config_hash": config_hash(self.cfg), "world_size": self.info.world_size}
         path = checkpoint_path(self.ckpt_dir, step, self.sharded)
         if self.sharded:
             import torch.distributed.checkpoint as dcp
@@ -327,6 +330,7 @@ class Trainer:
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
             if self.info.is_main:
                 torch.save(extra, tmp / "trainer_state.pt")
+                if path.exists(): shutil.rmtree(path)   # a damaged checkpoint of this step, skipped at resume
                 os.replace(tmp, path)
             dist.barrier()
         else:
@@ -356,12 +360,12 @@ class Trainer:
         if extra["config_hash"] != config_hash(self.cfg):
             raise UserError(f"{path} was written by another config (hash {extra['config_hash']}, this run "
                             f"{config_hash(self.cfg)}); use a new output folder")
+        if extra.get("world_size", self.info.world_size) != self.info.world_size:
+            raise UserError(f"{path} was written by {extra['world_size']} processes, this run has {self.info.world_size}: "
+                            "the global batch, learning rate and data split would change mid-run. Resume with "
+                            f"{extra['world_size']} processes, or start a new run folder")
         self.scaler.load_state_dict(extra["scaler"])
-        rngs = extra["rng"]
-        if len(rngs) != self.info.world_size:
-            warnings.warn(f"{path} was written by {len(rngs)} processes, this run has {self.info.world_size}: "
-                          "training continues, but not bit-for-bit as the original run would have")
-        set_rng_state(rngs[self.info.rank % len(rngs)])
+        set_rng_state(extra["rng"][self.info.rank])
         return extra
 
     def resume(self) -> dict | None:
@@ -389,7 +393,7 @@ class Trainer:
         "Drop metric lines past `step` (written after the checkpoint we resume from)."
         path = self.out / "metrics.jsonl"
         if self.info.is_main and path.exists():
-            lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+            lines = [l for l in path.read_text().splitlines() if (record := _json_or_none(l)) and record.get("step", 0) <= step]
             atomic_write_text(path, "".join(l + "\n" for l in lines))
 
     def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
@@ -400,7 +404,7 @@ class Trainer:
         return {k: v.to(self.info.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _sync_context(self, last_micro: bool):
-        if isinstance(self.model, nn.parallel.DistributedDataParallel) and not last_micro: return self.model.no_sync()
+        if getattr(self, "ddp", None) is not None and not last_micro: return self.ddp.no_sync()
         if self.sharded: self.objective.set_requires_gradient_sync(last_micro)
         return contextlib.nullcontext()
 
@@ -417,12 +421,16 @@ class Trainer:
             total += loss.detach().float() / t.accum_steps
             for k, v in parts.items(): logs[k] = logs.get(k, 0) + v.detach().float() / t.accum_steps
         set_lr(self.optimizer, lr_at(step, t.steps, self.warmup, self.peak_lr, self.cfg.optim.min_lr))
-        if self.cfg.optim.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.optim.clip_grad)
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), clip)   # also the norm we log
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        logs["grad_norm"] = norm.detach().float()
+        # finite loss, and (unless fp16's scaler skips such steps itself) finite gradients: the update was sound
+        logs["finite"] = torch.isfinite(total).float() * (1.0 if self.scaler.is_enabled() else torch.isfinite(norm).float())
         return total, logs
 
     def fit(self) -> dict:
@@ -433,6 +441,7 @@ class Trainer:
         data_offset = state["data"] if state else {"seen": 0, "skipped": 0}
         if state: self._truncate_metrics(start)
         if start >= t.steps:
+            if not (self.out / "model.pt").exists(): self.export_model()   # stopped between the last checkpoint and export
             self._status("complete", start)
             return {"step": start, "state": "complete"}
         self._status("running", start)
@@ -450,12 +459,12 @@ class Trainer:
                 at_log, at_ckpt = step % t.log_every == 0 or step == t.steps, step % t.checkpoint_every == 0 or step == t.steps
                 if not (at_log or at_ckpt): continue
                 stacked = torch.stack(losses)
-                finite = self._all_reduce(torch.isfinite(stacked).all().float().reshape(1), dist.ReduceOp.MIN)
-                if finite.item() < 1:
-                    bad = step - len(losses) + 1 + int((~torch.isfinite(stacked)).nonzero()[0]) if not torch.isfinite(stacked).all() else step
-                    message = (f"the loss is {stacked[bad - (step - len(losses) + 1)].item()} at step {bad}; the last good "
-                               f"checkpoint is kept in {self.ckpt_dir}. Lower optim.base_lr, set optim.clip_grad, or use "
-                               "train.precision=fp32")
+                finite = self._all_reduce(torch.stack([p.pop("finite") for p in parts]), dist.ReduceOp.MIN)  # per step, all ranks
+                if finite.min().item() < 1:
+                    bad = step - len(losses) + 1 + int((finite < 1).nonzero()[0])
+                    message = (f"the loss or the gradients became NaN or infinite at step {bad} (loss on this rank: "
+                               f"{stacked[bad - (step - len(losses) + 1)].item()}); the last good checkpoint is kept in "
+                               f"{self.ckpt_dir}. Lower optim.base_lr, set optim.clip_grad, or use train.precision=fp32")
                     self._status("diverged", bad, message)
                     bar.close()
                     raise TrainingDiverged(message)
@@ -472,6 +481,7 @@ class Trainer:
                 if at_log: self._metrics(last); bar.set_postfix(loss=f"{loss:.4f}")
                 losses, parts, tic = [], [], time.perf_counter()
                 stop = self._all_reduce(torch.tensor([float(bool(signals))], device=self.info.device), dist.ReduceOp.MAX).item() > 0
+                stop = stop and step < t.steps        # a signal during the last interval: finish the run instead
                 if at_ckpt or stop: self.save(step, counters)
                 if stop:
                     bar.close()
@@ -499,12 +509,17 @@ class Trainer:
         if self.info.distributed: dist.barrier()
         return path
 
+def _json_or_none(line: str) -> dict | None:
+    "A metrics line as a dict, or None for a blank or half-written one (a process killed mid-append)."
+    try: return json.loads(line) if line.strip() else None
+    except ValueError: return None
+
 def memory_mb(device: torch.device) -> float:
     "Peak memory of this process: CUDA allocations on a GPU, resident set size on the CPU."
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-# %% ../nbs/06_trainer.ipynb #84261d83
+# %% ../nbs/06_trainer.ipynb #4eb74012
 MODEL_INIT_STREAM = 2 ** 31 - 1   # the seed stream of the initial weights: one for all ranks (FSDP shards must agree)
 
 def build_data(stage: str, cfg: RunConfig, info: DistInfo):

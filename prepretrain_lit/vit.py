@@ -9,7 +9,7 @@ __all__ = ['LayerNorm6', 'VIT_SIZES', 'vit_tiny_patch16', 'vit_small_patch16', '
            'CheckpointMismatchError', 'load_state_dict_file', 'check_state_dict', 'trunk_state_dict', 'load_trunk',
            'save_trunk']
 
-# %% ../nbs/02_vit.ipynb #ef4551f5
+# %% ../nbs/02_vit.ipynb #4aeac87f
 import argparse
 from functools import partial
 from pathlib import Path
@@ -23,7 +23,7 @@ from timm.models.vision_transformer import Block, PatchEmbed
 
 from .config import ModelConfig, UserError
 
-# %% ../nbs/02_vit.ipynb #fa921a5a
+# %% ../nbs/02_vit.ipynb #55676f31
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
     "Sin-cos encoding of `positions` (M,) into (M, embed_dim): sines then cosines."
     if embed_dim % 2: raise ValueError(f"sin-cos embedding needs an even width, got {embed_dim}")
@@ -41,7 +41,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = False)
     if cls_token: emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
 
-# %% ../nbs/02_vit.ipynb #159e00cb
+# %% ../nbs/02_vit.ipynb #74b7101c
 def init_linear_and_norm(m: nn.Module) -> None:
     "MAE's per-module init: Xavier-uniform linears with zero bias; LayerNorm weight 1, bias 0."
     if isinstance(m, nn.Linear):
@@ -56,7 +56,7 @@ def init_patch_embed(proj: nn.Conv2d) -> None:
     nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
     if proj.bias is not None: nn.init.zeros_(proj.bias)
 
-# %% ../nbs/02_vit.ipynb #f224ddae
+# %% ../nbs/02_vit.ipynb #35c49050
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)  # MAE, MAWS and timm's ViT all use eps=1e-6
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
@@ -127,7 +127,7 @@ class ViT(nn.Module):
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-# %% ../nbs/02_vit.ipynb #65addc84
+# %% ../nbs/02_vit.ipynb #5523f4fa
 VIT_SIZES: dict[str, dict] = {
     "tiny":  dict(embed_dim=192, depth=12, num_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6),
@@ -157,7 +157,7 @@ def vit_from_config(m: ModelConfig) -> ViT:
     return ViT(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, embed_dim=m.embed_dim,
                depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate)
 
-# %% ../nbs/02_vit.ipynb #a0076cd8
+# %% ../nbs/02_vit.ipynb #a9f5e20c
 class CheckpointMismatchError(UserError, ValueError):
     "A state dict that does not fit a model; the message lists missing, unexpected and mis-shaped keys."
 
@@ -198,7 +198,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], i
         parts.append("  Check the architecture (size, patch, image size) matches the checkpoint's.")
         raise CheckpointMismatchError("\n".join(parts))
 
-# %% ../nbs/02_vit.ipynb #fdfecd94
+# %% ../nbs/02_vit.ipynb #516364c9
 DECODER_PREFIXES = ("decoder_", "mask_token", "projector.", "centroids")   # pretraining-only: MAE's and SplitMask's
 HEAD_PREFIXES = ("head.", "fc_norm.")
 

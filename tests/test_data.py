@@ -322,3 +322,15 @@ def test_cli_build_bad_source_is_a_clear_error(tmp_path):
 def test_a_builtin_name_that_was_not_built_says_how_to_build_it():
     with pytest.raises(UserError, match="prepretrain shards build .*shapes.yaml --out data/shapes"):
         make_loader(DataConfig(dataset="shapes"), None)
+
+
+def test_duplicate_label_names_are_refused(tmp_path):
+    with pytest.raises(ManifestError, match="'hashtags' repeats a: each name must appear once"):
+        parse_manifest({**BASE, "hashtags": ["a", "b", "a"]}, tmp_path / "m.yaml")
+
+
+def test_an_endless_stream_needs_a_shard_per_reader(tmp_path):
+    path = small_shapes(tmp_path, n=40, shard_size=20)                        # 2 shards
+    with pytest.raises(UserError, match="2 shard\\(s\\) cannot feed 2 rank\\(s\\) x 2 loader worker\\(s\\) = 4 readers"):
+        StreamLoader(ShardStream(path, rank=0, world_size=2, infinite=True), batch_size=4, num_workers=2)
+    StreamLoader(ShardStream(path, rank=0, world_size=2, infinite=True), batch_size=4, num_workers=1)   # 2 readers: fine

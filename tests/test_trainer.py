@@ -107,7 +107,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     base = mae_objective(cfg)
     objective = NaNAtThirdStep(base.model, cfg.mae.mask_ratio)
     trainer = Trainer(cfg, objective, SyntheticImages(cfg.data.batch_size, 32, 64), tmp_path, progress=False)
-    with pytest.raises(TrainingDiverged, match=r"the loss is nan at step 3; the last good checkpoint is kept"):
+    with pytest.raises(TrainingDiverged, match=r"became NaN or infinite at step 3 \(loss on this rank: nan\); the last good checkpoint is kept"):
         trainer.fit()
     assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [1, 2]
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "diverged"
@@ -259,3 +259,56 @@ def test_the_command_line_under_torchrun(tmp_path):
     provenance = json.loads((tmp_path / "provenance.json").read_text())
     assert provenance["config"]["train"]["steps"] == 2
     assert res.stdout.count("\"step\": 2") == 1          # only rank 0 prints the result
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_caught_before_its_checkpoint(tmp_path):
+    class NaNGradientAtStep2(MAEObjective):
+        calls = 0
+        def forward(self, batch):
+            loss, logs = super().forward(batch)
+            type(self).calls += 1
+            if type(self).calls == 2:     # finite value, NaN gradient: sqrt(x - x) has an infinite slope at 0
+                loss = loss + torch.sqrt((self.model.cls_token - self.model.cls_token.detach()).abs()).sum()
+                assert torch.isfinite(loss)
+            return loss, logs
+    cfg = tiny("train.steps=4", "train.checkpoint_every=2", "train.log_every=2")
+    objective = NaNGradientAtStep2(mae_objective(cfg).model, cfg.mae.mask_ratio)
+    trainer = Trainer(cfg, objective, SyntheticImages(cfg.data.batch_size, 32, 64), tmp_path, progress=False)
+    with pytest.raises(TrainingDiverged, match="at step 2"):
+        trainer.fit()
+    assert complete_checkpoints(tmp_path / "checkpoints") == []       # the step-2 weights were never saved
+
+
+def test_grad_norm_is_logged(tmp_path):
+    last = train("mae", tiny("train.steps=2"), tmp_path, progress=False)
+    assert last["grad_norm"] > 0 and "finite" not in last
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
+    cfg = tiny("train.steps=2", "train.checkpoint_every=2")
+    train("mae", cfg, tmp_path, progress=False)
+    state = torch.load(tmp_path / "checkpoints" / "step_00000002.pt", weights_only=True)
+    state["world_size"] = 4
+    torch.save(state, tmp_path / "checkpoints" / "step_00000002.pt")
+    trainer = Trainer(cfg, mae_objective(cfg), SyntheticImages(cfg.data.batch_size, 32, 64), tmp_path, progress=False)
+    with pytest.raises(UserError, match="written by 4 processes, this run has 1"):
+        trainer.resume()
+
+
+def test_a_finished_run_without_its_model_exports_it_on_rerun(tmp_path):
+    cfg = tiny("train.steps=2", "train.checkpoint_every=2")
+    train("mae", cfg, tmp_path, progress=False)
+    exported = weights(tmp_path)
+    (tmp_path / "model.pt").unlink()                     # stopped between the last checkpoint and the export
+    assert train("mae", cfg, tmp_path, progress=False)["state"] == "complete"
+    for name, value in weights(tmp_path).items(): assert torch.equal(value, exported[name])
+
+
+def test_a_half_written_metrics_line_does_not_break_resume(tmp_path):
+    cfg = tiny("train.steps=4", "train.checkpoint_every=2")
+    train("mae", cfg, tmp_path, progress=False)
+    (tmp_path / "checkpoints" / "step_00000004.pt").unlink()
+    (tmp_path / "model.pt").unlink()
+    with open(tmp_path / "metrics.jsonl", "a") as f: f.write('{"step": 5, "lo')
+    train("mae", cfg, tmp_path, progress=False)
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
