@@ -312,3 +312,19 @@ def test_a_half_written_metrics_line_does_not_break_resume(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f: f.write('{"step": 5, "lo')
     train("mae", cfg, tmp_path, progress=False)
     assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_fsdp_resumes_exactly_from_its_sharded_checkpoint(tmp_path):
+    import shutil
+    cfg = tiny("data.batch_size=8", "train.strategy=fsdp", "train.steps=4", "train.checkpoint_every=2",
+               "train.keep_checkpoints=5", "train.precision=fp32")
+    launch(train_worker, "mae", cfg, str(tmp_path), nprocs=2)
+    whole, curve = weights(tmp_path), losses(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000004")         # as if the run had died after step 2's checkpoint
+    (tmp_path / "model.pt").unlink()
+    launch(train_worker, "mae", cfg, str(tmp_path), nprocs=2)         # resumes through torch.distributed.checkpoint
+    assert losses(tmp_path) == pytest.approx(curve, rel=1e-6)
+    for name, value in weights(tmp_path).items():
+        torch.testing.assert_close(value, whole[name], rtol=1e-6, atol=1e-7, msg=name)
