@@ -11,7 +11,7 @@ __all__ = ['FORMATS', 'SHAPES', 'COLORS', 'TEXTURES', 'BACKGROUNDS', 'BACKGROUND
            'TarError', 'tar_members', 'count_samples', 'verify_manifest', 'shipped_manifest', 'recipe_source',
            'build_from_recipe']
 
-# %% ../nbs/01_data.ipynb #c10f7ab5
+# %% ../nbs/01_data.ipynb #d5571f4d
 import csv
 import dataclasses
 import hashlib
@@ -32,7 +32,7 @@ from PIL import Image
 
 from .config import UserError, atomic_write_text
 
-# %% ../nbs/01_data.ipynb #1102fbf5
+# %% ../nbs/01_data.ipynb #417119b1
 FORMATS = ("webdataset", "recipe")
 
 class ManifestError(UserError, ValueError):
@@ -82,7 +82,7 @@ def _resolve(location: str, base: Path) -> str:
     if re.match(r"^[a-z][a-z0-9+.-]*:", location): return location   # pipe:, http:, s3:, file: ...
     return str((base / location)) if not os.path.isabs(location) else location
 
-# %% ../nbs/01_data.ipynb #8bb4c29a
+# %% ../nbs/01_data.ipynb #af0f6ffd
 _REQUIRED = {"name": str, "format": str, "num_samples": int}
 _OPTIONAL = {"shards": (str, list), "shard_samples": list, "sha256": list, "image_field": str, "label_field": (str, type(None)),
              "caption_field": (str, type(None)), "classes": list, "num_classes": int, "hashtags": list, "num_hashtags": int,
@@ -152,7 +152,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     except yaml.YAMLError as e: raise ManifestError(f"{path}: not valid YAML: {e}") from None
     return parse_manifest(data, path)
 
-# %% ../nbs/01_data.ipynb #a7e638ce
+# %% ../nbs/01_data.ipynb #6e035d87
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     "SHA-256 hex digest of a file, read in chunks."
     h = hashlib.sha256()
@@ -186,7 +186,7 @@ def write_manifest(path: str | os.PathLike, fields: dict) -> Path:
     parse_manifest(fields, path)
     return atomic_write_text(path, yaml.safe_dump(fields, sort_keys=False, width=120))
 
-# %% ../nbs/01_data.ipynb #b4316c95
+# %% ../nbs/01_data.ipynb #333bf343
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 225), "yellow": (240, 205, 40),
           "purple": (145, 60, 195), "orange": (245, 135, 30), "cyan": (40, 205, 215), "white": (245, 245, 245)}
@@ -263,7 +263,7 @@ def render_shapes(seed: int, index: int, size: int = 64) -> tuple[np.ndarray, di
             "caption": f"{scene} on a {bg_style} {bg_name} background"}
     return img, meta
 
-# %% ../nbs/01_data.ipynb #a8aeaf99
+# %% ../nbs/01_data.ipynb #fe11fe80
 DIGIT_CLASSES = [str(d) for d in range(10)]
 
 def digits_split(split: str) -> np.ndarray:
@@ -277,7 +277,6 @@ def digits_split(split: str) -> np.ndarray:
 
 def render_digit(index: int, size: int = 32) -> tuple[np.ndarray, dict]:
     "sklearn digit `index` as uint8 (size, size, 3), with its label and a caption."
-    from sklearn.datasets import load_digits
     digits = _digits_cached()
     small = Image.fromarray((digits.images[index] * (255 / 16)).astype(np.uint8))
     img = np.asarray(small.resize((size, size), Image.BICUBIC).convert("RGB"))
@@ -289,7 +288,7 @@ def _digits_cached():
     from sklearn.datasets import load_digits
     return load_digits()
 
-# %% ../nbs/01_data.ipynb #102f6913
+# %% ../nbs/01_data.ipynb #a56d2c89
 def encode_image(image: np.ndarray | Image.Image, fmt: str = "jpg", quality: int = 95, max_side: int | None = None) -> bytes:
     "Encode an RGB image as JPEG or PNG bytes, optionally shrunk so its longer side is at most `max_side`."
     img = image if isinstance(image, Image.Image) else Image.fromarray(image)
@@ -359,7 +358,7 @@ def table_source(path: str | os.PathLike) -> Source:
     tags = sorted({t for r in rows for t in (r.get("hashtags") or [])}) or None
     return Source(path.stem, len(rows), partial(_file_sample, rows, classes or []), classes, tags)
 
-# %% ../nbs/01_data.ipynb #6e016ac7
+# %% ../nbs/01_data.ipynb #5b0b1f7c
 def _build_one_shard(source: Source, lo: int, hi: int, path: str, fmt: str, quality: int, max_side: int | None):
     def samples():
         for i in range(lo, hi):
@@ -400,7 +399,7 @@ def build_shards(source: Source, out_dir: str | os.PathLike, shard_size: int = 1
     if subsets: fields["subsets"] = nested_subsets(keys, subsets)
     return write_manifest(out / f"{source.name}.yaml", fields)
 
-# %% ../nbs/01_data.ipynb #b51252c4
+# %% ../nbs/01_data.ipynb #48074dfd
 def subset_score(key: str, salt: str = "subset") -> float:
     "A uniform score in [0, 1) from a hash of the sample key: the order in which samples join subsets."
     return int.from_bytes(hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest(), "big") / 2 ** 64
@@ -423,7 +422,7 @@ def in_subset(key: str, manifest: Manifest, subset: str | None) -> bool:
     threshold = spec.get("threshold", spec["size"] / manifest.num_samples)  # templates: expected size only
     return subset_score(key) < threshold
 
-# %% ../nbs/01_data.ipynb #09c9f63d
+# %% ../nbs/01_data.ipynb #02c1f795
 KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")   # webdataset's rule: key = path up to the first dot of the name
 
 class TarError(Exception):
@@ -460,7 +459,7 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
         long_name = None
         if kind in (b"0", b"\0", b"7"): yield name, data
 
-# %% ../nbs/01_data.ipynb #1159de12
+# %% ../nbs/01_data.ipynb #0e3bd88d
 def count_samples(path: str | os.PathLike) -> int:
     "Distinct sample keys in a tar shard (raises `TarError` on a damaged tar)."
     keys = set()
@@ -487,7 +486,7 @@ def verify_manifest(manifest: Manifest, progress: bool = False) -> list[str]:
             problems.append(f"{shard}: {n} samples, the manifest says {manifest.shard_samples[i]}")
     return problems
 
-# %% ../nbs/01_data.ipynb #23be7bf3
+# %% ../nbs/01_data.ipynb #c2ce85ed
 TEMPLATE_MARK = "CHANGE-ME"   # in a template's shard locations: where a cluster user's shards go
 
 def shipped_manifest(name: str) -> Path:

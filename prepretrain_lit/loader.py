@@ -8,7 +8,7 @@ __all__ = ['IMAGE_EXTS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TRANSFORMS', 'shard_a
            'mae_transform', 'eval_transform', 'finetune_transform', 'collate_samples', 'StreamLoader',
            'resolve_manifest', 'make_loader']
 
-# %% ../nbs/01b_loader.ipynb #5ab41b5f
+# %% ../nbs/01b_loader.ipynb #36c445b5
 import hashlib
 import io
 import json
@@ -16,7 +16,7 @@ import math
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from .config import DataConfig, UserError, derive_seed
 from .data import (KEY_EXT, TEMPLATE_MARK, Manifest, in_subset, load_manifest, shipped_manifest,
                                   tar_members, verify_manifest)
 
-# %% ../nbs/01b_loader.ipynb #e1f8d13a
+# %% ../nbs/01b_loader.ipynb #67cc98db
 def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
                      worker: int = 0, num_workers: int = 1) -> list[int]:
     "Indices of the shards that `worker` of `rank` reads in `epoch`: a seeded permutation, dealt round-robin."
@@ -36,7 +36,7 @@ def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, worl
     readers = world_size * max(num_workers, 1)
     return order[rank * max(num_workers, 1) + worker::readers].tolist()
 
-# %% ../nbs/01b_loader.ipynb #7539a643
+# %% ../nbs/01b_loader.ipynb #286a398a
 def tar_samples(location: str) -> Iterator[dict]:
     "Samples (dicts of raw bytes per extension, `__key__`, `__url__`) of the shard at `location`."
     stream = gopen(location)
@@ -54,7 +54,7 @@ def tar_samples(location: str) -> Iterator[dict]:
     finally:
         stream.close()
 
-# %% ../nbs/01b_loader.ipynb #a8986b02
+# %% ../nbs/01b_loader.ipynb #b308c268
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 class BadSample(Exception):
@@ -93,7 +93,7 @@ def decode_sample(sample: dict, manifest: Manifest) -> dict:
     return {"image": image, "label": -1 if label is None else label, "hashtags": meta.get("hashtags", []),
             "caption": _field(sample, meta, manifest.caption_field) or "", "key": sample["__key__"]}
 
-# %% ../nbs/01b_loader.ipynb #6901371c
+# %% ../nbs/01b_loader.ipynb #efb2feca
 class ShardStream(torch.utils.data.IterableDataset):
     """Samples of `manifest` for this rank and loader worker: split, read, filter, decode, shuffle, transform.
     Each item: image (transformed), label (int, -1 if none), hashtags (multi-hot over the vocabulary),
@@ -252,7 +252,7 @@ def check_skip_fraction(seen: int, skipped: int, limit: float, min_samples: int,
                                f"limit {limit:.1%}). Run `prepretrain shards verify` on the manifest, rebuild the damaged "
                                "shards, or raise data.max_skip_fraction if this data is known to be noisy.")
 
-# %% ../nbs/01b_loader.ipynb #3ce7b98d
+# %% ../nbs/01b_loader.ipynb #0387a2c9
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -275,7 +275,7 @@ def finetune_transform(img_size: int, auto_augment: str = "rand-m9-mstd0.5-inc1"
 
 TRANSFORMS = {"mae": mae_transform, "eval": eval_transform, "finetune": finetune_transform}
 
-# %% ../nbs/01b_loader.ipynb #7c0da045
+# %% ../nbs/01b_loader.ipynb #b3b6e0e2
 def collate_samples(items: list[dict]) -> dict:
     "Batch stream items: tensors stacked, labels and skip counts as tensors, images left as a list when not tensors."
     batch = {}

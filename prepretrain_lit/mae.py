@@ -8,8 +8,7 @@ __all__ = ['mae_vit_tiny_patch16', 'mae_vit_small_patch16', 'mae_vit_base_patch1
            'random_masking', 'MaskedAutoencoderViT', 'mae_from_config', 'load_mae_checkpoint', 'reconstruct',
            'show_reconstructions']
 
-# %% ../nbs/03_mae.ipynb #0aa94ff4
-from functools import partial
+# %% ../nbs/03_mae.ipynb #028d5e3d
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -21,7 +20,7 @@ from .config import MAEConfig, ModelConfig
 from .vit import (VIT_SIZES, LayerNorm6, ViT, check_state_dict, init_linear_and_norm,
                                  load_state_dict_file, run_blocks, sincos_pos_embed_2d)
 
-# %% ../nbs/03_mae.ipynb #4afa3c7c
+# %% ../nbs/03_mae.ipynb #4aba3a3d
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     "imgs (N, C, H, W) -> patches (N, L, p*p*C), pixel order (row, column, channel) within a patch."
     N, C, H, W = imgs.shape
@@ -38,7 +37,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, in_chans: int = 3) -> torch.Ten
     x = x.reshape(N, h, h, p, p, in_chans)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(N, in_chans, h * p, h * p)      # n c h p w q
 
-# %% ../nbs/03_mae.ipynb #f986dded
+# %% ../nbs/03_mae.ipynb #2493fc3f
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep `int(L * (1 - mask_ratio))` tokens per sample, those with the smallest `noise`.
@@ -54,7 +53,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     mask = (ids_restore >= len_keep).float()                        # 1 = removed, in patch order
     return x_masked, mask, ids_restore
 
-# %% ../nbs/03_mae.ipynb #187a88c1
+# %% ../nbs/03_mae.ipynb #21760fcc
 class MaskedAutoencoderViT(ViT):
     "MAE: a `ViT` encoder on the visible patches and a light decoder predicting every patch's pixels."
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
@@ -131,7 +130,7 @@ class MaskedAutoencoderViT(ViT):
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
-# %% ../nbs/03_mae.ipynb #a7735a66
+# %% ../nbs/03_mae.ipynb #25110519
 def _mae_factory(size: str, patch_size: int):
     def factory(**kwargs) -> MaskedAutoencoderViT:
         args = dict(patch_size=patch_size, **VIT_SIZES[size], decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
@@ -156,7 +155,7 @@ def mae_from_config(m: ModelConfig, mae: MAEConfig | None = None) -> MaskedAutoe
                                 decoder_num_heads=m.decoder_num_heads, mlp_ratio=m.mlp_ratio,
                                 norm_pix_loss=mae.norm_pix_loss)
 
-# %% ../nbs/03_mae.ipynb #69cec00e
+# %% ../nbs/03_mae.ipynb #caf0620c
 def load_mae_checkpoint(model: MaskedAutoencoderViT, checkpoint: str | Path | Mapping[str, torch.Tensor]
                         ) -> MaskedAutoencoderViT:
     "Load an official-layout MAE checkpoint (path or state dict) into `model`, strictly; returns `model`."
@@ -166,7 +165,7 @@ def load_mae_checkpoint(model: MaskedAutoencoderViT, checkpoint: str | Path | Ma
     model.load_state_dict(sd, strict=True)
     return model
 
-# %% ../nbs/03_mae.ipynb #ead59df7
+# %% ../nbs/03_mae.ipynb #88bd4d20
 @torch.no_grad()
 def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float = 0.75,
                 noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

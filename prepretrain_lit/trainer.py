@@ -10,7 +10,7 @@ __all__ = ['OBJECTIVES', 'STAGE_TRANSFORMS', 'CKPT', 'EXIT_PREEMPTED', 'MODEL_IN
            'TrainingDiverged', 'Preempted', 'catch_signals', 'threading_is_main', 'request_requeue', 'Trainer',
            'memory_mb', 'build_data', 'train', 'train_worker', 'free_port', 'launch']
 
-# %% ../nbs/06_trainer.ipynb #8d14e6cc
+# %% ../nbs/06_trainer.ipynb #ab0bfd3f
 import contextlib
 import json
 import math
@@ -22,7 +22,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 import warnings
@@ -38,7 +37,7 @@ import torch.nn as nn
 from .config import (RunConfig, UserError, atomic_write_text, config_hash, derive_seed,
                                     init_run_folder, seed_everything, write_provenance)
 
-# %% ../nbs/06_trainer.ipynb #a8622951
+# %% ../nbs/06_trainer.ipynb #c9408664
 @dataclass
 class DistInfo:
     "Where this process stands: rank, world size, local rank, device and backend."
@@ -89,7 +88,7 @@ def cleanup_distributed(info: DistInfo) -> None:
     "Destroy the process group if this process created it."
     if info.owns_group and dist.is_initialized(): dist.destroy_process_group()
 
-# %% ../nbs/06_trainer.ipynb #5debd7b3
+# %% ../nbs/06_trainer.ipynb #721b0d59
 def steps_for(epochs: float, num_samples: int, global_batch: int) -> int:
     "Optimizer steps for `epochs` passes over `num_samples` at `global_batch` (0.1 epoch of MAE is `steps_for(0.1, ...)`)."
     return max(1, math.ceil(epochs * num_samples / global_batch))
@@ -121,7 +120,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     "Set every group's rate to `lr` times its `lr_scale`."
     for g in optimizer.param_groups: g["lr"] = lr * g.get("lr_scale", 1.0)
 
-# %% ../nbs/06_trainer.ipynb #e83cb51d
+# %% ../nbs/06_trainer.ipynb #1dc89aff
 class Objective(nn.Module):
     "What a stage learns: `forward(batch) -> (loss, logs)`, with the model as `self.model`."
     def __init__(self, model: nn.Module):
@@ -162,7 +161,7 @@ def splitmask_objective(cfg: RunConfig) -> Objective:
 OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {"mae": mae_objective, "splitmask": splitmask_objective}
 STAGE_TRANSFORMS: dict[str, str] = {"mae": "mae", "splitmask": "mae"}
 
-# %% ../nbs/06_trainer.ipynb #49aaff1a
+# %% ../nbs/06_trainer.ipynb #c6b9996d
 class SyntheticImages:
     "Deterministic random images (and MAE noise) indexed by global sample number; `batches(start)` resumes."
     def __init__(self, batch_size: int, img_size: int, num_patches: int, seed: int = 0, rank: int = 0,
@@ -185,7 +184,7 @@ class SyntheticImages:
             yield {"image": torch.stack(images), "noise": torch.stack(noise), "skipped": torch.zeros(self.batch_size, dtype=torch.long)}
             step += 1
 
-# %% ../nbs/06_trainer.ipynb #736f2137
+# %% ../nbs/06_trainer.ipynb #fb3d814a
 CKPT = re.compile(r"^step_(\d{8})(\.pt)?$")
 
 def checkpoint_path(folder: Path, step: int, sharded: bool = False) -> Path:
@@ -221,7 +220,7 @@ def save_file_atomic(obj: Any, path: Path) -> Path:
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/06_trainer.ipynb #423ce0c0
+# %% ../nbs/06_trainer.ipynb #38e3b49a
 EXIT_PREEMPTED = 3
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -257,7 +256,7 @@ def request_requeue() -> None:
     try: subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e: warnings.warn(f"could not requeue SLURM job {job}: {e}")
 
-# %% ../nbs/06_trainer.ipynb #d1f2c5d7
+# %% ../nbs/06_trainer.ipynb #559b01b2
 class Trainer:
     "The one training loop: objective in, checkpoints, metrics and a trained model out."
     def __init__(self, cfg: RunConfig, objective: Objective, data, out_dir: str | os.PathLike,
@@ -519,7 +518,7 @@ def memory_mb(device: torch.device) -> float:
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-# %% ../nbs/06_trainer.ipynb #4eb74012
+# %% ../nbs/06_trainer.ipynb #903fb8f4
 MODEL_INIT_STREAM = 2 ** 31 - 1   # the seed stream of the initial weights: one for all ranks (FSDP shards must agree)
 
 def build_data(stage: str, cfg: RunConfig, info: DistInfo):

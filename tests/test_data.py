@@ -1,6 +1,5 @@
 """Data: manifests, shards round trip, bad samples survived and counted, splits, subsets, determinism, CLI."""
 import io
-import json
 import subprocess
 import sys
 import warnings
@@ -13,8 +12,8 @@ import yaml
 from PIL import Image
 
 from prepretrain_lit.config import DataConfig, UserError
-from prepretrain_lit.data import (SHAPES, SHAPES_HASHTAGS, ManifestError, Source, build_from_recipe, build_shards,
-                                  digits_source, imagefolder_source, load_manifest, parse_manifest, render_shapes,
+from prepretrain_lit.data import (SHAPES, SHAPES_HASHTAGS, ManifestError, build_from_recipe, build_shards,
+                                  imagefolder_source, load_manifest, parse_manifest, render_shapes,
                                   shapes_source, table_source, verify_manifest, write_shard)
 from prepretrain_lit.loader import (DataQualityError, ShardStream, StreamLoader, eval_transform, finetune_transform,
                                     make_loader, mae_transform)

@@ -1,6 +1,5 @@
 """SplitMask: the split, each direction's loss, InfoNCE, global negatives under DDP, token targets, learning."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 after SIGKILL, half-written checkpoints, SIGTERM, NaN, the command line."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
