@@ -29,7 +29,7 @@ def test_unknown_key_names_key_and_lists_valid_ones():
 
 
 def test_unknown_top_level_key_lists_sections():
-    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*valid keys: seed, preset, model, mae, splitmask, data, optim, train"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*valid keys: seed, preset, stage, model, mae, splitmask, init, head, lit, data, eval, probe, optim, train"):
         load_config(overrides=["modle.depth=2"])
 
 
@@ -265,3 +265,24 @@ def test_mask_ratio_must_hide_some_and_keep_some():
         with pytest.raises(ConfigError, match="mae.mask_ratio"):
             load_config(overrides=[f"mae.mask_ratio={bad}"])
     assert load_config(overrides=["mae.mask_ratio=0.9"]).mae.mask_ratio == 0.9
+
+
+# -- stage recipes ---------------------------------------------------------------------------------------
+
+def test_stage_recipe_sits_between_preset_and_overrides():
+    cfg = load_config(preset="tiny", stage="finetune", overrides=["head.mixup=0.2"])
+    assert cfg.stage == "finetune" and cfg.model.embed_dim == 64          # preset sizes the model
+    assert (cfg.optim.layer_decay, cfg.optim.base_lr, cfg.head.cutmix) == (0.65, 5e-4, 1.0)   # the recipe
+    assert cfg.head.mixup == 0.2                                           # the override wins
+
+
+def test_stage_recipe_survives_a_save_and_reload(tmp_path):
+    cfg = load_config(preset="tiny", stage="linear_probe", overrides=["optim.base_lr=0.5"])
+    from prepretrain_lit.config import save_config
+    back = load_config(save_config(cfg, tmp_path / "config.yaml"))
+    assert back == cfg and back.optim.name == "lars" and back.optim.base_lr == 0.5
+
+
+def test_unknown_stage_lists_the_stages():
+    with pytest.raises(ConfigError, match=r"unknown stage 'wps' \(did you mean 'wsp'\?\); valid stages: mae, splitmask, wsp"):
+        load_config(stage="wps")
