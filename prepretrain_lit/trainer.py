@@ -10,7 +10,7 @@ __all__ = ['OBJECTIVES', 'STAGE_TRANSFORMS', 'DATA_BUILDERS', 'CKPT', 'EXIT_PREE
            'save_file_atomic', 'TrainingDiverged', 'Preempted', 'catch_signals', 'threading_is_main', 'request_requeue',
            'Trainer', 'memory_mb', 'build_data', 'train', 'train_worker', 'free_port', 'launch']
 
-# %% ../nbs/06_trainer.ipynb #a9ac4b43
+# %% ../nbs/06_trainer.ipynb #db1bde68
 import contextlib
 import json
 import math
@@ -37,7 +37,7 @@ import torch.nn as nn
 from .config import (RunConfig, UserError, atomic_write_text, config_hash, derive_seed,
                                     init_run_folder, seed_everything, write_provenance)
 
-# %% ../nbs/06_trainer.ipynb #c39884ff
+# %% ../nbs/06_trainer.ipynb #0490d47f
 @dataclass
 class DistInfo:
     "Where this process stands: rank, world size, local rank, device and backend."
@@ -88,7 +88,7 @@ def cleanup_distributed(info: DistInfo) -> None:
     "Destroy the process group if this process created it."
     if info.owns_group and dist.is_initialized(): dist.destroy_process_group()
 
-# %% ../nbs/06_trainer.ipynb #ffb8e45d
+# %% ../nbs/06_trainer.ipynb #3ff46469
 def steps_for(epochs: float, num_samples: int, global_batch: int) -> int:
     "Optimizer steps for `epochs` passes over `num_samples` at `global_batch` (0.1 epoch of MAE is `steps_for(0.1, ...)`)."
     return max(1, math.ceil(epochs * num_samples / global_batch))
@@ -127,7 +127,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     "Set every group's rate to `lr` times its `lr_scale`."
     for g in optimizer.param_groups: g["lr"] = lr * g.get("lr_scale", 1.0)
 
-# %% ../nbs/06_trainer.ipynb #90dd1085
+# %% ../nbs/06_trainer.ipynb #c1d897b4
 class Objective(nn.Module):
     "What a stage learns: `forward(batch) -> (loss, logs)`, with the model as `self.model`."
     def __init__(self, model: nn.Module):
@@ -189,7 +189,7 @@ STAGE_TRANSFORMS: dict[str, str] = {"mae": "mae", "splitmask": "mae", "wsp": "ma
 # Stages whose data are not images from the manifest (the linear probe trains on cached trunk features).
 DATA_BUILDERS: dict[str, Callable] = {"linear_probe": from_module("prepretrain_lit.transfer", "probe_data")}
 
-# %% ../nbs/06_trainer.ipynb #79d899b9
+# %% ../nbs/06_trainer.ipynb #08831206
 class SyntheticImages:
     "Deterministic random images (and MAE noise) indexed by global sample number; `batches(start)` resumes."
     def __init__(self, batch_size: int, img_size: int, num_patches: int, seed: int = 0, rank: int = 0,
@@ -212,7 +212,7 @@ class SyntheticImages:
             yield {"image": torch.stack(images), "noise": torch.stack(noise), "skipped": torch.zeros(self.batch_size, dtype=torch.long)}
             step += 1
 
-# %% ../nbs/06_trainer.ipynb #cde62da2
+# %% ../nbs/06_trainer.ipynb #91aede49
 CKPT = re.compile(r"^step_(\d{8})(\.pt)?$")
 
 def checkpoint_path(folder: Path, step: int, sharded: bool = False) -> Path:
@@ -248,7 +248,7 @@ def save_file_atomic(obj: Any, path: Path) -> Path:
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/06_trainer.ipynb #5ce92a2c
+# %% ../nbs/06_trainer.ipynb #6af705ad
 EXIT_PREEMPTED = 3
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -284,7 +284,7 @@ def request_requeue() -> None:
     try: subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e: warnings.warn(f"could not requeue SLURM job {job}: {e}")
 
-# %% ../nbs/06_trainer.ipynb #5d9ef52b
+# %% ../nbs/06_trainer.ipynb #05aa108e
 class Trainer:
     "The one training loop: objective in, checkpoints, metrics and a trained model out."
     def __init__(self, cfg: RunConfig, objective: Objective, data, out_dir: str | os.PathLike,
@@ -546,12 +546,12 @@ def memory_mb(device: torch.device) -> float:
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-# %% ../nbs/06_trainer.ipynb #c6f965e3
+# %% ../nbs/06_trainer.ipynb #fc5f7a39
 MODEL_INIT_STREAM = 2 ** 31 - 1   # the seed stream of the initial weights: one for all ranks (FSDP shards must agree)
 
-def build_data(stage: str, cfg: RunConfig, info: DistInfo):
+def build_data(stage: str, cfg: RunConfig, info: DistInfo, out_dir: str | os.PathLike | None = None):
     "The data stream of `stage` for this rank: the manifest's shards, `synthetic` images, or the stage's own."
-    if stage in DATA_BUILDERS: return DATA_BUILDERS[stage](cfg, info)
+    if stage in DATA_BUILDERS: return DATA_BUILDERS[stage](cfg, info, out_dir)
     if cfg.data.dataset == "synthetic":
         return SyntheticImages(cfg.data.batch_size, cfg.model.img_size, cfg.model.num_patches, cfg.seed,
                                info.rank, info.world_size, cfg.model.in_chans)
@@ -580,9 +580,9 @@ def train(stage: str, cfg: RunConfig, out_dir: str | os.PathLike, resume: bool |
         torch.manual_seed(derive_seed(cfg.seed, MODEL_INIT_STREAM))   # the same initial weights on every rank
         objective = OBJECTIVES[stage](cfg)
         if hasattr(objective, "prepare") and not complete_checkpoints(out / "checkpoints"):
-            objective.prepare(build_data(stage, cfg, DistInfo()).batches(0))   # e.g. fit a tokenizer: same data on every rank
+            objective.prepare(build_data(stage, cfg, DistInfo(), out).batches(0))   # e.g. fit a tokenizer: same data on every rank
         seed_everything(cfg.seed, info.rank)                         # then a stream of its own per rank
-        trainer = Trainer(cfg, objective, build_data(stage, cfg, info), out, info, progress)
+        trainer = Trainer(cfg, objective, build_data(stage, cfg, info, out), out, info, progress)
         return trainer.fit()
     finally:
         cleanup_distributed(info)

@@ -1,0 +1,157 @@
+"""Transfer evaluations: the results schema, accuracy, the linear probe, low-shot splits, feature caching, and
+each evaluation loading a WSP checkpoint by path and writing results.json."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prepretrain_lit.config import UserError, load_config
+from prepretrain_lit.objectives import ViTClassifier
+from prepretrain_lit.trainer import Trainer
+from prepretrain_lit.transfer import (FeatureBatches, FeatureSet, LinearProbe, LinearProbeObjective, evaluate,
+                                      feature_cache_path, lowshot_evaluate, lowshot_indices, read_results,
+                                      summarize_records, topk_correct, write_results)
+
+TINY_MODEL = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
+
+
+def blobs(n=400, classes=4, dim=16, seed=0, spread=0.3):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    centres = torch.randn(classes, dim, generator=g) * 3
+    return FeatureSet(centres[labels] + spread * torch.randn(n, dim, generator=g), labels, "blobs")
+
+
+def test_summary_is_mean_and_sample_std_per_metric_and_shots():
+    recs = [{"metric": "top1", "value": v, "seed": s, "shots": 1} for s, v in enumerate([10., 20., 30., 40.])]
+    recs += [{"metric": "top1", "value": 50., "seed": 0, "shots": None}]
+    s = summarize_records(recs)
+    assert s["top1@1shot"] == {"mean": 25.0, "std": float(np.std([10, 20, 30, 40], ddof=1)), "n": 4}
+    assert s["top1"] == {"mean": 50.0, "std": 0.0, "n": 1}
+
+
+def test_results_file_has_the_shared_schema(tmp_path):
+    path = write_results(tmp_path, "linear_probe", "digits-test", [{"metric": "top1", "value": 91.5, "step": 7}],
+                         init="runs/x/model.pt", train_dataset="digits-train", cfg=load_config(preset="tiny"))
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"schema_version", "kind", "dataset", "train_dataset", "init", "config_hash", "records", "summary"}
+    assert doc["records"] == [{"metric": "top1", "value": 91.5, "seed": None, "shots": None, "step": 7}]
+    with pytest.raises(ValueError, match="kind must be one of"):
+        write_results(tmp_path, "probe", "x", [])
+
+
+def test_topk_counts():
+    scores = torch.tensor([[0., 1, 2, 3, 4, 5, 6], [6., 5, 4, 3, 2, 1, 0], [1., .5, .2, 9, .1, .05, 0]])
+    assert topk_correct(scores, torch.tensor([6, 5, 0])) == {1: 1, 5: 2}   # the 2nd image's label ranks 6th
+    assert topk_correct(scores, torch.tensor([6, 2, 3])) == {1: 2, 5: 3}
+
+
+def test_linear_probe_separates_separable_features():
+    fs = blobs()
+    cfg = load_config(preset="tiny", stage="linear_probe", overrides=["train.steps=60", "data.batch_size=64",
+                                                                      "optim.base_lr=1.0", "train.log_every=20"])
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        probe = LinearProbeObjective(LinearProbe(16, 4))
+        Trainer(cfg, probe, FeatureBatches(fs, 64), d, progress=False).fit()
+    with torch.no_grad(): acc = (probe.model.eval()(fs.features).argmax(1) == fs.labels).float().mean().item()
+    assert acc >= 0.99
+
+
+def test_linear_probe_has_no_affine_norm():
+    probe = LinearProbe(8, 3)
+    assert not probe.bn.affine and [n for n, _ in probe.named_parameters()] == ["head.weight", "head.bias"]
+
+
+def test_feature_batches_resume_exactly():
+    fs = blobs(n=100)
+    a = FeatureBatches(fs, 16, seed=3).batches(0)
+    first = [next(a)["label"] for _ in range(9)]         # crosses an epoch (6 batches per epoch)
+    resumed = FeatureBatches(fs, 16, seed=3).batches(4)
+    assert all(torch.equal(first[i], next(resumed)["label"]) for i in range(4, 9))
+
+
+def test_lowshot_splits_have_exactly_k_per_class_and_differ_by_seed():
+    labels = np.repeat(np.arange(10), 30)
+    for k in (1, 5, 10):
+        splits = [lowshot_indices(labels, k, seed) for seed in range(5)]
+        for idx in splits:
+            assert np.bincount(labels[idx], minlength=10).tolist() == [k] * 10
+            assert len(set(idx.tolist())) == len(idx)
+        assert len({tuple(s) for s in splits}) == 5
+
+
+def test_lowshot_refuses_too_few_examples():
+    with pytest.raises(UserError, match="fewer than 10 shots"):
+        lowshot_indices(np.array([0] * 20 + [1] * 3), 10, 0)
+
+
+def test_lowshot_records_per_shot_and_seed_and_learns():
+    train, test = blobs(seed=0), blobs(seed=0, n=200)
+    recs = lowshot_evaluate(train, test, shots=(1, 10), splits=2)
+    assert [(r["shots"], r["seed"]) for r in recs] == [(1, 0), (1, 1), (10, 0), (10, 1)]
+    assert all(r["value"] > 90 for r in recs if r["shots"] == 10)
+
+
+def test_feature_cache_is_keyed_by_trunk_and_dataset(tmp_path):
+    ckpt = tmp_path / "wsp" / "model.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    cfg = load_config(preset="tiny", overrides=[f"init.checkpoint={ckpt}"])
+    p = feature_cache_path(cfg, "a/digits-train.yaml", tmp_path / "eval")
+    assert p.parent == ckpt.parent / "features"                       # beside the trunk, shared by its probes
+    assert p == feature_cache_path(load_config(preset="tiny", overrides=[f"init.checkpoint={ckpt}", "seed=5"]),
+                                   "a/digits-train.yaml", tmp_path / "other")      # seeds and folders share it
+    assert p != feature_cache_path(cfg, "a/digits-test.yaml", tmp_path / "eval")
+    assert p != feature_cache_path(load_config(preset="tiny", overrides=[f"init.checkpoint={ckpt}", "probe.pool=avg"]),
+                                   "a/digits-train.yaml", tmp_path / "eval")
+
+
+def _wsp_checkpoint(tmp_path, num_tags=24):
+    torch.manual_seed(0)
+    wsp = ViTClassifier(num_tags, global_pool=False, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    path = tmp_path / "wsp" / "model.pt"
+    path.parent.mkdir()
+    torch.save({"model": wsp.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, stage, extra", [
+    ("lowshot", "lowshot", ["probe.shots=[1,2]", "probe.splits=2"]),
+    ("linear_probe", "linear_probe", ["train.steps=10", "data.batch_size=64"]),
+    ("finetune", "finetune", ["train.steps=4", "data.batch_size=16", "eval.batch_size=128"]),
+])
+def test_each_evaluation_loads_a_wsp_checkpoint_and_writes_results(tmp_path, digits_manifests, kind, stage, extra):
+    train_m, test_m = digits_manifests
+    ckpt = _wsp_checkpoint(tmp_path)
+    cfg = load_config(preset="tiny", stage=stage, overrides=TINY_MODEL + extra + [
+        f"init.checkpoint={ckpt}", f"data.dataset={train_m}", f"eval.dataset={test_m}", "data.num_workers=0",
+        "eval.num_workers=0", "train.log_every=2", "train.checkpoint_every=100"])
+    out = tmp_path / kind
+    doc = evaluate(kind, cfg, out, progress=False)
+    assert read_results(out) == doc and doc["kind"] == kind and doc["init"] == str(ckpt)
+    assert doc["dataset"] == "digits-test" and doc["train_dataset"] == "digits-train"
+    assert all(0 <= r["value"] <= 100 for r in doc["records"])
+    if kind == "lowshot":
+        assert sorted(doc["summary"]) == ["top1@1shot", "top1@2shot"] and len(doc["records"]) == 4
+    else:
+        assert {r["metric"] for r in doc["records"]} == {"top1", "top5"}
+    mtime = (out / "results.json").stat().st_mtime_ns
+    assert evaluate(kind, cfg, out, progress=False) == doc                     # done: returned, not recomputed
+    assert (out / "results.json").stat().st_mtime_ns == mtime
+
+
+def test_evaluation_input_errors_come_before_compute(tmp_path, digits_manifests):
+    train_m, test_m = digits_manifests
+    base = [f"data.dataset={train_m}"]
+    with pytest.raises(UserError, match="eval.dataset is not set"):
+        evaluate("lowshot", load_config(preset="tiny", stage="lowshot", overrides=base), tmp_path / "a")
+    with pytest.raises(UserError, match="no such file"):
+        evaluate("lowshot", load_config(preset="tiny", stage="lowshot", overrides=base + [
+            f"eval.dataset={test_m}", f"init.checkpoint={tmp_path / 'missing.pt'}"]), tmp_path / "b")
+    with pytest.raises(UserError, match="unknown evaluation 'probe'"):
+        evaluate("probe", load_config(preset="tiny"), tmp_path / "c")
+    with pytest.raises(UserError, match="needs stage 'finetune'"):
+        evaluate("finetune", load_config(preset="tiny", stage="wsp"), tmp_path / "d")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
