@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TRANSFORMS', 'shard_assignment', 'tar_samples', 'BadSample',
            'DataQualityError', 'decode_sample', 'ShardStream', 'check_enough_shards', 'check_skip_fraction',
-           'mae_transform', 'eval_transform', 'finetune_transform', 'collate_samples', 'StreamLoader',
-           'resolve_manifest', 'make_loader']
+           'mae_transform', 'eval_transform', 'posterize_any_bits', 'finetune_transform', 'collate_samples',
+           'StreamLoader', 'resolve_manifest', 'make_loader']
 
-# %% ../nbs/01b_loader.ipynb #36c445b5
+# %% ../nbs/01b_loader.ipynb #626c21df
 import hashlib
 import io
 import json
@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 from webdataset.gopen import gopen
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .config import DataConfig, UserError, derive_seed
 from .data import (KEY_EXT, TEMPLATE_MARK, Manifest, in_subset, load_manifest, shipped_manifest,
                                   tar_members, verify_manifest)
 
-# %% ../nbs/01b_loader.ipynb #67cc98db
+# %% ../nbs/01b_loader.ipynb #fe0b1686
 def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
                      worker: int = 0, num_workers: int = 1) -> list[int]:
     "Indices of the shards that `worker` of `rank` reads in `epoch`: a seeded permutation, dealt round-robin."
@@ -36,7 +36,7 @@ def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, worl
     readers = world_size * max(num_workers, 1)
     return order[rank * max(num_workers, 1) + worker::readers].tolist()
 
-# %% ../nbs/01b_loader.ipynb #286a398a
+# %% ../nbs/01b_loader.ipynb #94b9ea86
 def tar_samples(location: str) -> Iterator[dict]:
     "Samples (dicts of raw bytes per extension, `__key__`, `__url__`) of the shard at `location`."
     stream = gopen(location)
@@ -54,7 +54,7 @@ def tar_samples(location: str) -> Iterator[dict]:
     finally:
         stream.close()
 
-# %% ../nbs/01b_loader.ipynb #b308c268
+# %% ../nbs/01b_loader.ipynb #080ce1aa
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 class BadSample(Exception):
@@ -93,7 +93,7 @@ def decode_sample(sample: dict, manifest: Manifest) -> dict:
     return {"image": image, "label": -1 if label is None else label, "hashtags": meta.get("hashtags", []),
             "caption": _field(sample, meta, manifest.caption_field) or "", "key": sample["__key__"]}
 
-# %% ../nbs/01b_loader.ipynb #efb2feca
+# %% ../nbs/01b_loader.ipynb #451794ed
 class ShardStream(torch.utils.data.IterableDataset):
     """Samples of `manifest` for this rank and loader worker: split, read, filter, decode, shuffle, transform.
     Each item: image (transformed), label (int, -1 if none), hashtags (multi-hot over the vocabulary),
@@ -252,7 +252,7 @@ def check_skip_fraction(seen: int, skipped: int, limit: float, min_samples: int,
                                f"limit {limit:.1%}). Run `prepretrain shards verify` on the manifest, rebuild the damaged "
                                "shards, or raise data.max_skip_fraction if this data is known to be noisy.")
 
-# %% ../nbs/01b_loader.ipynb #0387a2c9
+# %% ../nbs/01b_loader.ipynb #6837a187
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -266,16 +266,28 @@ def eval_transform(img_size: int, crop_pct: float = 0.875, mean=IMAGENET_MEAN, s
     return T.Compose([T.Resize(int(math.floor(img_size / crop_pct)), interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std)])
 
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    "timm's posterize, also for 0 bits (a black image, as older Pillow gave; Pillow >= 11 refuses bits < 1)."
+    if bits_to_keep >= 8: return img
+    if bits_to_keep < 1: return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
 def finetune_transform(img_size: int, auto_augment: str = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
                        mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable:
     "Finetuning: timm's training transform with RandAugment and random erasing (MAE's recipe)."
     from timm.data import create_transform
-    return create_transform(input_size=img_size, is_training=True, auto_augment=auto_augment, interpolation="bicubic",
-                            re_prob=re_prob, re_mode="pixel", re_count=1, mean=mean, std=std)
+    from timm.data.auto_augment import RandAugment
+    transform = create_transform(input_size=img_size, is_training=True, auto_augment=auto_augment,
+                                 interpolation="bicubic", re_prob=re_prob, re_mode="pixel", re_count=1, mean=mean, std=std)
+    for t in transform.transforms:           # RandAugment's 'increasing' posterize reaches 0 bits at high magnitudes
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"): op.aug_fn = posterize_any_bits
+    return transform
 
 TRANSFORMS = {"mae": mae_transform, "eval": eval_transform, "finetune": finetune_transform}
 
-# %% ../nbs/01b_loader.ipynb #b3b6e0e2
+# %% ../nbs/01b_loader.ipynb #96755318
 def collate_samples(items: list[dict]) -> dict:
     "Batch stream items: tensors stacked, labels and skip counts as tensors, images left as a list when not tensors."
     batch = {}
