@@ -1,0 +1,274 @@
+"""The report: run folders -> one tidy table -> figures and an honest summary (nbs/09_report.ipynb)."""
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from prepretrain_lit.config import UserError, load_config, save_config
+from prepretrain_lit.mae import mae_from_config
+from prepretrain_lit.report import (COLUMNS, build_report, compare_convergence, compare_evals, example_runs, gather,
+                                    held_out_images, load_stage_mae, load_table, make_figures, plot_convergence,
+                                    MissingData, summarize, with_recipe, write_stage)
+
+torch.set_num_threads(1)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    "A hand-written experiment: a WSP stage (stage.json + metrics with a half line), an evaluation, a stage with "
+    "only config.yaml, and a failed stage."
+    exp = tmp_path / "demo"
+    write(exp / "wsp/scratch/stage.json", json.dumps({
+        "experiment": "demo", "stage": "wsp", "variant": "scratch", "kind": "wsp", "state": "complete",
+        "axes": {"model": "vit_b16", "subset": "1k", "mae_length": None, "objective": "wsp", "seed": 3, "init": "scratch"}}))
+    write(exp / "wsp/scratch/metrics.jsonl",
+          '{"step": 10, "loss": 2.5, "lr": 0.001, "images_per_s": 100.0, "note": "text is not a metric"}\n'
+          '{"step": 20, "loss": 2.0, "lr": 0.0005, "images_per_s": 120.0, "ok": true}\n'
+          '{"step": 30, "loss": 1.')                                              # the writer died mid-line
+    write(exp / "linear_probe/from_mae/stage.json", json.dumps({
+        "experiment": "demo", "stage": "linear_probe", "variant": "from_mae", "kind": "linear_probe", "state": "complete",
+        "axes": {"model": "vit_b16", "subset": "1k", "mae_length": 0.1, "objective": "wsp", "seed": 3, "init": "mae"}}))
+    write(exp / "linear_probe/from_mae/results.json", json.dumps({
+        "schema_version": 1, "kind": "linear_probe", "dataset": "digits-test", "train_dataset": "digits-train",
+        "init": "runs/demo/wsp/from_mae/model.pt", "config_hash": "0123abcd4567",
+        "records": [{"metric": "top1", "value": 93.1, "seed": 3, "shots": None, "step": 200},
+                    {"metric": "top5", "value": 99.8, "seed": 3, "shots": None, "step": 200}],
+        "summary": {"top1": {"mean": 93.1, "std": 0.0, "n": 1}}}))
+    # no stage.json: names from the folders, axes from config.yaml
+    cfg = load_config(preset="tiny", overrides=["data.subset=5k", "seed=7"])
+    save_config(cfg, write(exp / "mae/manual/config.yaml", "").parent / "config.yaml")
+    write(exp / "mae/manual/metrics.jsonl", '{"step": 5, "loss": 0.9}\n')
+    write(exp / "wsp/diverged/stage.json", json.dumps({
+        "experiment": "demo", "stage": "wsp", "variant": "diverged", "kind": "wsp", "state": "failed",
+        "error": "Traceback...\nTrainingDiverged: loss is nan", "axes": {"objective": "wsp"}}))
+    write(exp / "wsp/diverged/metrics.jsonl", '{"step": 10, "loss": NaN}\n')
+    write(exp / "wsp/scratch/checkpoints/step_20/config.yaml", "seed: 0\n")      # inside checkpoints: not a stage
+    return exp
+
+
+def test_gather_exact_rows(runs):
+    table = gather(runs)
+    assert list(table.columns) == COLUMNS
+    curves = table[table.run == "demo/wsp/scratch"]
+    got = sorted((int(r.step), r.metric, r.value) for r in curves.itertuples())
+    assert got == [(10, "images_per_s", 100.0), (10, "loss", 2.5), (10, "lr", 0.001),
+                   (20, "images_per_s", 120.0), (20, "loss", 2.0), (20, "lr", 0.0005)]
+    row = curves.iloc[0]
+    assert (row.experiment, row.stage, row.variant, row.kind, row.model, row.subset, row.objective, row.init, row.seed,
+            row.record, row.state) == ("demo", "wsp", "scratch", "wsp", "vit_b16", "1k", "wsp", "scratch", 3, "curve", "complete")
+    assert row.params == 85_798_656 and pd.isna(row.mae_length) and pd.isna(row.shots)
+    assert row.source == str(runs / "wsp/scratch/metrics.jsonl")
+
+    evals = table[table.record == "eval"]
+    assert sorted(zip(evals.metric, evals.value)) == [("top1", 93.1), ("top5", 99.8)]
+    e = evals.iloc[0]
+    assert (e.kind, e.dataset, e.init, e.mae_length, e.seed, e.step, e.model) == \
+        ("linear_probe", "digits-test", "mae", 0.1, 3, 200, "vit_b16")
+    assert pd.isna(e.shots) and pd.isna(e.split_seed)
+
+    manual = table[table.variant == "manual"]
+    assert len(manual) == 1
+    m = manual.iloc[0]
+    assert (m.experiment, m.stage, m.kind, m.model, m.subset, m.seed, m.objective, m.init, m.value, m.step) == \
+        ("demo", "mae", "mae", "vit_tiny_cpu", "5k", 7, "mae", "scratch", 0.9, 5)
+
+
+def test_broken_line_and_failed_stage_are_noted_not_fatal(runs):
+    table = gather(runs)
+    assert not (table.variant == "diverged").any()
+    notes = table.attrs["notes"]
+    assert any("metrics.jsonl" in n and "1 line(s) skipped" in n and "line 3" in n for n in notes)
+    assert any("diverged" in n and "failed" in n and "TrainingDiverged: loss is nan" in n for n in notes)
+    assert table.attrs["stages"] == 4                 # scratch, from_mae, manual, diverged (checkpoints/ not entered)
+
+
+def test_several_roots_and_missing_root(runs, tmp_path):
+    other = example_runs(tmp_path / "elsewhere", mae_model=False)
+    both = gather([runs, other])
+    assert set(both.experiment) == {"demo", "example"}
+    assert len(both) == len(gather(runs)) + len(gather(other))
+    assert len(gather([runs, runs / "wsp"])) == len(gather(runs))          # overlapping roots: each stage once
+    with pytest.raises(UserError, match="run folder not found"):
+        gather(tmp_path / "nope")
+
+
+def test_lowshot_records_keep_shots_and_split_seeds(tmp_path):
+    write_stage(tmp_path / "e/lowshot/a", dict(experiment="e", stage="lowshot", variant="a", kind="lowshot",
+                                               axes=dict(objective="wsp", init="mae", seed=1)),
+                results=dict(kind="lowshot", dataset="d", records=[
+                    {"metric": "top1", "value": 10.0 + k + s, "seed": s, "shots": k, "step": None}
+                    for k in (1, 5) for s in (0, 1)]))
+    t = gather(tmp_path / "e")
+    assert sorted(zip(t.shots, t.split_seed, t.value)) == [(1, 0, 11.0), (1, 1, 12.0), (5, 0, 15.0), (5, 1, 16.0)]
+    assert set(t.seed) == {1}                         # the run's seed; the split's is split_seed
+
+
+def test_summary_numbers_equal_the_table(tmp_path):
+    table = gather(example_runs(tmp_path, mae_model=False))
+    comparisons = compare_evals(table)
+    assert len(comparisons) > 0
+    lines = summarize(table)
+    recipes = with_recipe(table).recipe
+    assert {"MAE→WSP", "MAE(0.1 ep)→WSP", "MAE(0.5 ep)→WSP"} <= set(comparisons.treatment)
+    for c in comparisons.itertuples():
+        same = ((table.record == "eval") & (table.kind == c.kind) & (table.metric == c.metric) & (table.objective == c.objective)
+                & (table.model == c.model) & (table.subset.isna() if pd.isna(c.subset) else table.subset.eq(c.subset))
+                & (table.shots.isna() if c.shots is None or pd.isna(c.shots) else table.shots.eq(c.shots)).fillna(False))
+        treated = table[same & (recipes == c.treatment)].value
+        base = table[same & (recipes == "WSP")].value
+        assert (c.mean, c.n, c.base_mean, c.base_n) == (treated.mean(), len(treated), base.mean(), len(base))
+        if len(treated) > 1: assert math.isclose(c.std, treated.std()) and math.isclose(c.base_std, base.std())
+        assert math.isclose(c.diff, treated.mean() - base.mean())
+        assert f"{treated.mean():.1f}" in c.text and f"{base.mean():.1f}" in c.text and f"(n={len(treated)}" in c.text
+        assert c.text in lines
+    probe = comparisons[(comparisons.kind == "linear_probe") & comparisons.subset.isna() & (comparisons.treatment == "MAE→WSP")].iloc[0]
+    rows = table[(table.stage == "linear_probe") & (table.metric == "top1")]
+    mae = rows[(rows.init == "mae") & (rows.mae_length == 1.0)].value
+    scratch = rows[rows.init == "scratch"].value
+    assert (f"MAE→WSP {mae.mean():.1f} ± {mae.std():.1f} (n=3) vs WSP {scratch.mean():.1f} ± {scratch.std():.1f} (n=3)"
+            in probe.text)
+
+
+def _probe_runs(root: Path, mae: list[float], scratch: list[float]) -> Path:
+    for init, values in (("mae", mae), ("scratch", scratch)):
+        for seed, value in enumerate(values):
+            write_stage(root / "x/probe" / f"{init}{seed}", dict(experiment="x", stage="probe", variant=f"{init}{seed}",
+                        kind="linear_probe", axes=dict(model="vit_b16", objective="wsp", init=init, seed=seed)),
+                        results=dict(kind="linear_probe", dataset="in1k", records=[{"metric": "top1", "value": value, "seed": seed}]))
+    return root / "x"
+
+
+def test_summary_says_when_mae_does_not_win(tmp_path):
+    lines = summarize(gather(_probe_runs(tmp_path / "a", mae=[78.0, 79.0], scratch=[80.0, 82.0])))
+    assert ("linear probe on in1k (vit_b16), top1: MAE→WSP 78.5 ± 0.7 (n=2) vs WSP 81.0 ± 1.4 (n=2): "
+            "MAE→WSP does NOT beat WSP (behind by 2.5)") in lines
+    within = summarize(gather(_probe_runs(tmp_path / "b", mae=[80.0, 83.0], scratch=[80.0, 82.0])))
+    assert any("MAE→WSP is ahead by 0.5, within the spread over seeds" in line for line in within)
+    behind = summarize(gather(_probe_runs(tmp_path / "d", mae=[79.0, 82.0], scratch=[80.0, 82.0])))
+    assert any(line.endswith("MAE→WSP does NOT beat WSP (behind by 0.5, within the spread over seeds)") for line in behind)
+    clear = summarize(gather(_probe_runs(tmp_path / "c", mae=[90.0, 90.2], scratch=[80.0, 80.4])))
+    assert any(line.endswith("MAE→WSP is ahead by 9.9") for line in clear)
+
+
+def test_convergence_comparison_from_curves(tmp_path):
+    for init, losses in (("scratch", [3.0, 2.0, 1.5]), ("mae", [2.0, 1.4, 1.2])):
+        write_stage(tmp_path / "c/wsp" / init, dict(experiment="c", stage="wsp", variant=init, kind="wsp",
+                                                    axes=dict(objective="wsp", init=init, seed=0)),
+                    [{"step": s, "loss": l} for s, l in zip((10, 20, 30), losses)])
+    c = compare_convergence(gather(tmp_path / "c")).iloc[0]
+    assert (c["mean"], c.base_mean, c.step_reached) == (1.2, 1.5, 20)
+    assert "MAE→WSP is lower by 0.300" in c.text and "reached WSP's final loss (1.500, step 30) at step 20" in c.text
+
+
+def test_every_figure_is_a_png(tmp_path):
+    exp = example_runs(tmp_path / "runs", steps=40)
+    table = gather(exp)
+    made, skipped = make_figures(table, tmp_path / "figs", verbose=False)
+    assert skipped == {}
+    assert sorted(made) == ["convergence", "lowshot", "mae_length", "reconstructions_example_mae_base", "scaling", "training_curves"]
+    for path in made.values():
+        data = Path(path).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, path
+
+
+def test_missing_data_skips_a_figure_with_its_reason(tmp_path):
+    table = gather(_probe_runs(tmp_path, mae=[70.0], scratch=[60.0]))
+    with pytest.raises(MissingData, match="no WSP training curves"):
+        plot_convergence(table)
+    made, skipped = make_figures(table, tmp_path / "figs", verbose=False)
+    assert set(made) == set()                                   # one model, one subset, no curves, no low-shot, no MAE
+    assert set(skipped) == {"convergence", "scaling", "mae_length", "lowshot", "training_curves", "reconstructions"}
+    assert "no low-shot records" in skipped["lowshot"] and "no MAE stage with a model.pt" in skipped["reconstructions"]
+
+
+def test_reconstructions_from_a_real_tiny_mae(tmp_path):
+    cfg = load_config(preset="tiny", overrides=["model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
+                                                "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=16",
+                                                "model.decoder_depth=1", "model.decoder_num_heads=2"])
+    folder = tmp_path / "t/mae/base"
+    torch.manual_seed(0)
+    model = mae_from_config(cfg.model, cfg.mae)
+    write_stage(folder, dict(experiment="t", stage="mae", variant="base", kind="mae", axes=dict(objective="mae")),
+                [{"step": 1, "loss": 1.0}], config=cfg)
+    torch.save({"model": model.state_dict()}, folder / "model.pt")
+    loaded, loaded_cfg = load_stage_mae(folder)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    made, skipped = make_figures(gather(tmp_path / "t"), tmp_path / "figs", verbose=False)
+    assert "reconstructions_t_mae_base" in made, skipped
+    assert Path(made["reconstructions_t_mae_base"]).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_held_out_images_are_past_the_training_set():
+    from PIL import Image
+    from prepretrain_lit.data import render_shapes
+    from prepretrain_lit.loader import TRANSFORMS
+    cfg = load_config(preset="tiny")                       # data.dataset = shapes: 20,000 training images
+    imgs, what = held_out_images(cfg, n=2)
+    assert imgs.shape == (2, 3, 32, 32) and "20000" in what
+    expected = TRANSFORMS["eval"](32)(Image.fromarray(render_shapes(0, 20001, 64)[0]))
+    assert torch.equal(imgs[1], expected)
+    digits = load_config(preset="tiny", overrides=["data.dataset=digits-train"])
+    assert "digits test" in held_out_images(digits, n=1)[1]
+
+
+def test_build_report_writes_table_figures_summary(runs):
+    paths = build_report(runs, verbose=False)
+    out = runs / "report"
+    assert paths["table"] == out / "results.csv" and paths["parquet"] == out / "results.parquet"
+    table = gather(runs)
+    for saved in (load_table(paths["table"]), load_table(paths["parquet"])):
+        pd.testing.assert_frame_equal(saved, table, check_like=False)
+    summary = Path(paths["summary"]).read_text()
+    assert "No comparison possible" in summary             # the MAE->WSP probe has no from-scratch counterpart here
+    assert "linear probe on digits-test (vit_b16, subset 1k), top1: MAE(0.1 ep)→WSP 93.1 (n=1, no spread)" in summary
+    assert "TrainingDiverged" in summary and "figure lowshot not made" in summary
+    for png in paths["figures"].values(): assert f"figures/{Path(png).name}" in summary
+    assert len(gather(runs)) == len(table)                  # the report folder adds no stage
+    with pytest.raises(UserError, match="no stage runs found"):
+        build_report(runs / "report" / "figures", verbose=False)
+
+
+def test_cli_report_command(runs, capsys):
+    from prepretrain_lit import cli
+    if "report" not in cli.build_parser()._subparsers._group_actions[0].choices:
+        pytest.skip("the CLI has no report command yet")
+    assert cli.main(["report", str(runs), "--out", str(runs.parent / "cli_report")]) == 0
+    assert (runs.parent / "cli_report" / "summary.md").is_file() and (runs.parent / "cli_report" / "results.parquet").is_file()
+    assert len(load_table(runs.parent / "cli_report" / "results.csv")) == len(gather(runs))
+
+
+def test_lineage_fills_objective_and_init_from_checkpoints(tmp_path):
+    "An experiment whose grid is mae_length sets no init axis, and evaluations name no objective: both come from the "
+    "checkpoints, here cluster paths that only exist as <stage>/<variant> in the copied folder."
+    exp = tmp_path / "ml"
+    cluster = "/cluster/runs/ml"
+    for length in (0.1, 0):
+        v = f"mae_length={length}"
+        axes = dict(model="vit_l16", subset=None, mae_length=length, objective=None, seed=0, init=None)
+        if length:
+            write_stage(exp / "mae" / v, dict(experiment="ml", stage="mae", variant=v, kind="mae", axes={**axes, "objective": "mae"}),
+                        [{"step": 1, "loss": 1.0}], config=load_config(preset="tiny"))
+        init = [f"init.checkpoint={cluster}/mae/{v}/model.pt"] if length else []
+        write_stage(exp / "wsp" / v, dict(experiment="ml", stage="wsp", variant=v, kind="wsp", axes={**axes, "objective": "wsp"}),
+                    [{"step": 1, "loss": 3.0}], config=load_config(preset="tiny", overrides=init))
+        write_stage(exp / "finetune" / v, dict(experiment="ml", stage="finetune", variant=v, kind="finetune", axes=axes,
+                                               inputs={"init_checkpoint": f"{cluster}/wsp/{v}/model.pt", "dataset": "x.yaml"}),
+                    results=dict(kind="finetune", dataset="in1k", records=[{"metric": "top1", "value": 80.0 if length else 78.0}]))
+    t = gather(exp)
+    origin = t.drop_duplicates("run").set_index("run")[["objective", "init", "mae_length"]]
+    assert origin.loc["ml/wsp/mae_length=0.1"].tolist() == ["wsp", "mae", 0.1]
+    assert origin.loc["ml/wsp/mae_length=0"].tolist() == ["wsp", "scratch", 0.0]
+    assert origin.loc["ml/finetune/mae_length=0.1"].tolist() == ["wsp", "mae", 0.1]
+    assert origin.loc["ml/finetune/mae_length=0"].tolist() == ["wsp", "scratch", 0.0]
+    assert ("finetune on in1k (vit_l16), top1: MAE(0.1 ep)→WSP 80.0 (n=1, no spread) vs WSP 78.0 (n=1, no spread): "
+            "MAE(0.1 ep)→WSP is ahead by 2.0 (one seed on a side: no spread to judge it by)") in summarize(t)
