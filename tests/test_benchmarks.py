@@ -1,0 +1,128 @@
+"""benchmarks/mae_throughput.py: its FLOP count against torch's counter, and a peer that is the same model."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from prepretrain_lit.config import MAEConfig, ModelConfig
+from prepretrain_lit.mae import mae_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("mae_throughput", ROOT / "benchmarks" / "mae_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mae_throughput"] = module   # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+mt = load_benchmark()
+TINY = ModelConfig(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0,
+                   decoder_embed_dim=32, decoder_depth=3, decoder_num_heads=4)
+
+
+def counted_flops(fn) -> int:
+    "FLOPs torch counts for `fn()`; the math attention backend, whose matmuls the counter sees (the CPU kernel it misses)."
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("m, ratio, batch", [(TINY, 0.75, 2), (TINY, 0.5, 3),
+                                             (ModelConfig(img_size=24, patch_size=8, embed_dim=48, depth=1, num_heads=3,
+                                                          mlp_ratio=2.0, decoder_embed_dim=24, decoder_depth=2,
+                                                          decoder_num_heads=2, in_chans=1), 0.6, 2)])
+def test_flop_formula_equals_torchs_count_forward_and_training(m, ratio, batch):
+    torch.manual_seed(0)
+    model = mae_from_config(m, MAEConfig(mask_ratio=ratio))
+    imgs = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
+    expected = mt.mae_flops(m, ratio, batch)
+    with torch.no_grad():
+        assert counted_flops(lambda: model(imgs, ratio)) == expected.forward
+        assert counted_flops(lambda: model.forward_encoder(imgs, ratio)) == expected.patch_embed + expected.encoder
+    assert counted_flops(lambda: model(imgs, ratio)[0].backward()) == expected.train
+
+
+def test_flop_parts_scale_as_expected():
+    f = mt.mae_flops(TINY, 0.75, 1)
+    assert mt.mae_flops(TINY, 0.75, 4).train == 4 * f.train                       # linear in the batch
+    deeper = mt.mae_flops(ModelConfig(**{**TINY.__dict__, "decoder_depth": 4}), 0.75, 1)
+    assert deeper.encoder == f.encoder and deeper.decoder > f.decoder            # decoder depth only moves the decoder
+    assert mt.mae_flops(TINY, 0.5, 1).encoder > f.encoder                        # more visible tokens, more encoder
+
+
+def test_peak_rate_lookup_prefers_the_specific_name():
+    assert mt.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert mt.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert mt.peak_tflops("NVIDIA H200") == 989.0
+    assert mt.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert mt.peak_tflops("Some Other GPU") is None
+
+
+# -- the peer: Hugging Face's ViTMAEForPreTraining, configured as the same model -------------------------------
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_peer_is_the_same_model_parameters_loss_and_predictions(norm_pix):
+    mae = MAEConfig(mask_ratio=0.75, norm_pix_loss=norm_pix)
+    torch.manual_seed(0)
+    ours, peer = mae_from_config(TINY, mae), mt.build_peer(TINY, mae)
+    cfg = peer.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (64, 2, 4, 256)
+    assert (cfg.decoder_hidden_size, cfg.decoder_num_hidden_layers, cfg.decoder_num_attention_heads,
+            cfg.decoder_intermediate_size) == (32, 3, 4, 128)
+    assert (cfg.image_size, cfg.patch_size, cfg.mask_ratio, cfg.norm_pix_loss) == (32, 4, 0.75, norm_pix)
+    assert cfg._attn_implementation == "sdpa"
+    assert mt.param_counts(ours) == mt.param_counts(peer)
+    # the strongest check: our weights, under the peer's names, give the peer our loss and predictions
+    peer.load_state_dict(mt.peer_state_dict(ours.state_dict()), strict=True)
+    imgs, noise = torch.randn(3, 3, 32, 32) * 2 + 1, torch.rand(3, 64)
+    with torch.no_grad():
+        loss, pred, mask = ours(imgs, 0.75, noise)
+        out = peer(pixel_values=imgs, noise=noise)
+    assert torch.equal(mask, out.mask)
+    torch.testing.assert_close(out.logits, pred, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+
+
+def test_a_differently_configured_peer_is_told_apart():
+    mae = MAEConfig()
+    ours = mae_from_config(TINY, mae)
+    wider = mt.build_peer(ModelConfig(**{**TINY.__dict__, "decoder_embed_dim": 48}), mae)
+    assert mt.param_counts(ours) != mt.param_counts(wider)
+    # same parameter count, other heads: the predictions differ
+    torch.manual_seed(0)
+    other_heads = mt.build_peer(ModelConfig(**{**TINY.__dict__, "num_heads": 2}), mae)
+    assert mt.param_counts(ours) == mt.param_counts(other_heads)
+    other_heads.load_state_dict(mt.peer_state_dict(ours.state_dict()), strict=True)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    with torch.no_grad():
+        assert not torch.allclose(ours(imgs, 0.75, noise)[1], other_heads(pixel_values=imgs, noise=noise).logits, atol=1e-4)
+
+
+def test_timing_alternates_between_the_sides():
+    calls = []
+    times = mt.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, iters=3,
+                                 device=torch.device("cpu"))
+    assert calls == ["a", "b", "b", "a"] * 2      # each side goes first in every other round
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+@pytest.mark.slow
+def test_the_script_runs_both_sides_from_the_same_weights_and_prints_the_table(capsys):
+    torch.set_num_threads(1)
+    mt.main(["--model", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    losses = out.split("first-step loss (same weights, same noise): ")[1].splitlines()[0]
+    ours, peer = (float(part.split()[1]) for part in losses.split(", "))
+    assert ours == pytest.approx(peer, rel=1e-5)
+    for row in ("train step", "encoder forward (25% visible)"):
+        line = next(l for l in out.splitlines() if l.startswith(row))
+        ours_ips, peer_ips, ratio = (float(v.rstrip("x")) for v in line[len(row):].split()[:3])
+        assert ours_ips > 0 and peer_ips > 0 and ratio == pytest.approx(ours_ips / peer_ips, rel=1e-2)
+    assert "model FLOPs per step" in out
