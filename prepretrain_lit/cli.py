@@ -4,22 +4,22 @@
 
 # %% auto #0
 __all__ = ['add_config_args', 'config_from_args', 'cmd_config_show', 'presets_table', 'cmd_config_presets', 'cmd_env',
-           'cmd_shards_build', 'parse_subset', 'cmd_shards_verify', 'cmd_train', 'demo_shards', 'mae_summary',
-           'cmd_demo', 'build_parser', 'main']
+           'cmd_shards_build', 'parse_subset', 'cmd_shards_verify', 'cmd_train', 'cmd_evaluate', 'add_run_args',
+           'cmd_run', 'cmd_status', 'cmd_report', 'report_files', 'cmd_demo', 'build_parser', 'main']
 
-# %% ../nbs/10_cli.ipynb #626cd9b5
+# %% ../nbs/10_cli.ipynb #9d71a460
 import argparse
 import json
 import os
 import sys
-import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import prepretrain_lit
 from .config import (PRESETS, RunConfig, UserError, collect_provenance,
                                     config_hash, config_to_dict, config_to_yaml, get_preset, load_config)
 
-# %% ../nbs/10_cli.ipynb #555acad0
+# %% ../nbs/10_cli.ipynb #e030c1c7
 def add_config_args(p: argparse.ArgumentParser) -> None:
     "The three config layers as options: `--preset`, `--config FILE`, `--set key=value` (repeatable)."
     p.add_argument("--preset", help=f"start from a named preset: {', '.join(PRESETS)}")
@@ -57,7 +57,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(json.dumps({k: record[k] for k in ("versions", "git", "devices", "host", "platform")}, indent=2))
     return 0
 
-# %% ../nbs/10_cli.ipynb #6652c7a2
+# %% ../nbs/10_cli.ipynb #33426ff8
 def cmd_shards_build(args: argparse.Namespace) -> int:
     from pathlib import Path
     from prepretrain_lit.data import (build_from_recipe, build_shards, imagefolder_source, load_manifest,
@@ -94,10 +94,10 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
           f"{m.path}: all {len(m.shards)} shards match ({m.num_samples} samples)")
     return 1 if problems else 0
 
-# %% ../nbs/10_cli.ipynb #78384937
+# %% ../nbs/10_cli.ipynb #155afe77
 def cmd_train(args: argparse.Namespace) -> int:
     from prepretrain_lit.trainer import EXIT_PREEMPTED, Preempted, train
-    cfg = config_from_args(args)
+    cfg = load_config(args.config, preset=args.preset, overrides=args.overrides, stage=args.stage)  # + the stage's recipe
     try: last = train(args.stage, cfg, args.out, resume=True if args.resume else None)
     except Preempted as e:
         print(f"prepretrain: {e}", file=sys.stderr)
@@ -105,55 +105,67 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0: print(json.dumps(last))   # once, not once per process
     return 0
 
-# %% ../nbs/10_cli.ipynb #7851f416
-def demo_shards(out: "Path", num_samples: int = 2000) -> "Path":
-    "Build the demo's `shapes` shards under `out`, or reuse them when they are already there and intact."
-    from prepretrain_lit.data import build_from_recipe, load_manifest, shipped_manifest, verify_manifest
-    manifest = out / "shapes.yaml"
-    if manifest.is_file():
-        m = load_manifest(manifest)
-        if m.num_samples == num_samples and not verify_manifest(m): return manifest
-    return build_from_recipe(shipped_manifest("shapes"), out, workers=2, num_samples=num_samples)
-
-def mae_summary(cfg: RunConfig, imgs: "torch.Tensor | None" = None) -> dict:
-    "Build the MAE model of `cfg`, run forward and backward on `imgs` (random if None), and describe it."
-    import torch
-    from prepretrain_lit.mae import mae_from_config
-    m = cfg.model
-    model = mae_from_config(m, cfg.mae)
-    encoder = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder_", "mask_token")))
-    if encoder != m.encoder_params():
-        raise RuntimeError(f"the encoder has {encoder} parameters, ModelConfig.encoder_params() says {m.encoder_params()}")
-    if imgs is None: imgs = torch.randn(cfg.data.batch_size, m.in_chans, m.img_size, m.img_size)
-    start = time.perf_counter()
-    loss, pred, mask = model(imgs, mask_ratio=cfg.mae.mask_ratio)   # pred (N, L, p*p*C), mask (N, L)
-    loss.backward()
-    return {"arch": m.arch, "encoder_params": encoder,
-            "decoder_params": sum(p.numel() for p in model.parameters()) - encoder,
-            "images": list(imgs.shape), "patches": m.num_patches,
-            "visible_per_image": int(m.num_patches - mask[0].sum().item()), "pred": list(pred.shape),
-            "loss_at_init": round(loss.item(), 4), "forward_backward_s": round(time.perf_counter() - start, 3)}
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-    from prepretrain_lit.loader import ShardStream, StreamLoader, mae_transform
-    preset = args.preset or (None if args.config else "tiny")  # the demo is the tiny CPU run unless told
-    cfg = load_config(args.config, preset=preset, overrides=args.overrides)
-    print(f"== config ({cfg.preset or 'custom'}, hash {config_hash(cfg)})\n{config_to_yaml(cfg)}")
-    print("== environment")
-    cmd_env(args)
-    print("== data: built-in shapes as webdataset shards")
-    manifest = demo_shards(Path(args.out) / "demo" / "shards" / "shapes", args.num_samples)
-    stream = ShardStream(manifest, mae_transform(cfg.model.img_size), seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer)
-    loader = StreamLoader(stream, cfg.data.batch_size, num_workers=cfg.data.num_workers)
-    batch = next(iter(loader))
-    print(f"manifest {manifest}: one batch of {tuple(batch['image'].shape)}; first caption: {batch['caption'][0]!r}")
-    print("== MAE model: one training step's forward and backward on that batch")
-    print(json.dumps(mae_summary(cfg, batch["image"]), indent=2))
-    print("The end-to-end pipeline (MAE -> WSP -> transfer -> report) is not built yet: see the issues.")
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from prepretrain_lit.transfer import EVAL_STAGES, evaluate
+    if args.kind not in EVAL_STAGES:
+        raise UserError(f"unknown evaluation '{args.kind}'; evaluations: {', '.join(EVAL_STAGES)}")
+    cfg = load_config(args.config, preset=args.preset, overrides=args.overrides, stage=EVAL_STAGES[args.kind])
+    doc = evaluate(args.kind, cfg, args.out, nprocs=args.nprocs)
+    print(json.dumps(doc["summary"], indent=1))
     return 0
 
-# %% ../nbs/10_cli.ipynb #d202e9f8
+# %% ../nbs/10_cli.ipynb #598b2715
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    "The options `run` and `demo` share."
+    p.add_argument("--out", default="runs", help="the folder that gets <experiment>/<stage>/<variant>/ (default: runs)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="a stage parameter for every stage (steps=20), for one (mae.steps=20), or a grid axis (seed=[0]); repeatable")
+    p.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be complete)")
+    p.add_argument("--dry-run", action="store_true", help="print the DAG of stage runs and stop")
+    p.add_argument("--force", action="store_true", help="re-run runs that completed with other parameters (deletes them)")
+    p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from prepretrain_lit.pipeline import run_experiment
+    resources = {"partition": args.partition, "account": args.account, "qos": args.qos, "nodes": args.nodes,
+                 "gpus_per_node": args.gpus_per_node, "cpus_per_node": args.cpus_per_node, "time_min": args.time_min}
+    outcomes = run_experiment(args.experiment, out=args.out, overrides=args.overrides, executor=args.executor,
+                              only=args.only, dry_run=args.dry_run, force=args.force, cli_resources=resources,
+                              progress=not args.quiet)
+    return 0 if all(o.state in ("complete", "skipped", "submitted") for o in outcomes) else 1
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from prepretrain_lit.pipeline import format_status, status_rows
+    if not Path(args.run_dir).is_dir(): raise UserError(f"{args.run_dir}: no such folder")
+    rows = status_rows(args.run_dir)
+    print(format_status(rows))
+    return 1 if any(r["state"] in ("failed", "preempted") for r in rows) else 0
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try: from prepretrain_lit.report import build_report
+    except ImportError as e: raise UserError(f"the report module is not available ({e}); see nbs/09_report.ipynb") from None
+    out = build_report(args.run_dirs, out_dir=args.out)
+    for key, value in out.items():
+        print(f"{key}: {len(value)}" if isinstance(value, (list, tuple, dict)) else f"{key}: {value}")
+    return 0
+
+def report_files(root: Path) -> list[Path]:
+    "The reports (`summary.md`) written under an experiment folder, newest first."
+    return sorted(root.rglob("summary.md"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from prepretrain_lit.pipeline import EXPERIMENTS_DIR, run_experiment
+    # the demo's runs are disposable: those made with other parameters (an older demo.yaml) are simply re-run
+    outcomes = run_experiment(EXPERIMENTS_DIR / "demo.yaml", out=args.out, overrides=args.overrides, only=args.only,
+                              dry_run=args.dry_run, force=True, progress=not args.quiet)
+    if args.dry_run: return 0
+    ok = all(o.state in ("complete", "skipped") for o in outcomes)
+    reports = report_files(Path(args.out) / "demo")
+    if reports: print(f"== the report: {reports[0]} (figures beside it); every stage's notebook: {Path(args.out) / 'demo'}/<stage>/<variant>/executed.ipynb")
+    else: print(f"== no report was written; see the summary above and `prepretrain status {Path(args.out) / 'demo'}`")
+    return 0 if ok else 1
+
+# %% ../nbs/10_cli.ipynb #5dbd110d
 def build_parser() -> argparse.ArgumentParser:
     "The `prepretrain` argument parser with every subcommand."
     parser = argparse.ArgumentParser(prog="prepretrain", description="MAE pre-pretraining and SplitMask, literate.")
@@ -187,17 +199,43 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=cmd_shards_verify)
 
     train_p = sub.add_parser("train", help="train one stage into a run folder (alone or under torchrun)")
-    train_p.add_argument("stage", help="the objective: mae or splitmask")
+    train_p.add_argument("stage", help="the stage: mae, splitmask, wsp, supervised, finetune, linear_probe or lit "
+                         "(its recipe is applied before --config and --set)")
     add_config_args(train_p)
     train_p.add_argument("--out", required=True, help="the run folder (config, metrics, checkpoints, model.pt)")
     train_p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from")
     train_p.set_defaults(handler=cmd_train)
 
+    evaluate_p = sub.add_parser("evaluate", help="evaluate a trunk: finetune, linear_probe, lowshot or zeroshot")
+    evaluate_p.add_argument("kind", help="finetune, linear_probe, lowshot or zeroshot (its stage recipe is applied)")
+    add_config_args(evaluate_p)
+    evaluate_p.add_argument("--out", required=True, help="the run folder (results.json, config, checkpoints)")
+    evaluate_p.add_argument("--nprocs", type=int, default=1, help="training processes on this machine (GPUs)")
+    evaluate_p.set_defaults(handler=cmd_evaluate)
+
     sub.add_parser("env", help="versions, git commit and devices").set_defaults(handler=cmd_env)
-    demo = sub.add_parser("demo", help="the main job on built-in data, on CPU (make demo)")
-    add_config_args(demo)
-    demo.add_argument("--out", default="runs", help="folder for the demo's outputs (default: runs)")
-    demo.add_argument("--num-samples", type=int, default=2000, help="shapes images to build")
+    run = sub.add_parser("run", help="run an experiment: its DAG of stage notebooks (local or SLURM)")
+    run.add_argument("experiment", help="an experiment YAML (experiments/demo.yaml), or the name of a shipped one (demo)")
+    add_run_args(run)
+    run.add_argument("--executor", choices=("local", "slurm"), default="local",
+                     help="local: one stage after the other in this process; slurm: one job per stage run")
+    slurm = run.add_argument_group("SLURM resources (override the experiment's)")
+    slurm.add_argument("--partition"); slurm.add_argument("--account"); slurm.add_argument("--qos")
+    slurm.add_argument("--nodes", type=int); slurm.add_argument("--gpus-per-node", type=int)
+    slurm.add_argument("--cpus-per-node", type=int); slurm.add_argument("--time-min", type=int, help="time limit in minutes")
+    run.set_defaults(handler=cmd_run)
+
+    status = sub.add_parser("status", help="the stage runs under a run folder and their states")
+    status.add_argument("run_dir", help="an experiment's folder (runs/demo) or a folder of several (runs)")
+    status.set_defaults(handler=cmd_status)
+
+    report = sub.add_parser("report", help="the results table, figures and summary of run folders")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folders (runs/demo); several are merged")
+    report.add_argument("--out", help="where the report goes (default: <first RUN_DIR>/report)")
+    report.set_defaults(handler=cmd_report)
+
+    demo = sub.add_parser("demo", help="experiments/demo.yaml end to end on built-in data, on CPU (make demo)")
+    add_run_args(demo)
     demo.set_defaults(handler=cmd_demo)
     return parser
 

@@ -75,14 +75,46 @@ def test_env_reports_versions(capsys):
     assert record["versions"]["torch"] == torch.__version__ and "commit" in record["git"]
 
 
-def test_demo_builds_shards_and_runs_the_tiny_mae_on_a_batch(capsys, tmp_path):
-    assert main(["demo", "--set", "data.batch_size=2", "--out", str(tmp_path), "--num-samples", "100"]) == 0
-    assert (tmp_path / "demo" / "shards" / "shapes" / "shapes.yaml").is_file()
-    out = capsys.readouterr().out
-    summary = json.loads(out[out.index("{", out.index("== MAE model")):out.rindex("}") + 1])
-    tiny = load_config(preset="tiny")
-    assert summary["encoder_params"] == tiny.model.encoder_params()
-    assert summary["images"] == [2, 3, tiny.model.img_size, tiny.model.img_size]
-    assert summary["visible_per_image"] == int(tiny.model.num_patches * (1 - tiny.mae.mask_ratio))
-    assert summary["pred"] == [2, tiny.model.num_patches, tiny.model.patch_size ** 2 * 3]
-    assert summary["loss_at_init"] > 0
+def test_demo_is_the_demo_experiment_and_dry_run_plans_it(tmp_path):
+    res = run("demo", "--dry-run", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert f"== experiment demo: 16 stage runs in {tmp_path.resolve() / 'demo'}" in res.stdout
+    for line in ("mae/main", "wsp/scratch", "wsp/from_mae", "finetune/init=mae", "zeroshot/init=scratch", "report/main"):
+        assert line in res.stdout, line
+    assert not (tmp_path / "demo").exists()          # a dry run writes nothing
+
+
+def test_run_status_and_report_subcommands(tmp_path):
+    res = run("run", "demo", "--dry-run", "--out", str(tmp_path), "--set", "steps=3", "--set", "seed=[1]")
+    assert res.returncode == 0 and "wsp/from_mae" in res.stdout, res.stderr
+    res = run("run", "demo", "--dry-run", "--set", "stepz=3")
+    assert res.returncode == 2 and "--set stepz: no stage of demo has such a parameter" in res.stderr
+    res = run("run", str(tmp_path / "missing.yaml"))
+    assert res.returncode == 2 and "experiment file not found" in res.stderr
+    res = run("status", str(tmp_path))
+    assert res.returncode == 0 and "no stage runs found" in res.stdout
+    res = run("status", str(tmp_path / "nope"))
+    assert res.returncode == 2 and "no such folder" in res.stderr
+    res = run("report", str(tmp_path))
+    assert res.returncode == 2 and res.stderr.startswith("prepretrain: error: ")
+
+
+def test_train_applies_the_stage_recipe(tmp_path, shapes_manifest):
+    from prepretrain_lit.cli import main
+    from prepretrain_lit.config import load_config
+    out = tmp_path / "wsp"
+    assert main(["train", "wsp", "--preset", "tiny", "--set", f"data.dataset={shapes_manifest}", "--set", "train.steps=2",
+                 "--set", "data.num_workers=0", "--set", "data.batch_size=8", "--out", str(out)]) == 0
+    cfg = load_config(out / "config.yaml")
+    assert cfg.stage == "wsp" and cfg.optim.betas == (0.9, 0.999) and cfg.head.global_pool is False
+    assert (out / "model.pt").is_file()
+
+
+def test_evaluate_writes_results_and_prints_the_summary(tmp_path, digits_manifests, capsys):
+    from prepretrain_lit.cli import main
+    train_m, test_m = digits_manifests
+    assert main(["evaluate", "lowshot", "--preset", "tiny", "--set", f"data.dataset={train_m}", "--set",
+                 f"eval.dataset={test_m}", "--set", "probe.shots=[1]", "--set", "probe.splits=2", "--set",
+                 "eval.num_workers=0", "--out", str(tmp_path / "low")]) == 0
+    assert '"top1@1shot"' in capsys.readouterr().out and (tmp_path / "low" / "results.json").is_file()
+    assert main(["evaluate", "probe", "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2

@@ -3,7 +3,9 @@
 Steps (all run, even after a failure, so one run shows every problem):
   sync       nbdev_export and tools/readme.py must not change prepretrain_lit/ or README.md
   clean      nbdev_clean must not change any notebook
-  notebooks  every notebook in nbs/ executes (nbdev_test), slow and multiproc cells included
+  notebooks  every notebook in nbs/ executes (nbdev_test), slow and multiproc cells included; the stage
+             notebooks in nbs/stages/ are skipped here (their defaults may be cluster-sized): pytest runs
+             each of them through papermill with tiny parameters (tests/test_pipeline.py)
   pytest     tests/ passes; a run that collects nothing (pytest exit 5) is a failure
 The sync and clean steps put every file back as it was, so `make test` never edits the work tree.
 """
@@ -23,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LIB = ROOT / "prepretrain_lit"
 NBS = ROOT / "nbs"
+STAGES_SKIP = r"^([_.]|stages$)"   # nbdev's default folder skip (^[_.]) plus nbs/stages/
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints")
 
 
@@ -114,7 +117,9 @@ def step_notebooks(fast: bool = False) -> tuple[bool, str]:
     # One notebook at a time by default: on a 2-core machine two notebooks' torch threads fight over the same
     # cores and the whole step runs 3x slower than in sequence. Raise it on bigger machines.
     workers = os.environ.get("NOTEBOOK_WORKERS", "1")
-    res = _run([BIN / "nbdev_test", "--flags", " ".join(flags), "--timing", "--n_workers", workers])
+    # nbs/stages/ holds papermill stage notebooks: tests/test_pipeline.py executes them with tiny parameters.
+    res = _run([BIN / "nbdev_test", "--flags", " ".join(flags), "--timing", "--n_workers", workers,
+                "--skip_folder_re", STAGES_SKIP])
     return res.returncode == 0, ("every notebook executed" if res.returncode == 0 else
                                  "a notebook failed to execute (its traceback is above)")
 

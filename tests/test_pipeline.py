@@ -1,0 +1,364 @@
+"""The pipeline: experiment files, grid expansion into a DAG, validation before running, the local runner
+(skip-if-done, resume, failures that block only their dependents), the SLURM submission, and every
+stage notebook executed with tiny parameters."""
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prepretrain_lit.cli import main
+from prepretrain_lit.config import UserError
+from prepretrain_lit.pipeline import (STAGES_DIR, EXPERIMENTS_DIR, StageJob, expand, format_dag, load_experiment,
+                                      notebook_parameters, parse_experiment, run_experiment, slurm_job_params,
+                                      submit_slurm, write_stage_notebook)
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = 'out_dir = "."  # the run folder\n'
+
+
+@pytest.fixture
+def stages(tmp_path) -> Path:
+    "Tiny stage notebooks: `train` writes model.pt (and fails on demand), `evaluate` reads it, `report` lists runs."
+    d = tmp_path / "stages"
+    write_stage_notebook(d / "train.ipynb", OUT + "seed = 0  # seed\nmodel = 'b'  # size\nsteps = 10  # steps\nfail = False  # raise on purpose",
+                         ["assert not fail, f'failing on purpose (seed {seed})'",
+                          "import pathlib; pathlib.Path(out_dir, 'model.pt').write_text(f'{model} {seed} {steps}')"])
+    write_stage_notebook(d / "evaluate.ipynb", OUT + "checkpoint = None  # a model.pt",
+                         ["import pathlib; pathlib.Path(out_dir, 'results.json').write_text(pathlib.Path(checkpoint).read_text())"])
+    write_stage_notebook(d / "report.ipynb", OUT + "runs = None  # the experiment folder",
+                         ["import pathlib; pathlib.Path(out_dir, 'summary.md').write_text(str(sorted(pathlib.Path(runs).rglob('results.json'))))"])
+    return d
+
+
+def experiment(*_, **changes) -> dict:
+    data = {"name": "toy", "defaults": {"steps": 5}, "grid": {"model": ["b", "l"], "seed": [0, 1]},
+            "stages": {"train": {"notebook": "train", "over": ["model", "seed"], "params": {"model": "{model}", "seed": "{seed}"}},
+                       "eval": {"notebook": "evaluate", "inputs": {"checkpoint": "train/model.pt"}},
+                       "report": {"notebook": "report", "params": {"runs": "{experiment_dir}"}, "after": ["eval"]}}}
+    data.update(changes)
+    return data
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# -- expansion ------------------------------------------------------------------------------------------------
+
+def test_grid_expands_into_a_dag_matched_on_shared_axes(stages, tmp_path):
+    runs = expand(parse_experiment(experiment(stages), stages_dir=stages), tmp_path / "runs")
+    ids = [r.id for r in runs]
+    assert ids[:4] == ["train/model=b,seed=0", "train/model=b,seed=1", "train/model=l,seed=0", "train/model=l,seed=1"]
+    by_id = {r.id: r for r in runs}
+    ev = by_id["eval/model=l,seed=1"]                      # eval inherits both axes from its input
+    assert ev.deps == ["train/model=l,seed=1"]
+    assert ev.params["checkpoint"] == str((tmp_path / "runs/toy/train/model=l,seed=1/model.pt").resolve())
+    assert by_id["train/model=l,seed=1"].params == {"steps": 5, "model": "l", "seed": 1,
+                                                    "out_dir": str((tmp_path / "runs/toy/train/model=l,seed=1").resolve())}
+    assert by_id["report/main"].deps == [f"eval/model={m},seed={s}" for m in "bl" for s in (0, 1)]
+    assert by_id["report/main"].params["runs"] == str((tmp_path / "runs/toy").resolve())
+    assert ids.index("report/main") == len(ids) - 1 and all(ids.index(d) < ids.index(r.id) for r in runs for d in r.deps)
+    assert len({r.hash for r in runs}) == len(runs)
+    # the hash does not depend on where the runs go, and changes downstream when a parameter changes upstream
+    again = {r.id: r.hash for r in expand(parse_experiment(experiment(stages), stages_dir=stages), tmp_path / "elsewhere")}
+    assert again == {r.id: r.hash for r in runs}
+    changed = {r.id: r.hash for r in expand(parse_experiment(experiment(stages), stages_dir=stages), tmp_path / "runs", ["train.steps=6"])}
+    assert all(changed[i] != again[i] for i in changed)
+    print(format_dag(runs))
+
+
+def test_variants_exclude_and_optional_inputs(stages, tmp_path):
+    data = experiment(stages, grid={"length": [0, 0.1, 1.0]}, stages={
+        "pre": {"notebook": "train", "over": ["length"], "exclude": [{"length": 0}], "params": {"steps": "{length}"}},
+        "wsp": {"notebook": "evaluate", "over": ["length"], "inputs": {"checkpoint": "pre/model.pt?"}},
+        "two": {"notebook": "evaluate", "variants": {"scratch": {"axes": {"init": "scratch"}},
+                                                     "from_pre": {"axes": {"init": "pre"}, "inputs": {"checkpoint": "pre/model.pt"}}}}})
+    runs = {r.id: r for r in expand(parse_experiment(data, stages_dir=stages), tmp_path)}
+    assert [i for i in runs if i.startswith("pre/")] == ["pre/length=0.1", "pre/length=1"]
+    assert runs["pre/length=0.1"].params["steps"] == 0.1                       # typed, not "0.1"
+    assert "checkpoint" not in runs["wsp/length=0"].params and runs["wsp/length=0"].deps == []
+    assert runs["wsp/length=1"].deps == ["pre/length=1"]
+    # the explicit variant `from_pre` maps over pre's two runs; `scratch` has no input
+    assert sorted(i for i in runs if i.startswith("two/")) == ["two/from_pre,length=0.1", "two/from_pre,length=1", "two/scratch"]
+    assert runs["two/from_pre,length=1"].axes == {"init": "pre", "length": 1.0}
+
+
+def test_overrides_set_parameters_stage_parameters_and_axes(stages, tmp_path):
+    exp = parse_experiment(experiment(stages), stages_dir=stages)
+    runs = expand(exp, tmp_path, ["seed=[7]", "model=b", "train.steps=3", "checkpoint=x"])
+    assert [r.id for r in runs] == ["train/model=b,seed=7", "eval/model=b,seed=7", "report/main"]
+    assert runs[0].params["steps"] == 3 and runs[0].params["seed"] == 7
+    assert runs[1].params["checkpoint"].endswith("model.pt")                  # an input wins over a global --set
+    runs = expand(exp, tmp_path, ["train.steps=4", "steps=3"])                # one stage's --set beats every stage's
+    assert runs[0].params["steps"] == 4
+
+
+# -- validation ---------------------------------------------------------------------------------------------
+
+BAD = [
+    ({"stages": {"a": {"notebook": "trian"}}}, ["toy.yaml", "stages.a.notebook", "unknown stage notebook 'trian'", "evaluate, report, train"]),
+    ({"stages": {"a": {"notebook": "train", "params": {"step": 3}}}}, ["toy.yaml", "stages.a.params", "'step'", "did you mean 'steps'", "out_dir, seed, model, steps, fail"]),
+    ({"stages": {"a": {"notebook": "evaluate", "inputs": {"checkpoint": "b/model.pt"}}}}, ["toy.yaml", "stages.a.inputs.checkpoint", "unknown stage 'b'", "stages: a"]),
+    ({"stages": {"a": {"notebook": "evaluate", "inputs": {"ckpt": "b/model.pt"}}, "b": {"notebook": "train"}}}, ["stages.a.inputs", "unknown parameter 'ckpt'", "checkpoint"]),
+    ({"stages": {"a": {"notebook": "train", "after": ["b"]}, "b": {"notebook": "train", "after": ["a"]}}}, ["toy.yaml", "cycle", "a -> b -> a"]),
+    ({"stages": {"a": {"notebook": "train", "over": ["sed"]}}}, ["stages.a.over", "unknown grid axis 'sed'", "model, seed"]),
+    ({"stages": {"a": {"notebook": "train", "parms": {}}}}, ["stages.a.parms", "did you mean 'params'", "notebook, params, inputs"]),
+    ({"stages": {"a": {"notebook": "train", "params": {"seed": "{sed}"}}}}, ["stages.a.params", "'{sed}'"]),
+    ({"stagez": {}}, ["toy.yaml", "unknown key 'stagez'", "did you mean 'stages'"]),
+]
+
+
+@pytest.mark.parametrize("changes,expected", BAD, ids=[e[1][-1] for e in BAD])
+def test_bad_experiments_are_refused_before_anything_runs(stages, tmp_path, changes, expected):
+    data = {"name": "toy", "grid": {"model": ["b"], "seed": [0]}, **changes}
+    path = write_yaml(tmp_path / "toy.yaml", data)
+    with pytest.raises(UserError) as e:
+        run_experiment(path, out=tmp_path / "runs", stages_dir=stages, echo=lambda s: None)
+    for piece in expected: assert piece in str(e.value), (piece, str(e.value))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_override_and_missing_parameters_cell(stages, tmp_path):
+    path = write_yaml(tmp_path / "toy.yaml", experiment(stages))
+    with pytest.raises(UserError, match="--set stepz: no stage of toy has such a parameter or grid axis; valid: .*steps"):
+        run_experiment(path, out=tmp_path / "runs", overrides=["stepz=3"], stages_dir=stages, echo=lambda s: None)
+    untagged = stages / "evaluate.ipynb"
+    nb = json.loads(untagged.read_text())
+    nb["cells"][0]["metadata"] = {}
+    untagged.write_text(json.dumps(nb))
+    with pytest.raises(UserError, match=r"evaluate.ipynb: no cell tagged 'parameters'.*papermill would ignore"):
+        run_experiment(path, out=tmp_path / "runs", stages_dir=stages, echo=lambda s: None)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_reports_bad_experiments_in_one_line(stages, tmp_path, capsys):
+    path = write_yaml(tmp_path / "toy.yaml", experiment(stages, stages={"a": {"notebook": "nope"}}))
+    assert main(["run", str(path), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prepretrain: error: ") and "unknown stage notebook 'nope'" in err and "mae" in err
+
+
+# -- the local runner -----------------------------------------------------------------------------------------
+
+def stage_json(folder: Path) -> dict:
+    return json.loads((folder / "stage.json").read_text())
+
+
+def test_failure_blocks_dependents_not_siblings_then_skip_and_resume(stages, tmp_path, capsys):
+    data = experiment(stages, grid={"model": ["b"], "seed": [0, 1]})
+    data["stages"]["train"]["params"]["fail"] = False
+    path = write_yaml(tmp_path / "toy.yaml", data)
+    out = tmp_path / "runs"
+    # seed 1 fails: its eval and the report are blocked, seed 0's branch goes on
+    outcomes = run_experiment(path, out=out, overrides=["train.fail=true"], stages_dir=stages, progress=False)
+    assert {o.run.id: o.state for o in outcomes} == {
+        "train/model=b,seed=0": "failed", "train/model=b,seed=1": "failed",
+        "eval/model=b,seed=0": "blocked", "eval/model=b,seed=1": "blocked", "report/main": "blocked"}
+    outcomes = run_experiment(path, out=out, stages_dir=stages, progress=False, force=True)   # hashes changed: --force
+    states = {o.run.id: o.state for o in outcomes}
+    assert set(states.values()) == {"complete"}
+
+    root = out / "toy"
+    record = stage_json(root / "eval/model=b,seed=1")
+    assert record["state"] == "complete" and record["kind"] == "evaluate" and record["experiment"] == "toy"
+    assert record["axes"]["seed"] == 1 and record["axes"]["model"] == "b" and record["axes"]["init"] is None
+    assert record["inputs"]["checkpoint"].endswith("train/model=b,seed=1/model.pt") and record["started"] and record["finished"]
+    assert (root / "eval/model=b,seed=1/results.json").read_text() == "b 1 5"
+    assert "results.json" in (root / "report/main/summary.md").read_text()
+
+    # skip-if-done: nothing executes again
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("executed.ipynb")}
+    outcomes = run_experiment(path, out=out, stages_dir=stages, progress=False)
+    assert {o.state for o in outcomes} == {"skipped"}
+    assert stamps == {p: p.stat().st_mtime_ns for p in root.rglob("executed.ipynb")}
+
+    # an interrupted run (stage.json says running) is run again, and only it
+    rec = stage_json(root / "train/model=b,seed=0")
+    (root / "train/model=b,seed=0/stage.json").write_text(json.dumps({**rec, "state": "running"}))
+    outcomes = run_experiment(path, out=out, stages_dir=stages, progress=False)
+    assert [o.run.id for o in outcomes if o.state == "complete"] == ["train/model=b,seed=0"]
+
+    # a changed parameter is refused until --force
+    with pytest.raises(UserError, match="completed with other parameters.*--force"):
+        run_experiment(path, out=out, overrides=["train.steps=6"], stages_dir=stages, progress=False)
+
+
+def test_failed_stage_keeps_its_notebook_and_status_shows_it(stages, tmp_path, capsys):
+    data = experiment(stages, grid={"model": ["b"], "seed": [0, 1]})
+    data["stages"]["train"]["params"]["fail"] = "{seed}"        # seed 1 fails
+    path = write_yaml(tmp_path / "toy.yaml", data)
+    outcomes = run_experiment(path, out=tmp_path / "runs", stages_dir=stages, progress=False)
+    states = {o.run.id: o.state for o in outcomes}
+    assert states == {"train/model=b,seed=0": "complete", "train/model=b,seed=1": "failed",
+                      "eval/model=b,seed=0": "complete", "eval/model=b,seed=1": "blocked", "report/main": "blocked"}
+    failed = tmp_path / "runs/toy/train/model=b,seed=1"
+    executed = json.loads((failed / "executed.ipynb").read_text())
+    errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert errors and errors[0]["ename"] == "AssertionError" and "failing on purpose (seed 1)" in errors[0]["evalue"]
+    assert stage_json(failed)["state"] == "failed" and "failing on purpose" in stage_json(failed)["error"]
+    assert not (tmp_path / "runs/toy/eval/model=b,seed=1").exists()
+    summary = capsys.readouterr().out
+    assert "1 failed" in summary and str(failed / "executed.ipynb") in summary
+    assert main(["status", str(tmp_path / "runs/toy")]) == 1
+    table = capsys.readouterr().out
+    assert "train  model=b,seed=1  failed" in table and "failing on purpose (seed 1)" in table
+
+
+def test_preempted_stage_is_preempted_and_resumes(tmp_path):
+    "A trainer that stops on a signal leaves status.json 'preempted'; the next run continues it."
+    d = tmp_path / "stages"
+    write_stage_notebook(d / "train.ipynb", OUT + "steps = 4  # steps", [
+        "import json, pathlib\nout = pathlib.Path(out_dir)\n"
+        "if not (out / 'checkpoint').exists():\n"
+        "    (out / 'checkpoint').write_text('2')\n"
+        "    (out / 'status.json').write_text(json.dumps({'state': 'preempted', 'step': 2}))\n"
+        "    raise SystemExit(3)\n"
+        "(out / 'model.pt').write_text('resumed from ' + (out / 'checkpoint').read_text())"])
+    write_stage_notebook(d / "evaluate.ipynb", OUT + "checkpoint = None  # a model.pt", ["print(open(checkpoint).read())"])
+    path = write_yaml(tmp_path / "x.yaml", {"name": "x", "stages": {"train": {"notebook": "train"},
+                                                                    "eval": {"notebook": "evaluate", "inputs": {"checkpoint": "train/model.pt"}}}})
+    first = run_experiment(path, out=tmp_path / "runs", stages_dir=d, progress=False, echo=lambda s: None)
+    assert [o.state for o in first] == ["preempted", "blocked"]
+    assert stage_json(tmp_path / "runs/x/train/main")["state"] == "preempted"
+    second = run_experiment(path, out=tmp_path / "runs", stages_dir=d, progress=False, echo=lambda s: None)
+    assert [o.state for o in second] == ["complete", "complete"]
+    assert (tmp_path / "runs/x/train/main/model.pt").read_text() == "resumed from 2"
+
+
+def test_only_runs_one_stage_and_needs_its_inputs(stages, tmp_path):
+    path = write_yaml(tmp_path / "toy.yaml", experiment(stages, grid={"model": ["b"], "seed": [0]}))
+    with pytest.raises(UserError, match=r"--only eval: its inputs are not complete: train/model=b,seed=0"):
+        run_experiment(path, out=tmp_path / "runs", only="eval", stages_dir=stages, echo=lambda s: None)
+    assert [o.state for o in run_experiment(path, out=tmp_path / "runs", only="train", stages_dir=stages, progress=False)] == ["complete"]
+    assert [o.run.id for o in run_experiment(path, out=tmp_path / "runs", only="eval", stages_dir=stages, progress=False)] == ["eval/model=b,seed=0"]
+    assert not (tmp_path / "runs/toy/report").exists()
+
+
+# -- SLURM ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    "`sbatch` and `srun` on PATH: sbatch keeps each script it is given and answers with a new job id."
+    bin_dir, scripts = tmp_path / "bin", tmp_path / "sbatch"
+    bin_dir.mkdir(); scripts.mkdir()
+    (bin_dir / "sbatch").write_text(f"""#!/bin/sh
+n=$(( $(ls {scripts} | wc -l) + 100 ))
+cp "$1" {scripts}/$n.sh
+echo "Submitted batch job $n"
+""")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "squeue").write_text('#!/bin/sh\n[ "$3" = "101" ] && echo PENDING\nexit 0\n')   # job 101 is still queued
+    for f in bin_dir.iterdir(): f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return scripts
+
+
+def test_slurm_jobs_carry_resources_and_afterok_dependencies(stages, tmp_path, fake_slurm):
+    data = experiment(stages, grid={"model": ["b"], "seed": [0]},
+                      resources={"partition": "learnfair", "account": "mae", "gpus_per_node": 8, "cpus_per_node": 80, "time_min": 600})
+    data["stages"]["train"]["resources"] = {"nodes": 2}
+    data["stages"]["report"]["resources"] = {"gpus_per_node": 0}
+    write_stage_notebook(stages / "train.ipynb", OUT + "seed = 0  # seed\nmodel = 'b'  # size\nnprocs = 1  # processes")
+    runs = expand(parse_experiment(data, stages_dir=stages), tmp_path / "runs")
+    outcomes = submit_slurm(runs, {"account": "other", "partition": None}, echo=lambda s: None)
+    assert [o.state for o in outcomes] == ["submitted"] * 3
+    scripts = {n: (fake_slurm / f"{n}.sh").read_text() for n in (100, 101, 102)}
+    train, ev, report = scripts[100], scripts[101], scripts[102]
+    for line in ["#SBATCH --partition=learnfair", "#SBATCH --account=other", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --cpus-per-task=10", "#SBATCH --time=600",
+                 "#SBATCH --requeue", "#SBATCH --signal=USR2@120"]:
+        assert line in train, line
+    assert "--dependency" not in train
+    assert "#SBATCH --dependency=afterok:100" in ev and "#SBATCH --kill-on-invalid-dep=yes" in ev and "#SBATCH --nodes=1" in ev
+    assert "#SBATCH --ntasks-per-node=1" in ev and "#SBATCH --cpus-per-task=80" in ev     # one task gets the node's CPUs
+    assert "#SBATCH --dependency=afterok:101" in report and "gpus-per-node" not in report
+    assert all(stage_json(r.folder)["state"] == "pending" for r in runs)
+    assert stage_json(runs[1].folder)["job_id"] == "101"
+    # one node: the notebook starts one process per GPU; several: one SLURM task per GPU, each nprocs=1
+    assert slurm_job_params(runs[0])["nprocs"] == 1
+    one_node = expand(parse_experiment({**data, "stages": {"train": {**data["stages"]["train"], "resources": {}}}}, stages_dir=stages), tmp_path / "r2")
+    assert slurm_job_params(one_node[0])["nprocs"] == 8
+    # submitting again: job 101 (eval) is still queued and is kept; the others are gone and are submitted again
+    again = submit_slurm(runs, echo=lambda s: None)
+    assert [o.note for o in again] == ["job 103", "job 101 (queued before)", "job 104 after 101"]
+    assert "#SBATCH --dependency=afterok:101" in (fake_slurm / "104.sh").read_text()
+
+
+def test_slurm_skips_complete_runs_and_the_job_runs_the_stage(stages, tmp_path, fake_slurm):
+    data = experiment(stages, grid={"model": ["b"], "seed": [0]})
+    runs = expand(parse_experiment(data, stages_dir=stages), tmp_path / "runs")
+    assert StageJob()(runs[0]) == "complete"                         # what the job does on its node
+    assert stage_json(runs[0].folder)["state"] == "complete"
+    outcomes = submit_slurm(runs, echo=lambda s: None)
+    assert [o.state for o in outcomes] == ["skipped", "submitted", "submitted"]
+    assert "--dependency" not in (fake_slurm / "100.sh").read_text()    # its input is done: nothing to wait for
+    assert StageJob().checkpoint(runs[1]).args == (runs[1],)             # requeued with the same run
+    bad = expand(parse_experiment(data, stages_dir=stages), tmp_path / "bad", ["train.fail=true"])[0]
+    with pytest.raises(RuntimeError, match="failed: see .*executed.ipynb"):
+        StageJob()(bad)                                                  # a failed run fails its job: afterok holds
+
+
+# -- the stage notebooks -------------------------------------------------------------------------------------
+
+def test_every_stage_notebook_has_one_parameters_cell_with_out_dir():
+    kinds = sorted(p.stem for p in STAGES_DIR.glob("*.ipynb"))
+    for kind in ("shards", "mae", "splitmask", "wsp", "finetune", "linear_probe", "lowshot", "zeroshot"):
+        assert kind in kinds
+    for kind in kinds:
+        params = notebook_parameters(STAGES_DIR / f"{kind}.ipynb")
+        assert "out_dir" in params, kind
+        undocumented = [p.name for p in params.values() if not p.help]
+        assert not undocumented, (kind, undocumented)
+        nb = json.loads((STAGES_DIR / f"{kind}.ipynb").read_text())
+        assert not any("default_exp" in "".join(c["source"]) for c in nb["cells"]), f"{kind} must not export"
+
+
+def test_shipped_experiments_validate():
+    names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    assert {"demo", "model_scaling", "data_scaling", "mae_length", "splitmask_vs_mae"} <= set(names)
+    counts = {}
+    for name in names:
+        runs = expand(load_experiment(EXPERIMENTS_DIR / f"{name}.yaml"), "/nonexistent/runs")
+        counts[name] = {s: sum(r.stage == s for r in runs) for s in dict.fromkeys(r.stage for r in runs)}
+    assert counts["model_scaling"]["mae"] == 4 and counts["model_scaling"]["wsp"] == 8 and counts["model_scaling"]["finetune"] == 8
+    assert counts["data_scaling"]["mae"] == 5
+    assert counts["mae_length"]["mae"] == 3 and counts["mae_length"]["wsp"] == 4
+    assert counts["splitmask_vs_mae"]["pretrain"] == 6
+    demo = {r.id: r for r in expand(load_experiment(EXPERIMENTS_DIR / "demo.yaml"), "/nonexistent/runs")}
+    assert demo["wsp/from_mae"].params["init_checkpoint"].endswith("demo/mae/main/model.pt")
+    assert "init_checkpoint" not in demo["wsp/scratch"].params
+    assert {k for k in demo if k.startswith(("linear_probe", "lowshot", "finetune", "zeroshot"))} == {
+        f"{s}/init={i}" for s in ("linear_probe", "lowshot", "finetune", "zeroshot") for i in ("scratch", "mae")}
+    assert len(demo["report/main"].deps) == 8
+
+
+def test_demo_dry_run_prints_the_dag(tmp_path, capsys):
+    assert main(["demo", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "wsp/from_mae" in out and "mae/main" in out and "report/main" in out
+    assert not (tmp_path / "demo").exists()
+
+
+TINY = ["steps=3", "shapes.num_samples=64", "shapes_test.num_samples=64", "batch_size=8", "lowshot.shots=[1]",
+        "lowshot.splits=1", "overrides=[data.num_workers=0, eval.num_workers=0, train.log_every=1]"]
+
+
+@pytest.mark.slow
+def test_every_stage_notebook_executes_with_tiny_parameters(tmp_path):
+    "The demo's DAG on tiny settings (every stage notebook but splitmask), then splitmask alone."
+    outcomes = run_experiment(EXPERIMENTS_DIR / "demo.yaml", out=tmp_path, overrides=TINY, progress=False)
+    states = {o.run.id: (o.state, o.note) for o in outcomes}
+    assert all(s == "complete" for s, _ in states.values()), states
+    root = tmp_path / "demo"
+    for kind in ("linear_probe", "lowshot", "finetune", "zeroshot"):
+        for init in ("scratch", "mae"):
+            results = json.loads((root / kind / f"init={init}" / "results.json").read_text())
+            assert results["kind"] == kind and results["records"], (kind, init)
+    assert json.loads((root / "wsp/from_mae/status.json").read_text()) == {"state": "complete", "step": 3, "message": ""}
+    sm = tmp_path / "splitmask"
+    path = write_yaml(tmp_path / "sm.yaml", {"name": "sm", "stages": {"splitmask": {"notebook": "splitmask", "params": {"steps": 2, "batch_size": 8}}}})
+    assert [o.state for o in run_experiment(path, out=sm, progress=False)] == ["complete"]
