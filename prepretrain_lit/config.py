@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['PRESETS', 'STAGE_RECIPES', 'UserError', 'ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig',
            'MAEConfig', 'SplitMaskConfig', 'InitConfig', 'HeadConfig', 'EvalConfig', 'ProbeConfig', 'LiTConfig',
-           'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'get_preset', 'stage_recipe', 'load_yaml',
-           'load_config', 'config_to_dict', 'config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config',
-           'derive_seed', 'seed_everything', 'seed_worker', 'run_dir', 'config_diff', 'create_run_dir',
-           'init_run_folder', 'git_state', 'package_versions', 'device_names', 'collect_provenance', 'write_provenance']
+           'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'unknown_choice', 'get_preset',
+           'stage_recipe', 'load_yaml', 'load_config', 'config_to_dict', 'config_hash', 'config_to_yaml',
+           'atomic_write_text', 'save_config', 'derive_seed', 'seed_everything', 'seed_worker', 'run_dir',
+           'config_diff', 'create_run_dir', 'init_run_folder', 'git_state', 'package_versions', 'device_names',
+           'collect_provenance', 'write_provenance']
 
-# %% ../nbs/00_config.ipynb #5349c350
+# %% ../nbs/00_config.ipynb #2674f19b
 import dataclasses
 import difflib
 import hashlib
@@ -33,14 +34,14 @@ from typing import Any, Literal, Sequence, get_args, get_origin, get_type_hints
 import numpy as np
 import yaml
 
-# %% ../nbs/00_config.ipynb #bb532f92
+# %% ../nbs/00_config.ipynb #046be67a
 class UserError(Exception):
     "A mistake in what the user asked for: the CLI prints the message alone, with no traceback."
 
 class ConfigError(UserError, ValueError):
     "A config that cannot be used; the message names the key, what was expected and the valid choices."
 
-# %% ../nbs/00_config.ipynb #36cd7fc5
+# %% ../nbs/00_config.ipynb #6419e776
 @dataclass
 class ModelConfig:
     "The ViT trunk (encoder) and MAE's light decoder; `img_size` must be a multiple of `patch_size`."
@@ -94,7 +95,7 @@ class ModelConfig:
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must lie in [0, 1)")
 
-# %% ../nbs/00_config.ipynb #65d41d4c
+# %% ../nbs/00_config.ipynb #ac8995b7
 @dataclass
 class DataConfig:
     "Which images, how many per process, and how much bad data to tolerate."
@@ -278,13 +279,13 @@ class RunConfig:
             section = getattr(self, f.name)
             if is_dataclass(section): section.check()
 
-# %% ../nbs/00_config.ipynb #dddafd8e
+# %% ../nbs/00_config.ipynb #838e4f5e
 def _check_positive(obj, section: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value <= 0: raise ConfigError(f"{section}.{name}={value} must be > 0")
 
-# %% ../nbs/00_config.ipynb #ec7204fa
+# %% ../nbs/00_config.ipynb #737af07f
 def type_name(tp) -> str:
     "A short readable name for a type annotation: `int`, `float or null`, `one of 'a', 'b'`."
     origin, args = get_origin(tp), get_args(tp)
@@ -365,7 +366,7 @@ def coerce(value, tp, key: str):
     if isinstance(value, tp): return value
     raise bad
 
-# %% ../nbs/00_config.ipynb #8a6854c8
+# %% ../nbs/00_config.ipynb #91b94c8b
 def _unknown_key(key: str, prefix: str, cls) -> ConfigError:
     names = [f.name for f in fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
@@ -389,7 +390,7 @@ def merge(cfg, updates: dict, prefix: str = ""):
             changes[key] = coerce(value, hints[key], prefix + key)
     return dataclasses.replace(cfg, **changes)
 
-# %% ../nbs/00_config.ipynb #0ed84b79
+# %% ../nbs/00_config.ipynb #5eb68729
 def parse_overrides(overrides: Sequence[str]) -> dict:
     "`['a.b=1', 'c=x']` -> `{'a': {'b': '1'}, 'c': 'x'}` (values stay strings until `merge` types them)."
     tree: dict = {}
@@ -408,7 +409,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         node[leaf] = value.strip()
     return tree
 
-# %% ../nbs/00_config.ipynb #2ba7878f
+# %% ../nbs/00_config.ipynb #c6ca0d5f
 def _vit(arch: str, patch: int, width: int, depth: int, heads: int) -> dict:
     return dict(model=dict(arch=arch, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads))
 
@@ -428,16 +429,19 @@ PRESETS: dict[str, dict] = {
     "vit_6.5b14": _vit("vit_6.5b14", 14, 4096, 32, 32),
 }
 
+def unknown_choice(kind: str, name: str, choices) -> ConfigError:
+    "The error for a `kind` named `name` that is not one of `choices`: a close match, then every valid one."
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown {kind} '{name}'{hint}; valid {kind}s: {', '.join(choices)}")
+
 def get_preset(name: str) -> RunConfig:
     "The `RunConfig` of preset `name`."
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown preset '{name}'{hint}; valid presets: {', '.join(PRESETS)}")
+    if name not in PRESETS: raise unknown_choice("preset", name, PRESETS)
     cfg = merge(RunConfig(), PRESETS[name], prefix="")
     return dataclasses.replace(cfg, preset=name)
 
-# %% ../nbs/00_config.ipynb #ee3c0001
+# %% ../nbs/00_config.ipynb #38c27c3f
 STAGE_RECIPES: dict[str, dict] = {
     "mae": {},
     "splitmask": {},
@@ -456,13 +460,10 @@ STAGE_RECIPES: dict[str, dict] = {
 
 def stage_recipe(stage: str) -> dict:
     "The changes stage `stage` makes to the defaults; an unknown stage raises `ConfigError` with the valid ones."
-    if stage not in STAGE_RECIPES:
-        close = difflib.get_close_matches(stage, STAGE_RECIPES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown stage '{stage}'{hint}; valid stages: {', '.join(STAGE_RECIPES)}")
+    if stage not in STAGE_RECIPES: raise unknown_choice("stage", stage, STAGE_RECIPES)
     return STAGE_RECIPES[stage]
 
-# %% ../nbs/00_config.ipynb #ee919718
+# %% ../nbs/00_config.ipynb #d5754c0e
 def load_yaml(path: str | os.PathLike) -> dict:
     "The mapping in YAML file `path`; a missing file, bad YAML or a non-mapping raises `ConfigError`."
     path = Path(path)
@@ -490,7 +491,7 @@ def load_config(path: str | os.PathLike | None = None, preset: str | None = None
     cfg.check()
     return cfg
 
-# %% ../nbs/00_config.ipynb #03eb45b1
+# %% ../nbs/00_config.ipynb #d5f54637
 def config_to_dict(cfg) -> dict:
     "A plain nested dict of `cfg` (tuples become lists, so it is safe YAML and JSON)."
     def plain(v):
@@ -522,7 +523,7 @@ def save_config(cfg, path: str | os.PathLike) -> Path:
     "Write `cfg` as YAML to `path`, atomically."
     return atomic_write_text(path, config_to_yaml(cfg))
 
-# %% ../nbs/00_config.ipynb #0adacd22
+# %% ../nbs/00_config.ipynb #efac9a69
 def derive_seed(seed: int, *keys: int) -> int:
     "A 32-bit seed for the stream named by `keys` (e.g. rank, worker) of the run seeded with `seed`."
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
@@ -545,7 +546,7 @@ def seed_worker(worker_id: int, seed: int, rank: int = 0) -> None:
     np.random.seed(s)
     torch.manual_seed(s)
 
-# %% ../nbs/00_config.ipynb #82f8e609
+# %% ../nbs/00_config.ipynb #aea79b80
 def run_dir(root: str | os.PathLike, experiment: str, stage: str, variant: str | None = None) -> Path:
     "The folder of one stage run: `root/experiment/stage[/variant]`."
     parts = [experiment, stage] + ([variant] if variant else [])
@@ -587,7 +588,7 @@ def init_run_folder(cfg: RunConfig, folder: str | os.PathLike) -> Path:
     save_config(cfg, saved)
     return d
 
-# %% ../nbs/00_config.ipynb #4f2ebf45
+# %% ../nbs/00_config.ipynb #f1001727
 def git_state(path: str | os.PathLike | None = None) -> dict:
     "`{'commit': sha or None, 'dirty': bool or None}` of the git work tree holding `path` (default: this package)."
     if path is None:

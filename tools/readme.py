@@ -1,6 +1,6 @@
 """Write README.md from nbs/index.ipynb (nbdev's own `nbdev_readme` needs quarto, which is not installed).
 
-Markdown cells are copied as they are; code cells become ```python blocks with their `#|` directive
+Markdown cells are copied as they are (links to `images/` made relative to the root); code cells become ```python blocks with their `#|` directive
 lines dropped (a `#| hide` cell is left out), followed by their text outputs. `make readme` and
 `make export` run it; `make test` fails when README.md differs from what it would write.
 """
@@ -37,8 +37,8 @@ def render(notebook: Path = NOTEBOOK) -> str:
     parts = []
     for cell in json.loads(notebook.read_text())["cells"]:
         source = _text(cell["source"])
-        if cell["cell_type"] == "markdown":
-            parts.append(source.strip())
+        if cell["cell_type"] == "markdown":   # images beside the notebooks (nbs/images/) are linked from the root
+            parts.append(source.strip().replace("](images/", "](nbs/images/"))
         elif cell["cell_type"] == "code":
             lines = source.splitlines()
             if any(line.replace(" ", "").startswith("#|hide") for line in lines): continue
