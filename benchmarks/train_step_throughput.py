@@ -2,8 +2,8 @@
 
 Both run forward, backward and AdamW on identical synthetic batches; the ratio shows what the trainer's
 machinery (schedule, accumulation, scaler, NaN bookkeeping) costs. On a GPU it also prints model FLOPs
-utilisation: training FLOPs (3x the forward matmul and attention FLOPs of the visible-token encoder and
-the full-length decoder) per second, over the device's peak dense bf16 rate.
+utilisation: training FLOPs (`mae_throughput.mae_flops`: the visible-token encoder and the full-length decoder)
+per second, over the device's peak dense bf16 rate.
 
     .venv/bin/python benchmarks/train_step_throughput.py                           # CPU: tiny preset
     .venv/bin/python benchmarks/train_step_throughput.py --preset vit_l16 --batch 128 --precision bf16 --compile
@@ -16,24 +16,11 @@ import time
 
 import torch
 
-from prepretrain_lit.config import ModelConfig, load_config
-from prepretrain_lit.trainer import SyntheticImages, Trainer, mae_objective
+from prepretrain_lit.config import load_config
+from prepretrain_lit.trainer import DistInfo, SyntheticImages, Trainer, mae_objective
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def mae_train_flops(m: ModelConfig, mask_ratio: float, batch: int) -> float:
-    "Training FLOPs of one MAE step: 3 x (2 x multiply-adds) of every matmul and attention product."
-    L = m.num_patches
-    K = int(L * (1 - mask_ratio))
-    def transformer(tokens: int, width: int, depth: int) -> float:
-        per_token = 2 * (4 * width * width + 2 * int(m.mlp_ratio * width) * width)   # qkv + proj, fc1 + fc2
-        attention = 2 * 2 * tokens * tokens * width                                   # q.k and attn.v
-        return depth * (tokens * per_token + attention)
-    patch = 2 * K * (m.patch_size ** 2 * m.in_chans) * m.embed_dim
-    decoder_io = 2 * (K + 1) * m.embed_dim * m.decoder_embed_dim + 2 * L * m.decoder_embed_dim * m.patch_size ** 2 * m.in_chans
-    forward = patch + transformer(K + 1, m.embed_dim, m.depth) + transformer(L + 1, m.decoder_embed_dim, m.decoder_depth) + decoder_io
-    return 3 * forward * batch
+# The FLOP count and the peak rates are the ones tests/test_benchmarks.py checks (sys.path holds this folder).
+from mae_throughput import mae_flops, peak_tflops
 
 
 def time_it(step, warmup: int, iters: int, device: torch.device) -> float:
@@ -67,7 +54,7 @@ def main() -> None:
     torch.manual_seed(0)
     plain_objective = mae_objective(cfg).to(device)
     plain_model = torch.compile(plain_objective) if args.compile else plain_objective
-    opt = torch.optim.AdamW(plain_objective.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    opt = torch.optim.AdamW(plain_objective.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)   # the trainer's kernel
     dtype = torch.bfloat16 if precision == "bf16" else None
     def plain_step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -78,7 +65,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(cfg, mae_objective(cfg), data, out, progress=False)
+        trainer = Trainer(cfg, mae_objective(cfg), data, out, DistInfo(device=device), progress=False)
         repeat = iter(lambda: batch, None)
         counter = iter(range(10 ** 9))
         trainer_step = lambda: trainer.train_step(repeat, next(counter))[0]
@@ -93,8 +80,8 @@ def main() -> None:
     print(f"{'Trainer':>14} {args.batch / t_trainer:>10.1f}")
     print(f"ratio Trainer / plain loop: {t_plain / t_trainer:.3f}")
     if cuda:
-        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-        flops = mae_train_flops(m, cfg.mae.mask_ratio, args.batch)
+        peak = args.peak_tflops or peak_tflops(name)
+        flops = mae_flops(m, cfg.mae.mask_ratio, args.batch).train
         achieved = flops / t_trainer / 1e12
         print(f"model FLOPs: {flops / 1e12:.2f} TFLOP per step, {achieved:.1f} TFLOP/s"
               + (f", MFU {achieved / peak:.1%} of {peak:.0f} TFLOP/s" if peak else " (pass --peak-tflops for MFU)"))
