@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['add_config_args', 'config_from_args', 'cmd_config_show', 'presets_table', 'cmd_config_presets', 'cmd_env',
-           'cmd_shards_build', 'parse_subset', 'cmd_shards_verify', 'cmd_train', 'cmd_evaluate', 'add_run_args',
-           'cmd_run', 'cmd_status', 'cmd_report', 'report_files', 'cmd_demo', 'build_parser', 'main']
+           'cmd_shards_build', 'cmd_shards_reshard', 'parse_subset', 'cmd_shards_verify', 'cmd_train', 'cmd_evaluate',
+           'add_run_args', 'cmd_run', 'cmd_status', 'cmd_report', 'report_files', 'cmd_demo', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #9d71a460
 import argparse
@@ -74,9 +74,20 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
         if args.name: src.name = args.name
         if args.num_samples: src.n = min(src.n, args.num_samples)
         path = build_shards(src, args.out, shard_size=args.shard_size, fmt=args.format, quality=args.quality,
-                            max_side=args.max_side, workers=args.workers, subsets=subsets)
+                            max_side=args.max_side, workers=args.workers, subsets=subsets,
+                            max_bad_fraction=args.max_bad_fraction)
     m = load_manifest(path)
-    print(f"wrote {len(m.shards)} shards, {m.num_samples} samples; manifest: {path}")
+    skipped = f" ({m.skipped_sources} unreadable source file(s) skipped)" if m.skipped_sources else ""
+    print(f"wrote {len(m.shards)} shards, {m.num_samples} samples{skipped}; manifest: {path}")
+    return 0
+
+def cmd_shards_reshard(args: argparse.Namespace) -> int:
+    from prepretrain_lit.data import load_manifest, reshard
+    path = reshard(args.manifest, args.out, shard_size=args.shard_size)
+    m = load_manifest(path)
+    prefixes = ", ".join(f"{name}: {m.subset_shards(name)}" for name in m.subsets) or "no subsets"
+    print(f"wrote {len(m.shards)} shards, {m.num_samples} samples in subset order (shards per subset: {prefixes}); "
+          f"manifest: {path}")
     return 0
 
 def parse_subset(text: str) -> tuple[str, int]:
@@ -193,7 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workers", type=int, default=1, help="processes building shards in parallel")
     build.add_argument("--subset", action="append", default=[], metavar="NAME=SIZE", help="a nested subset; repeatable")
     build.add_argument("--name", help="dataset name (default: the folder or file name)")
+    build.add_argument("--max-bad-fraction", type=float, default=0.01,
+                       help="fail when more than this share of the source files (and more than one) is unreadable")
     build.set_defaults(handler=cmd_shards_build)
+    re_ = shards_sub.add_parser("reshard", help="rewrite a corpus in subset order, so each subset is a prefix of shards")
+    re_.add_argument("manifest")
+    re_.add_argument("--out", required=True, help="a new folder for the shards and their manifest")
+    re_.add_argument("--shard-size", type=int, help="samples per shard (default: the corpus's largest shard)")
+    re_.set_defaults(handler=cmd_shards_reshard)
     verify = shards_sub.add_parser("verify", help="re-hash and recount every shard of a manifest")
     verify.add_argument("manifest")
     verify.set_defaults(handler=cmd_shards_verify)

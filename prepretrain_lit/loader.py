@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TRANSFORMS', 'shard_assignment', 'tar_samples', 'BadSample',
            'DataQualityError', 'decode_sample', 'ShardStream', 'check_enough_shards', 'check_skip_fraction',
-           'mae_transform', 'eval_transform', 'posterize_any_bits', 'finetune_transform', 'collate_samples',
-           'StreamLoader', 'resolve_manifest', 'make_loader']
+           'mae_transform', 'eval_transform', 'posterize_any_bits', 'finetune_transform', 'pad_indices',
+           'collate_samples', 'StreamLoader', 'resolve_manifest', 'make_loader']
 
 # %% ../nbs/01b_loader.ipynb #626c21df
 import hashlib
@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 
 from .config import DataConfig, UserError, derive_seed
 from .data import (KEY_EXT, TEMPLATE_MARK, Manifest, in_subset, load_manifest, shipped_manifest,
-                                  tar_members, verify_manifest)
+                                  tar_members, verify_across_ranks, verify_manifest)
 
 # %% ../nbs/01b_loader.ipynb #fe0b1686
 def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -96,7 +96,7 @@ def decode_sample(sample: dict, manifest: Manifest) -> dict:
 # %% ../nbs/01b_loader.ipynb #451794ed
 class ShardStream(torch.utils.data.IterableDataset):
     """Samples of `manifest` for this rank and loader worker: split, read, filter, decode, shuffle, transform.
-    Each item: image (transformed), label (int, -1 if none), hashtags (multi-hot over the vocabulary),
+    Each item: image (transformed), label (int, -1 if none), hashtags (their vocabulary indices, int64),
     caption, key, and `skipped` (bad samples passed over since the previous item)."""
     def __init__(self, manifest: Manifest | str | Path, transform: Callable | None = None, subset: str | None = None,
                  seed: int = 0, shuffle_buffer: int = 1000, rank: int | None = None, world_size: int | None = None,
@@ -229,9 +229,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._pending = 0
             return None
         image = self._transform(sample)
-        hashtags = torch.zeros(len(self.vocab))
-        present = [self.vocab[t] for t in sample["hashtags"] if t in self.vocab]
-        if present: hashtags[present] = 1.0
+        hashtags = torch.tensor(sorted({self.vocab[t] for t in sample["hashtags"] if t in self.vocab}),
+                                dtype=torch.long)        # vocabulary indices (k,), not a |V|-wide multi-hot
         skipped, self._pending = getattr(self, "_pending", 0), 0
         return {"image": image, "label": sample["label"], "hashtags": hashtags, "caption": sample["caption"],
                 "key": sample["key"], "skipped": skipped}
@@ -288,12 +287,20 @@ def finetune_transform(img_size: int, auto_augment: str = "rand-m9-mstd0.5-inc1"
 TRANSFORMS = {"mae": mae_transform, "eval": eval_transform, "finetune": finetune_transform}
 
 # %% ../nbs/01b_loader.ipynb #96755318
+def pad_indices(rows: list[torch.Tensor], pad: int = -1) -> torch.Tensor:
+    "Index lists of different lengths -> (N, K) int64, K the longest, padded with `pad`: no vocabulary-wide tensor."
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), pad, dtype=torch.long)
+    for i, r in enumerate(rows): out[i, :len(r)] = r
+    return out
+
 def collate_samples(items: list[dict]) -> dict:
-    "Batch stream items: tensors stacked, labels and skip counts as tensors, images left as a list when not tensors."
+    """Batch stream items: tensors stacked, labels and skip counts as tensors, images left as a list when not tensors;
+    `hashtags` (index lists) padded to (N, K) with -1."""
     batch = {}
     for name in items[0]:
         values = [item[name] for item in items]
-        if isinstance(values[0], torch.Tensor): batch[name] = torch.stack(values)
+        if name == "hashtags" and isinstance(values[0], torch.Tensor): batch[name] = pad_indices(values)
+        elif isinstance(values[0], torch.Tensor): batch[name] = torch.stack(values)
         elif isinstance(values[0], int): batch[name] = torch.tensor(values)
         else: batch[name] = values
     return batch
@@ -338,11 +345,14 @@ def resolve_manifest(dataset: str) -> Path:
     raise UserError(f"data.dataset={dataset!r} is not a manifest file{hint}")
 
 def make_loader(data: DataConfig, transform: Callable | None, seed: int = 0, rank: int | None = None,
-                world_size: int | None = None, infinite: bool = False, drop_last: bool = True) -> StreamLoader:
-    "A `StreamLoader` for `data` (manifest, subset, batch, workers, shuffle buffer, skip limit, checksums)."
+                world_size: int | None = None, infinite: bool = False, drop_last: bool = True,
+                pin_memory: bool | None = None) -> StreamLoader:
+    """A `StreamLoader` for `data` (manifest, subset, batch, workers, shuffle buffer, skip limit, checksums, each
+    rank verifying its share); `pin_memory` defaults to whether CUDA is available."""
     manifest = load_manifest(resolve_manifest(data.dataset))
-    if data.verify_checksums and (problems := verify_manifest(manifest)):
+    if data.verify_checksums and (problems := verify_across_ranks(manifest, rank, world_size)):
         raise DataQualityError(f"{manifest.path}: {len(problems)} shard(s) fail verification:\n  " + "\n  ".join(problems))
     stream = ShardStream(manifest, transform, data.subset, seed, data.shuffle_buffer, rank, world_size, infinite,
                          data.max_skip_fraction)
-    return StreamLoader(stream, data.batch_size, data.num_workers, drop_last=drop_last)
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return StreamLoader(stream, data.batch_size, data.num_workers, drop_last=drop_last, pin_memory=pin)

@@ -19,9 +19,10 @@ from .trainer import Objective
 from .vit import (LayerNorm6, ViT, check_state_dict, load_state_dict_file, trunk_state_dict)
 
 # %% auto #0
-__all__ = ['ViTClassifier', 'classifier_from_config', 'init_state_dict', 'load_init', 'hashtag_targets', 'soft_cross_entropy',
-           'wsp_loss', 'ClassificationObjective', 'manifest_of', 'num_outputs', 'classification_objective',
-           'wsp_objective', 'supervised_objective', 'finetune_objective']
+__all__ = ['ViTClassifier', 'classifier_from_config', 'init_state_dict', 'load_init', 'multi_hot', 'hashtag_targets',
+           'soft_cross_entropy', 'sparse_wsp_loss', 'wsp_loss', 'hashtag_top1', 'ClassificationObjective',
+           'manifest_of', 'num_outputs', 'classification_objective', 'wsp_objective', 'supervised_objective',
+           'finetune_objective']
 
 # %% ../nbs/05_objectives.ipynb #ae5b6fc0
 class ViTClassifier(ViT):
@@ -86,8 +87,18 @@ def load_init(model: ViT, init: InitConfig) -> ViT:
     return model
 
 # %% ../nbs/05_objectives.ipynb #26d80b52
-def hashtag_targets(hashtags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "multi-hot hashtags (N, V) -> (targets (N, V) summing to 1 per image with any tag, has_tag (N,) bool)."
+def multi_hot(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    "(N, K) vocabulary indices padded with -1 -> (N, V) multi-hot float on the indices' device."
+    out = torch.zeros(indices.shape[0], num_classes, device=indices.device)
+    out.scatter_add_(1, indices.clamp_min(0), (indices >= 0).float())
+    return out.clamp_max_(1)
+
+def hashtag_targets(hashtags: torch.Tensor, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hashtags as (N, K) indices padded with -1 (the loader's; then `num_classes` = V) or (N, V) multi-hot ->
+    (targets (N, V) summing to 1 per image with any tag, has_tag (N,) bool)."""
+    if not hashtags.is_floating_point():
+        if num_classes is None: raise ValueError("hashtag indices need num_classes (the vocabulary size)")
+        hashtags = multi_hot(hashtags, num_classes)
     counts = hashtags.sum(dim=1, keepdim=True)
     has_tag = counts.squeeze(1) > 0
     return hashtags / counts.clamp_min(1), has_tag
@@ -99,10 +110,28 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torc
     weight = weight.to(per_sample.dtype)
     return (per_sample * weight).sum() / weight.sum().clamp_min(1)
 
+def sparse_wsp_loss(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """WSP from (N, K) distinct tag indices padded with -1: mean over tagged images of
+    logsumexp(z) - mean of z over the image's tags. No (N, V) target is built."""
+    logits = logits.float()
+    valid = indices >= 0
+    k = valid.sum(1)
+    tagged = logits.gather(1, indices.clamp_min(0)).mul(valid).sum(1) / k.clamp_min(1)
+    per_sample = torch.logsumexp(logits, dim=-1) - tagged
+    has_tag = (k > 0).to(per_sample.dtype)
+    return (per_sample * has_tag).sum() / has_tag.sum().clamp_min(1)
+
 def wsp_loss(logits: torch.Tensor, hashtags: torch.Tensor) -> torch.Tensor:
-    "WSP: softmax cross-entropy of logits (N, V) against the normalised multi-hot hashtags (N, V)."
+    "WSP: softmax cross-entropy of logits (N, V) against the normalised hashtags, (N, K) indices or (N, V) multi-hot."
+    if not hashtags.is_floating_point(): return sparse_wsp_loss(logits, hashtags)
     targets, has_tag = hashtag_targets(hashtags)
     return soft_cross_entropy(logits, targets, has_tag)
+
+def hashtag_top1(logits: torch.Tensor, hashtags: torch.Tensor) -> torch.Tensor:
+    "(N,) bool: the top-1 class is one of the image's hashtags (indices or multi-hot)."
+    top = logits.argmax(1, keepdim=True)
+    if not hashtags.is_floating_point(): return (hashtags == top).any(1)
+    return hashtags.gather(1, top).squeeze(1) > 0
 
 # %% ../nbs/05_objectives.ipynb #581c71f3
 class ClassificationObjective(Objective):
@@ -123,7 +152,7 @@ class ClassificationObjective(Objective):
         if self.target == "hashtags":
             logits = self.model(images)
             loss = wsp_loss(logits, batch["hashtags"])
-            hard = batch["hashtags"].gather(1, logits.argmax(1, keepdim=True)).squeeze(1)   # top-1 is one of its tags
+            hard = hashtag_top1(logits, batch["hashtags"])        # top-1 is one of its tags
             return loss, {"train_top1": hard.float().mean() * 100}
         labels = batch["label"]
         if self.mixup is not None and self.training:
@@ -146,6 +175,11 @@ def manifest_of(cfg: RunConfig):
 def num_outputs(cfg: RunConfig, target: str) -> int:
     "Head size: the manifest's hashtag vocabulary (`target='hashtags'`) or its classes."
     m = manifest_of(cfg)
+    if target == "hashtags" and m.num_hashtags and not m.hashtags:
+        raise UserError(f"{m.path}: num_hashtags={m.num_hashtags} but no 'hashtags' vocabulary: samples name their hashtags "
+                        "(json 'hashtags': [...]) and the head's outputs are the vocabulary's positions. List the "
+                        "vocabulary under 'hashtags' in the manifest (`prepretrain shards build` from a CSV/JSONL with a "
+                        "hashtags column writes it), or train another stage")
     n = (len(m.hashtags) if m.hashtags else m.num_hashtags) if target == "hashtags" else \
         (len(m.classes) if m.classes else m.num_classes)
     if not n:

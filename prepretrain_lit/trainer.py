@@ -566,7 +566,8 @@ def build_data(stage: str, cfg: RunConfig, info: DistInfo, out_dir: str | os.Pat
                                info.rank, info.world_size, cfg.model.in_chans)
     from prepretrain_lit.loader import TRANSFORMS, make_loader
     transform = TRANSFORMS[STAGE_TRANSFORMS[stage]](cfg.model.img_size)
-    return make_loader(cfg.data, transform, seed=cfg.seed, rank=info.rank, world_size=info.world_size, infinite=True)
+    return make_loader(cfg.data, transform, seed=cfg.seed, rank=info.rank, world_size=info.world_size, infinite=True,
+                       pin_memory=info.device.type == "cuda")
 
 def train(stage: str, cfg: RunConfig, out_dir: str | os.PathLike, resume: bool | None = None, progress: bool = True) -> dict:
     """Run `stage` with `cfg` into the run folder `out_dir`. An existing checkpoint is resumed from; with
