@@ -333,3 +333,28 @@ def test_an_endless_stream_needs_a_shard_per_reader(tmp_path):
     with pytest.raises(UserError, match="2 shard\\(s\\) cannot feed 2 rank\\(s\\) x 2 loader worker\\(s\\) = 4 readers"):
         StreamLoader(ShardStream(path, rank=0, world_size=2, infinite=True), batch_size=4, num_workers=2)
     StreamLoader(ShardStream(path, rank=0, world_size=2, infinite=True), batch_size=4, num_workers=1)   # 2 readers: fine
+
+
+# -- IG-3B-size data path through the command line (issue 15, 14, 16.2) -------------------------------------
+
+def test_cli_build_skips_a_truncated_jpeg_and_reshard_writes_prefix_subsets(tmp_path, capsys):
+    from prepretrain_lit.cli import main
+    for i in range(8):
+        path = tmp_path / "folder" / ("a" if i % 2 else "b") / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((12, 12, 3), 30 * i, np.uint8)).save(path)
+    bad = tmp_path / "folder" / "b" / "0.jpg"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="0.jpg"):
+        assert main(["shards", "build", str(tmp_path / "folder"), "--out", str(tmp_path / "out"), "--shard-size", "3",
+                     "--subset", "half=3", "--max-bad-fraction", "0.2"]) == 0
+    assert "1 unreadable source file(s) skipped" in capsys.readouterr().out
+    built = load_manifest(tmp_path / "out" / "folder.yaml")
+    assert built.num_samples == 7 and built.skipped_sources == 1
+    assert built.subset_shards("half") == int(np.searchsorted(np.cumsum(built.shard_samples), 3)) + 1   # 3 members
+    assert main(["shards", "reshard", str(tmp_path / "out" / "folder.yaml"), "--out", str(tmp_path / "re"),
+                 "--shard-size", "2"]) == 0
+    new = load_manifest(tmp_path / "re" / "folder.yaml")
+    assert new.shard_samples == [2, 2, 2, 1] and new.subset_shards("half") == 2 and verify_manifest(new) == []
+    assert new.subsets["half"]["threshold"] == built.subsets["half"]["threshold"]
+    assert main(["shards", "reshard", str(tmp_path / "re" / "folder.yaml"), "--out", str(tmp_path / "re")]) == 2
