@@ -11,8 +11,8 @@ __all__ = ['FORMATS', 'SIDECAR_MIN_SHARDS', 'SHAPES', 'COLORS', 'TEXTURES', 'BAC
            'table_source', 'ShardJob', 'row_scores', 'score_order', 'shard_jobs', 'prefix_subsets', 'check_unreadable',
            'build_shards', 'subset_score', 'subset_scores', 'score_buckets', 'score_histogram', 'bucket_scores',
            'thresholds_from_buckets', 'nested_subsets', 'in_subset', 'TarError', 'tar_members', 'count_samples',
-           'shard_problems', 'verify_manifest', 'verify_across_ranks', 'shipped_manifest', 'recipe_source',
-           'build_from_recipe', 'read_shard_samples', 'reshard']
+           'shard_problems', 'verify_manifest', 'verify_across_ranks', 'verify_worker', 'shipped_manifest',
+           'recipe_source', 'build_from_recipe', 'read_shard_samples', 'reshard']
 
 # %% ../nbs/01_data.ipynb #d5571f4d
 import csv
@@ -738,6 +738,18 @@ def verify_across_ranks(manifest: Manifest, rank: int | None = None, world_size:
     share = verify_manifest(manifest, rank=rank, world_size=world_size)
     if world_size == 1: return share
     return [p for problems in gather(share) for p in problems]
+
+def verify_worker(path: str | os.PathLike) -> tuple[list[str], int]:
+    """One rank of a `launch`ed check: join the gloo group, verify this rank's share of manifest `path`;
+    returns (the verdict every rank gets, how many shards this rank checked)."""
+    import torch.distributed as dist
+    owns = not dist.is_initialized()
+    if owns: dist.init_process_group("gloo")
+    try:
+        m = load_manifest(path)
+        return verify_across_ranks(m), len(range(dist.get_rank(), len(m.shards), dist.get_world_size()))
+    finally:
+        if owns: dist.destroy_process_group()
 
 # %% ../nbs/01_data.ipynb #c2ce85ed
 TEMPLATE_MARK = "CHANGE-ME"   # in a template's shard locations: where a cluster user's shards go

@@ -330,3 +330,13 @@ def test_too_many_unreadable_files_fail_with_the_list(tmp_path):
         with pytest.raises(UserError, match="3 of 12 source files are unreadable") as e:
             build_shards(imagefolder_source(tmp_path / "folder"), tmp_path / "out", shard_size=5, progress=False)
     assert all(str(p) in str(e.value) for p in bad) and not (tmp_path / "out" / "folder.yaml").exists()
+
+
+@pytest.mark.multiproc
+def test_two_gloo_ranks_split_verification_and_agree(tmp_path):
+    from prepretrain_lit.trainer import launch
+    m = load_manifest(shapes(tmp_path, n=100, shard_size=20))            # 5 shards: 3 on rank 0, 2 on rank 1
+    with open(m.shards[3], "r+b") as f: f.seek(2000); f.write(b"\x00damage\x00")   # rank 1's
+    out = launch(data.verify_worker, str(m.path), nprocs=2)
+    assert out[0][0] == out[1][0] == verify_manifest(m) and len(out[0][0]) >= 1
+    assert (out[0][1], out[1][1]) == (3, 2)
