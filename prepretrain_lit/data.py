@@ -804,36 +804,46 @@ def read_shard_samples(location: str) -> Iterator[dict]:
         if sample is not None: yield sample
     finally: stream.close()
 
-def _spill(manifest: Manifest, spill_dir: Path, first: int, last: int, num_buckets: int) -> None:
-    "One pass over the input: append each sample whose score bucket is in [first, last) to that bucket's spill tar."
-    tars = {b: tarfile.open(spill_dir / f"bucket-{b:06d}.tar", "a", format=tarfile.USTAR_FORMAT) for b in range(first, last)}
-    try:
-        for shard in manifest.shards:
-            try:
-                for sample in read_shard_samples(shard):
-                    b = int(score_buckets(np.array([subset_score(sample["__key__"])]), num_buckets)[0])
-                    if first <= b < last:
-                        for ext, data in sample.items():
-                            if not ext.startswith("__"): tars[b].addfile(*_member(f"{sample['__key__']}.{ext}", data))
-            except (TarError, OSError) as e:
-                raise UserError(f"{shard}: cannot be read for resharding ({type(e).__name__}: {e}); "
-                                "run `prepretrain shards verify` and rebuild it") from None
-    finally:
-        for t in tars.values(): t.close()
+def _fine_bucket(key: str, num_buckets: int) -> int:
+    return min(int(subset_score(key) * num_buckets), num_buckets - 1)
 
-def _bucket_samples(spill_dir: Path, b: int) -> list[dict]:
-    "The samples of spilled bucket `b`, sorted by subset score (then removed from disk)."
-    path = spill_dir / f"bucket-{b:06d}.tar"
-    samples = list(read_shard_samples(str(path))) if path.is_file() and path.stat().st_size else []
-    path.unlink(missing_ok=True)
-    return sorted(samples, key=lambda s: subset_score(s["__key__"]))
+def _score_sorted(read: Callable[[], Iterator[dict]], lo: int, hi: int, num_buckets: int, max_open: int,
+                  spill: Path) -> Iterator[dict]:
+    """The samples of `read()` (all in score buckets [lo, hi) of `num_buckets`), in subset-score order. One bucket
+    (about a shard) is sorted in memory; more are spilled to at most `max_open` files of consecutive buckets,
+    each sorted the same way in turn: log_{max_open}(buckets) passes of I/O, never all samples in memory."""
+    if hi - lo == 1:
+        yield from sorted(read(), key=lambda s: subset_score(s["__key__"])); return
+    groups = min(hi - lo, max_open)
+    width = -(-(hi - lo) // groups)
+    paths = [spill / f"{lo}-{hi}-{g}.tar" for g in range(-(-(hi - lo) // width))]
+    tars = [tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) for p in paths]
+    try:
+        for sample in read():
+            tar = tars[(_fine_bucket(sample["__key__"], num_buckets) - lo) // width]
+            for ext, data in sample.items():
+                if not ext.startswith("__"): tar.addfile(*_member(f"{sample['__key__']}.{ext}", data))
+    finally:
+        for t in tars: t.close()
+    for g, path in enumerate(paths):
+        yield from _score_sorted(lambda: read_shard_samples(str(path)), lo + g * width, min(hi, lo + (g + 1) * width),
+                                 num_buckets, max_open, spill)
+        path.unlink()
+
+def _corpus_samples(m: Manifest) -> Iterator[dict]:
+    "Every sample of every shard of `m`, in shard order; a damaged shard is a clear error."
+    for shard in m.shards:
+        try: yield from read_shard_samples(shard)
+        except (TarError, OSError) as e:
+            raise UserError(f"{shard}: cannot be read for resharding ({type(e).__name__}: {e}); "
+                            "run `prepretrain shards verify` and rebuild it") from None
 
 def reshard(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike, shard_size: int | None = None,
             max_open: int = 256, progress: bool = True) -> Path:
     """Rewrite an existing corpus into `out_dir` in subset-score order (the same samples, byte for byte, the same
-    keys), so every subset becomes a prefix of shards (`shards: K`). Two passes of I/O: samples are spilled into
-    score buckets (`max_open` buckets per pass over the input), then each bucket is sorted and cut into shards;
-    memory is one bucket."""
+    keys), so every subset becomes a prefix of shards (`shards: K`). Samples are spilled into score buckets of about
+    a shard (`max_open` files at a time, recursively), each bucket sorted in turn and cut into shards: memory is one
+    bucket, I/O 1 + log_max_open(shards) passes (300k shards, max_open 1024: 3), spill disk up to twice the corpus."""
     from tqdm.auto import tqdm
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     if m.format != "webdataset": raise ManifestError(f"{m.path}: only a webdataset manifest has shards to reshard")
@@ -847,16 +857,14 @@ def reshard(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike, 
     spill = out / ".reshard-spill"
     if spill.exists(): shutil.rmtree(spill)
     spill.mkdir()
-    for first in range(0, num_buckets, max_open): _spill(m, spill, first, min(num_buckets, first + max_open), num_buckets)
     written, pending, bar = [], [], tqdm(total=m.num_samples, desc=f"reshard {m.name}", unit="img", disable=not progress)
     min_score = []                                          # per output shard: the lowest score it holds
     def flush(batch):
         path = out / f"{m.name}-{len(written):06d}.tar"
         written.append(write_shard(path, batch)); min_score.append(subset_score(batch[0]["__key__"])); bar.update(len(batch))
-    for b in range(num_buckets):
-        samples = _bucket_samples(spill, b)
-        pending += samples
-        while len(pending) >= shard_size: flush(pending[:shard_size]); pending = pending[shard_size:]
+    for sample in _score_sorted(lambda: _corpus_samples(m), 0, num_buckets, num_buckets, max_open, spill):
+        pending.append(sample)
+        if len(pending) == shard_size: flush(pending); pending = []
     if pending: flush(pending)
     bar.close()
     shutil.rmtree(spill)
@@ -867,8 +875,8 @@ def reshard(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike, 
     for name, spec in m.subsets.items():
         spec = dict(spec)
         if "threshold" not in spec:   # a template's subset: compute the exact threshold for its size now
-            keys = lambda: (s["__key__"] for shard in (str(p) for p in sorted(out.glob(f"{m.name}-*.tar")))
-                            for s in read_shard_samples(shard))
+            shards = [str(out / f"{m.name}-{j:06d}.tar") for j in range(len(written))]
+            keys = lambda: (s["__key__"] for shard in shards for s in read_shard_samples(shard))
             spec.update(nested_subsets(keys, {name: spec["size"]})[name])
         spec["shards"] = max(1, sum(s < spec["threshold"] for s in min_score))
         subsets[name] = spec

@@ -287,6 +287,9 @@ def test_reshard_makes_a_corpus_built_elsewhere_a_prefix_corpus(tmp_path):
         per_shard = members_by_shard(new, name)
         assert sum(per_shard[:new.subset_shards(name)]) == len(members) and sum(per_shard[new.subset_shards(name):]) == 0
     assert len({s for s in got if in_subset(s, new, "10")}) == 10       # a size-only subset got its exact threshold
+    deep = load_manifest(data.reshard(path, tmp_path / "deep", shard_size=20, max_open=2, progress=False))
+    assert list(deep.sha256) == list(new.sha256) and deep.subsets == new.subsets   # spilled in 3 levels: the same shards
+    assert not (tmp_path / "deep" / ".reshard-spill").exists()
 
 
 def test_parse_checks_subset_shard_prefixes(tmp_path):
