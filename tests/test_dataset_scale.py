@@ -343,3 +343,14 @@ def test_two_gloo_ranks_split_verification_and_agree(tmp_path):
     out = launch(data.verify_worker, str(m.path), nprocs=2)
     assert out[0][0] == out[1][0] == verify_manifest(m) and len(out[0][0]) >= 1
     assert (out[0][1], out[1][1]) == (3, 2)
+
+
+def test_the_manifest_benchmark_reports_each_figure():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("manifest_scale", Path(__file__).parents[1] / "benchmarks" / "manifest_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.rows(num_shards=3000, vocab=1000, batch=64, tags=3)
+    assert len(rows) == 6 and rows[3]["same_object"] is True
+    assert rows[4]["bytes"] == 64 * 1000 * 4 and rows[5]["bytes"] == 64 * 3 * 8    # dense float32 vs padded int64
+    assert rows[2]["bytes_on_disk"] < rows[0]["bytes_on_disk"]
