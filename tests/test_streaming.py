@@ -218,3 +218,29 @@ def test_a_reduced_cluster_simulation_balanced_complete_elastic():
     assert np.array_equal(np.sort(np.concatenate([consumed, rest])), np.arange(shards * per_shard))
     dealt = [sum(plan.length(w) for w in plan.reader_windows(layout, r, 0)) for r in range(fewer)]
     assert max(dealt) - min(dealt) <= 2 * 4 * per_shard          # the rest is dealt evenly, window by window
+
+
+# -- the trainer: the stream state in the checkpoint, a resume on another world size ---------------------------
+
+def test_the_trainer_resumes_a_stream_checkpoint_on_another_world_size_with_a_warning(tmp_path):
+    from prepretrain_lit.config import load_config
+    from prepretrain_lit.trainer import train
+    path = ordered_corpus(tmp_path, n=200, shard_size=20)
+    cfg = load_config(preset="tiny", overrides=[f"data.dataset={path}", "model.depth=2", "model.decoder_depth=1",
+                                                "data.num_workers=0", "data.batch_size=8", "train.steps=4",
+                                                "train.checkpoint_every=2", "train.keep_checkpoints=5"])
+    out = tmp_path / "run"
+    train("mae", cfg, out, progress=False)
+    ckpt = out / "checkpoints" / "step_00000002.pt"
+    state = torch.load(ckpt, weights_only=True)
+    (mine,) = state["data"]["stream"]                       # one rank, one reader, 16 samples in
+    assert mine["positions"][0][2] >= 16
+    state["world_size"] = 2                                 # as if written by 2 ranks: reader 1 had not started
+    state["data"]["stream"] = [{**mine, "readers": 2}, {**mine, "readers": 2, "rank": 1, "positions": [[1, 0, 0]]}]
+    state["rng"] = state["rng"] * 2
+    torch.save(state, ckpt)
+    (out / "checkpoints" / "step_00000004.pt").unlink()
+    (out / "model.pt").unlink()
+    with pytest.warns(UserWarning, match="written by 2 processes, this run has 1: the global batch changes from 16 to 8"):
+        train("mae", cfg, out, progress=False)
+    assert (out / "model.pt").exists()
