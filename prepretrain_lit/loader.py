@@ -16,7 +16,7 @@ import math
 import random
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -86,6 +86,11 @@ class StreamPlan:
         if group: windows.append(Window(tuple(group), derive_seed(self.seed, epoch, reader, len(windows), readers)))
         return windows
 
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        "Global number of each shard's first sample."
+        return np.concatenate([[0], np.cumsum(self.counts)])
+
     def slots(self, window: Window) -> int:
         return sum(self.counts[s] for s in window.shards)
 
@@ -125,8 +130,7 @@ class StreamPlan:
 
     def sample_ids(self, window: Window) -> np.ndarray:
         "Global sample numbers (shard offset + index in shard) that `window` emits, in order, from `start` on."
-        offsets = np.concatenate([[0], np.cumsum(self.counts)])
-        local = np.concatenate([np.arange(self.counts[s]) + offsets[s] for s in window.shards])
+        local = np.concatenate([np.arange(self.counts[s]) + self.offsets[s] for s in window.shards])
         return local[self.order(window)[window.start:]]
 
     def resume_reads(self, window: Window, into: int) -> int:
