@@ -351,9 +351,10 @@ class Trainer:
     def save(self, step: int, counters: dict) -> Path:
         "Write the checkpoint of `step` (atomically) and prune old ones."
         rngs = self._gather(rng_state())
+        stream = self._gather(self.data.state_dict()) if hasattr(self.data, "state_dict") else None  # every rank's readers
         extra = {"step": step, "schedule": {"total": self.cfg.train.steps, "warmup": self.warmup, "peak_lr": self.peak_lr,
                                             "min_lr": self.cfg.optim.min_lr},
-                 "data": {"batches": step * self.cfg.train.accum_steps, **counters}, "rng": rngs,
+                 "data": {"batches": step * self.cfg.train.accum_steps, **counters, "stream": stream}, "rng": rngs,
                  "scaler": self.scaler.state_dict(), "config_hash": config_hash(self.cfg), "world_size": self.info.world_size}
         path = checkpoint_path(self.ckpt_dir, step, self.sharded)
         if self.sharded:
@@ -396,12 +397,18 @@ class Trainer:
         if extra["config_hash"] != config_hash(self.cfg):
             raise UserError(f"{path} was written by another config (hash {extra['config_hash']}, this run "
                             f"{config_hash(self.cfg)}); use a new output folder")
-        if extra.get("world_size", self.info.world_size) != self.info.world_size:
+        saved_world = extra.get("world_size", self.info.world_size)
+        if saved_world != self.info.world_size and extra["data"].get("stream") is not None:   # the stream re-deals itself
+            warnings.warn(f"{path} was written by {saved_world} processes, this run has {self.info.world_size}: the global "
+                          f"batch changes from {self.global_batch // self.info.world_size * saved_world} to {self.global_batch} "
+                          "while the learning-rate schedule goes on in steps; the rest of the interrupted epoch is dealt to "
+                          "the new readers, each of its samples seen once")
+        elif saved_world != self.info.world_size:
             raise UserError(f"{path} was written by {extra['world_size']} processes, this run has {self.info.world_size}: "
                             "the global batch, learning rate and data split would change mid-run. Resume with "
                             f"{extra['world_size']} processes, or start a new run folder")
         self.scaler.load_state_dict(extra["scaler"])
-        set_rng_state(extra["rng"][self.info.rank])
+        set_rng_state(extra["rng"][self.info.rank % len(extra["rng"])])
         return extra
 
     def resume(self) -> dict | None:
@@ -481,6 +488,7 @@ class Trainer:
             self._status("complete", start)
             return {"step": start, "state": "complete"}
         self._status("running", start)
+        if state and state["data"].get("stream") is not None: self.data.load_state_dict(state["data"]["stream"])
         batches = self.data.batches(start=start * t.accum_steps)
         from tqdm.auto import tqdm
         bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
