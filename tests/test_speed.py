@@ -114,3 +114,68 @@ def test_lazy_jpegs_and_damaged_images():
     with pytest.raises(OSError): open_image(data[: len(data) // 2])          # truncated: no end marker, full decode fails
     grey = io.BytesIO(); Image.new("L", (16, 16), 100).save(grey, "JPEG")
     assert open_image(grey.getvalue()).mode == "RGB" and not isinstance(open_image(grey.getvalue()), EncodedJpeg)
+
+
+# -- precision and compilation ---------------------------------------------------------------------------------
+from prepretrain_lit import trainer as trainer_module
+from prepretrain_lit.config import load_config
+from prepretrain_lit.trainer import SyntheticImages, Trainer, mae_objective, resolve_compile, resolve_precision
+
+TINY = ["data.dataset=synthetic", "model.depth=2", "model.decoder_depth=1", "train.log_every=1"]
+
+
+def test_auto_precision_and_compile_follow_the_hardware(monkeypatch):
+    "auto: bf16 on a bf16 GPU or a native-bf16 CPU, fp32 on other CPUs; compile on CUDA only; explicit values kept."
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda") == "bf16" and resolve_precision("fp16", "cuda") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", "cuda") == "fp32"
+    assert resolve_compile("auto", "cuda") is True and resolve_compile("auto", "cpu") is False
+    assert resolve_compile(True, "cpu") is True and resolve_compile(False, "cuda") is False
+    assert load_config(preset="vit_b16").train.precision == "auto"
+
+
+def mae_losses(tmp_path, steps: int, *overrides: str) -> tuple[list[float], Trainer]:
+    "Losses of `steps` MAE train steps of a tiny model from the same initial weights and data."
+    cfg = load_config(preset="tiny", overrides=[*TINY, f"train.steps={steps}", *overrides])
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, mae_objective(cfg), SyntheticImages(cfg.data.batch_size, 32, 64), tmp_path, progress=False)
+    batches = trainer.data.batches(0)
+    return [trainer.train_step(batches, step)[0].item() for step in range(steps)], trainer
+
+
+def test_bf16_and_fp32_loss_curves_agree(tmp_path, monkeypatch, capsys):
+    "Over 6 steps the bf16-autocast MAE loss stays within 3% of fp32's (bf16 keeps 8 bits of mantissa: ~0.4% per op)."
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: True)        # auto picks bf16 (emulated on this CPU)
+    bf16, trainer = mae_losses(tmp_path / "bf16", 6, "train.precision=auto")
+    assert trainer.precision == "bf16" and trainer.autocast_dtype is torch.bfloat16
+    assert "precision bf16 (train.precision=auto)" in capsys.readouterr().out
+    fp32, _ = mae_losses(tmp_path / "fp32", 6, "train.precision=fp32")
+    assert fp32[-1] < fp32[0]                                                 # it trains
+    for a, b in zip(bf16, fp32): assert abs(a - b) <= 0.03 * abs(b), (bf16, fp32)
+    assert bf16 != fp32                                                       # bf16 really ran
+
+
+def test_the_resolved_choice_is_recorded_in_provenance(tmp_path, monkeypatch):
+    from prepretrain_lit.config import write_provenance
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: False)
+    cfg = load_config(preset="tiny", overrides=[*TINY, "train.precision=auto", "train.compile=auto"])
+    tmp_path.mkdir(exist_ok=True)
+    write_provenance(tmp_path, cfg)
+    Trainer(cfg, mae_objective(cfg), SyntheticImages(cfg.data.batch_size, 32, 64), tmp_path, progress=False)
+    import json
+    record = json.loads((tmp_path / "provenance.json").read_text())
+    assert record["resolved"] == {"precision": "fp32", "compile": False} and record["config"]["train"]["precision"] == "auto"
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_give_the_same_loss(tmp_path):
+    "torch.compile (inductor, on CPU here) changes kernels, not the maths: the losses agree to float rounding."
+    eager, _ = mae_losses(tmp_path / "eager", 3, "train.precision=fp32", "train.compile=false")
+    compiled, trainer = mae_losses(tmp_path / "compiled", 3, "train.precision=fp32", "train.compile=true")
+    assert trainer.compile
+    for a, b in zip(compiled, eager): assert abs(a - b) <= 1e-4 * abs(b), (compiled, eager)
