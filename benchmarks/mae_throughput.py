@@ -227,6 +227,22 @@ def paired_ratio(ours: list[float], peer: list[float]) -> float:
     return statistics.median(p / o for o, p in zip(ours, peer))
 
 
+def matmul_rate(device: torch.device, precision: str, n: int = 2048, reps: int = 8) -> float:
+    """FLOP/s of this machine's best kernel as the run uses it: an n x n x n matmul at the run's precision (bf16
+    operands for bf16) and thread count, the fastest of `reps` after one warm-up (on a shared machine the fastest
+    is the nearest to what the core does alone): the denominator of "CPU MFU"."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(reps + 1):
+        if device.type == "cuda": torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda": torch.cuda.synchronize(device)
+        if i: times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / min(times)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=tuple(MODELS), default="vit_s16", help="default: vit_s16 (224 px)")
@@ -243,6 +259,7 @@ def main(argv=None) -> None:
                         help="also time this package's default precision (bf16 autocast) against the peer in fp32: "
                              "a different-precision row, labelled as such")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 matmul that measures the CPU's rate")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -333,6 +350,17 @@ def main(argv=None) -> None:
         print(f"encoder forward: {enc / 1e9:.1f} GFLOP per pass, ours {rate(enc, r['ours'][0])}"
               + (f", peer {rate(enc, r['peer'][0])}" if "peer" in r else ""))
     if cuda: print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB")
+    if not cuda:
+        measured = matmul_rate(device, precision, n=args.matmul_size)
+        share = lambda seconds: flops.train / seconds / measured
+        print(f"CPU MFU: this machine's {args.matmul_size}^3 matmul runs at {measured / 1e9:.1f} GFLOP/s ({precision}, "
+              f"{torch.get_num_threads()} threads, measured after the steps); the train step reaches ours "
+              f"{share(train['ours'][0]):.0%}" + (f", peer {share(train['peer'][0]):.0%}" if "peer" in train else "") + " of it")
+    from prepretrain_lit.trainer import resolve_precision
+    default = resolve_precision("auto", device)
+    print(f"defaults: this package's train.precision=auto is {default} on this device; the peer's (transformers) is fp32"
+          + ("" if default == "fp32" else f": a default-against-default comparison differs in precision ({default} vs fp32)")
+          + f"; this run used {precision} on both sides")
 
 
 if __name__ == "__main__":

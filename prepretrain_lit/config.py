@@ -145,9 +145,9 @@ class TrainConfig:
     "How long and how: steps, precision, device, checkpoints and logging."
     steps: int = 1000               # optimizer steps; "0.1 epoch" is simply fewer steps
     accum_steps: int = 1            # micro-batches accumulated per optimizer step
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype; fp16 adds a grad scaler
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"  # auto: bf16 on CUDA / native-bf16 CPUs, else fp32; fp16 adds a grad scaler
     device: Literal["auto", "cpu", "cuda"] = "auto"      # auto: cuda when available
-    compile: bool = False           # torch.compile the model
+    compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA, off on CPU (no gain measured there)
     strategy: Literal["ddp", "fsdp"] = "ddp"  # how several processes share the model: replicate, or shard (FSDP2)
     activation_checkpointing: bool = False    # recompute block activations in backward (2B, 6.5B trunks)
     checkpoint_every: int = 500     # steps between checkpoints (one is always written at the end)

@@ -4,7 +4,9 @@
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TRANSFORMS', 'shard_assignment', 'buffer_order', 'Window',
-           'StreamPlan', 'tar_samples', 'BadSample', 'DataQualityError', 'decode_sample', 'ShardStream',
+           'StreamPlan', 'tar_samples', 'BadSample', 'DataQualityError', 'jpeg_is_complete', 'jpeg_header',
+           'EncodedJpeg', 'decode_jpeg_rgb', 'as_pil', 'open_image', 'decode_sample', 'sample_seed', 'seeded_rng',
+           'crop_flip_parts', 'jpeg_draft_scale', 'to_normalized', 'fast_crop_flip', 'ShardStream',
            'check_enough_shards', 'check_skip_fraction', 'mae_transform', 'eval_transform', 'posterize_any_bits',
            'finetune_transform', 'pad_indices', 'collate_samples', 'StreamLoader', 'resolve_manifest', 'make_loader']
 
@@ -175,6 +177,10 @@ def tar_samples(location: str) -> Iterator[dict]:
         stream.close()
 
 # %% ../nbs/01b_loader.ipynb #080ce1aa
+from dataclasses import dataclass
+
+from torchvision.io import ImageReadMode
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 class BadSample(Exception):
@@ -190,15 +196,71 @@ def _field(sample: dict, meta: dict, name: str | None):
     value = sample.get(name)
     return value.decode("utf-8").strip() if isinstance(value, bytes) else value
 
+def jpeg_is_complete(data: bytes) -> bool:
+    "A JPEG whose end-of-image marker (FF D9) is in its last KiB: a truncated file has none there."
+    return b"\xff\xd9" in data[-1024:]
+
+_JPEG_FRAMES = (0xC0, 0xC1, 0xC2)                  # baseline, extended and progressive Huffman frames
+
+def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    "(width, height, components) from a JPEG's frame header (a few bytes read), or None when it has none."
+    if data[:2] != b"\xff\xd8": return None
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF: return None
+        marker = data[i + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker in _JPEG_FRAMES:
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"), data[i + 9]
+        if marker in (0xDA, 0xD9) or 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC): return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+@dataclass
+class EncodedJpeg:
+    """A complete colour JPEG, not decoded yet: the transform decodes it (torchvision's `decode_jpeg`, or Pillow at a
+    reduced scale) only once it knows the crop. The shuffle buffer holds these bytes, not pixels."""
+    data: bytes
+    size: tuple[int, int]                           # (width, height), as PIL's
+    def pil(self) -> Image.Image:
+        "The decoded image, PIL RGB."
+        image = Image.open(io.BytesIO(self.data))
+        return image if image.mode == "RGB" else image.convert("RGB")
+    def __array__(self, dtype=None, copy=None): return np.asarray(self.pil(), dtype=dtype)
+
+def decode_jpeg_rgb(data: bytes) -> torch.Tensor:
+    """JPEG bytes -> (3, H, W) uint8, channels last in memory: torchvision's libjpeg-turbo decoder (pixel for pixel
+    Pillow's here), called as its op, without the wrapper's per-call deprecation warning (torchvision >= 0.29);
+    Pillow where torchvision has no image ops."""
+    try: decode = torch.ops.image.decode_jpeg
+    except (AttributeError, RuntimeError): decode = None
+    if decode is None:
+        return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+    return decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB.value, False)
+
+def as_pil(image) -> Image.Image:
+    "A decoded PIL image from `decode_sample`'s image (PIL or `EncodedJpeg`)."
+    return image.pil() if isinstance(image, EncodedJpeg) else image
+
+def open_image(data: bytes) -> "Image.Image | EncodedJpeg":
+    """The image in `data`: an `EncodedJpeg` for a complete 3-component JPEG (its header read, the rest left to the
+    transform); anything else (PNG, grey or CMYK JPEG, a JPEG without its end marker) decoded in full by Pillow
+    here, RGB, so that a damaged file fails now and is skipped."""
+    header = jpeg_header(data)
+    if header is not None and header[2] == 3 and min(header[:2]) > 0 and jpeg_is_complete(data):
+        return EncodedJpeg(data, header[:2])
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
 def decode_sample(sample: dict, manifest: Manifest) -> dict:
-    "Raw tar sample -> {image: PIL RGB, label: int, hashtags: list, caption: str, key}; raises `BadSample`."
+    "Raw tar sample -> {image: PIL RGB or `EncodedJpeg`, label: int, hashtags: list, caption: str, key}; raises `BadSample`."
     exts = [manifest.image_field] + [e for e in IMAGE_EXTS if e != manifest.image_field]
     data = next((sample[e] for e in exts if e in sample), None)
     if data is None: raise BadSample("no image member")
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()                                 # a full decode: truncated files fail here, not in the model
-        if image.mode != "RGB": image = image.convert("RGB")
+    try: image = open_image(data)
     except Exception as e:
         raise BadSample(f"image does not decode ({type(e).__name__}: {e})") from None
     try: meta = json.loads(sample["json"]) if "json" in sample else {}
@@ -212,6 +274,83 @@ def decode_sample(sample: dict, manifest: Manifest) -> dict:
             raise BadSample(f"label {label} outside 0..{manifest.num_classes - 1}")
     return {"image": image, "label": -1 if label is None else label, "hashtags": meta.get("hashtags", []),
             "caption": _field(sample, meta, manifest.caption_field) or "", "key": sample["__key__"]}
+
+# %% ../nbs/01b_loader.ipynb #2c99fd5c
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    "The augmentation seed of sample `key` in `epoch` of the run seeded with `seed` (independent of worker or resume)."
+    digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return derive_seed(seed, epoch, digest)
+
+class seeded_rng:
+    "Inside the block, torch's CPU generator (and, with `python_numpy`, `random` and numpy's) is seeded with `seed`; restored after."
+    def __init__(self, seed: int, python_numpy: bool = True): self.seed, self.python_numpy = seed, python_numpy
+    def __enter__(self):
+        self.torch_state = torch.default_generator.get_state()
+        torch.default_generator.manual_seed(self.seed)
+        if self.python_numpy:
+            self.py_state, self.np_state = random.getstate(), np.random.get_state()
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+    def __exit__(self, *exc):
+        torch.default_generator.set_state(self.torch_state)
+        if self.python_numpy:
+            random.setstate(self.py_state)
+            np.random.set_state(self.np_state)
+
+_TORCH_FILTERS = {T.InterpolationMode.BICUBIC: "bicubic", T.InterpolationMode.BILINEAR: "bilinear"}
+
+def crop_flip_parts(transform) -> tuple | None:
+    "(crop, flip_p, mean, std) when `transform` is exactly RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize."
+    kinds = (T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize)
+    steps = getattr(transform, "transforms", None)
+    if type(transform) is not T.Compose or len(steps) != 4 or any(type(s) is not k for s, k in zip(steps, kinds)):
+        return None
+    crop, flip, _, norm = steps
+    if crop.interpolation not in _TORCH_FILTERS or len(crop.size) != 2: return None
+    mean = torch.as_tensor(norm.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.as_tensor(norm.std, dtype=torch.float32).view(-1, 1, 1)
+    return crop, flip.p, mean, std
+
+def jpeg_draft_scale(crop_w: float, crop_h: float, out_w: int, out_h: int) -> int:
+    "The largest JPEG decoding reduction s in {1, 2, 4, 8} that leaves the crop >= 2x the output in both directions."
+    return next((s for s in (8, 4, 2) if crop_w >= 2 * s * out_w and crop_h >= 2 * s * out_h), 1)
+
+def to_normalized(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    "uint8 (H, W, 3) -> float (3, H, W), (x/255 - mean)/std: ToTensor + Normalize's arithmetic in one copy."
+    out = torch.empty(pixels.shape[2], pixels.shape[0], pixels.shape[1])
+    out.copy_(pixels.permute(2, 0, 1))
+    return out.div_(255).sub_(mean).div_(std)
+
+def _dimensions_only(width: int, height: int) -> torch.Tensor:
+    "A (3, height, width) tensor of no memory: what `RandomResizedCrop.get_params` needs to know of an image."
+    return torch.empty(1, dtype=torch.uint8).expand(3, height, width)
+
+def fast_crop_flip(image: "Image.Image | EncodedJpeg", parts: tuple, seed: int) -> torch.Tensor:
+    "MAE's transform on `image` with the sample's `seed`: torchvision's draws, a draft or torch decode, torch resampling. (3, h, w)."
+    crop, flip_p, mean, std = parts
+    full_w, full_h = image.size
+    with seeded_rng(seed, python_numpy=False):
+        top, left, height, width = crop.get_params(_dimensions_only(full_w, full_h), crop.scale, crop.ratio)
+        flip = bool(torch.rand(1) < flip_p)
+    out_h, out_w = crop.size
+    s = jpeg_draft_scale(width, height, out_w, out_h) if isinstance(image, EncodedJpeg) else 1
+    if s > 1:                                       # decode at 1/s, the crop box mapped exactly onto the reduced image
+        pil = Image.open(io.BytesIO(image.data))
+        drafted = pil.draft("RGB", (full_w // s, full_h // s))
+        s = round(full_w / drafted[1][2]) if drafted else 1          # the reduction the decoder really applies
+        if s > 1:
+            box = (left / s, top / s, (left + width) / s, (top + height) / s)
+            patch = pil.resize((out_w, out_h), T.functional.pil_modes_mapping[crop.interpolation], box=box)
+            pixels = torch.from_numpy(np.array(patch if patch.mode == "RGB" else patch.convert("RGB")))
+    if s == 1:
+        if isinstance(image, EncodedJpeg):          # (3, H, W) uint8, channels last in memory
+            chw = decode_jpeg_rgb(image.data)
+        else: chw = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        region = chw[:, top:top + height, left:left + width].unsqueeze(0)                 # a view
+        pixels = torch.nn.functional.interpolate(region, size=(out_h, out_w), mode=_TORCH_FILTERS[crop.interpolation],
+                                                 antialias=True)[0].permute(1, 2, 0)     # (h, w, 3) uint8
+    if flip: pixels = pixels.flip(1)
+    return to_normalized(pixels, mean, std)
 
 # %% ../nbs/01b_loader.ipynb #451794ed
 class ShardStream(torch.utils.data.IterableDataset):
@@ -368,19 +507,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                             self.min_samples_for_check, where=f"{self.manifest.path}")
 
     def _transform(self, sample: dict):
-        """The transform, with its randomness drawn from a seed of (run seed, epoch, sample key): the same sample
+        """The transform, with its randomness drawn from `sample_seed` (run seed, epoch, sample key): the same sample
         in the same epoch is augmented the same way whichever worker reads it and whether or not the run resumed.
-        The caller's random state is left as it was."""
-        if self.transform is None: return sample["image"]
-        key = int.from_bytes(hashlib.blake2b(sample["key"].encode(), digest_size=8).digest(), "big")
-        seed = derive_seed(self.seed, sample["epoch"], key)
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            torch.manual_seed(seed)
-            image = self.transform(sample["image"])
-        random.setstate(state)
-        return image
+        The caller's random state is left as it was. MAE's transform takes the fast path (`fast_crop_flip`)."""
+        if self.transform is None: return as_pil(sample["image"])
+        seed = sample_seed(self.seed, sample["epoch"], sample["key"])
+        if getattr(self, "_fast_for", None) is not self.transform:
+            self._fast_for, self._fast_parts = self.transform, crop_flip_parts(self.transform)
+        if self._fast_parts is not None: return fast_crop_flip(sample["image"], self._fast_parts, seed)
+        with seeded_rng(seed): return self.transform(as_pil(sample["image"]))
 
     def _finish(self, sample: dict) -> dict | None:
         image = self._transform(sample)

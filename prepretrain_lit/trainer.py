@@ -8,7 +8,8 @@ __all__ = ['OBJECTIVES', 'STAGE_TRANSFORMS', 'DATA_BUILDERS', 'CKPT', 'EXIT_PREE
            'build_optimizer', 'set_lr', 'Objective', 'MAEObjective', 'mae_objective', 'splitmask_objective',
            'from_module', 'SyntheticImages', 'checkpoint_path', 'complete_checkpoints', 'rng_state', 'set_rng_state',
            'save_file_atomic', 'TrainingDiverged', 'Preempted', 'catch_signals', 'threading_is_main', 'request_requeue',
-           'cpu_has_bf16', 'Trainer', 'memory_mb', 'build_data', 'train', 'train_worker', 'free_port', 'launch']
+           'cpu_has_bf16', 'resolve_precision', 'resolve_compile', 'Trainer', 'memory_mb', 'build_data', 'train',
+           'train_worker', 'free_port', 'launch']
 
 # %% ../nbs/06_trainer.ipynb #1b0e6966
 import contextlib
@@ -291,6 +292,19 @@ def cpu_has_bf16() -> bool:
     try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError): return False
 
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """`train.precision`, with 'auto' decided by the hardware: 'bf16' (autocast) on CUDA GPUs with bf16 and on CPUs
+    with native bf16 matrix units (AMX or AVX512-BF16: 1.6x the fp32 MAE step on a Xeon with AMX), 'fp32' elsewhere
+    (emulated bf16 matmuls are ~100x slower). Any other value is kept."""
+    if precision != "auto": return precision
+    kind = torch.device(device).type
+    if kind == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
+
+def resolve_compile(compile: bool | str, device: torch.device | str) -> bool:
+    "`train.compile`, with 'auto' on for CUDA and off on CPU (measured: no gain, 3.01 compiled vs 3.16 eager img/s)."
+    return torch.device(device).type == "cuda" if compile == "auto" else bool(compile)
+
 class Trainer:
     "The one training loop: objective in, checkpoints, metrics and a trained model out."
     def __init__(self, cfg: RunConfig, objective: Objective, data, out_dir: str | os.PathLike,
@@ -303,7 +317,11 @@ class Trainer:
         self.peak_lr = cfg.optim.scaled_lr(self.global_batch)
         self.warmup = round(cfg.optim.warmup_fraction * t.steps)
         self.sharded = t.strategy == "fsdp" and self.info.distributed
-        if self.sharded and t.precision == "fp16":
+        self.precision, self.compile = resolve_precision(t.precision, self.info.device), resolve_compile(t.compile, self.info.device)
+        if self.info.is_main:
+            print(f"precision {self.precision} (train.precision={t.precision}), compile {self.compile} "
+                  f"(train.compile={t.compile}) on {self.info.device}")
+        if self.sharded and self.precision == "fp16":
             raise UserError("train.precision=fp16 is not supported with train.strategy=fsdp (its loss scaling would need "
                             "a sharded grad scaler); use train.precision=bf16")
         self.objective = objective.to(self.info.device)
@@ -311,17 +329,20 @@ class Trainer:
             objective.model.set_grad_checkpointing(True)
         self.model = self._wrap(self.objective)
         self.optimizer = build_optimizer(self.objective, cfg, self.peak_lr, self.info.device)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-        if t.precision == "bf16" and self.info.device.type == "cpu" and not cpu_has_bf16():
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if self.precision == "bf16" and self.info.device.type == "cpu" and not cpu_has_bf16():
             warnings.warn("train.precision=bf16 on a CPU without native bf16 matrix units (AVX512-BF16 / AMX): its "
                           "matrix products are emulated, about 100x slower than fp32; set train.precision=fp32")
-        self.scaler = torch.amp.GradScaler(self.info.device.type, enabled=t.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.info.device.type, enabled=self.precision == "fp16")
         if t.tensorboard:
             try: from torch.utils.tensorboard import SummaryWriter
             except ImportError: raise UserError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
             self.tb = SummaryWriter(str(self.out / "tensorboard")) if self.info.is_main else None
         else: self.tb = None
         self.ckpt_dir = self.out / "checkpoints"
+        if self.info.is_main and (record := self.out / "provenance.json").is_file():   # what 'auto' chose on this hardware
+            atomic_write_text(record, json.dumps({**json.loads(record.read_text()), "resolved": {
+                "precision": self.precision, "compile": self.compile}}, indent=2) + "\n")
         if self.info.is_main: self.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     def _wrap(self, objective: Objective) -> nn.Module:
@@ -332,13 +353,13 @@ class Trainer:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             mesh = init_device_mesh(self.info.device.type, (self.info.world_size,))
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                if self.cfg.train.precision == "bf16" else MixedPrecisionPolicy()
+                if self.precision == "bf16" else MixedPrecisionPolicy()
             for block in objective.blocks(): fully_shard(block, mesh=mesh, mp_policy=mp)
             fully_shard(objective, mesh=mesh, mp_policy=mp)
         elif self.info.distributed:
             ids = [self.info.device.index] if self.info.device.type == "cuda" else None
             model = self.ddp = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-        if self.cfg.train.compile: model = torch.compile(model)   # DDP's no_sync stays reachable as self.ddp
+        if self.compile: model = torch.compile(model)   # DDP's no_sync stays reachable as self.ddp
         return model
 
     # -- state ----------------------------------------------------------------------------------------------

@@ -27,9 +27,10 @@ from .vit import ViT, vit_from_config
 # %% auto #0
 __all__ = ['RESULTS_SCHEMA_VERSION', 'KINDS', 'EVALUATIONS', 'EVAL_STAGES', 'summarize_records', 'write_results', 'read_results',
            'topk_correct', 'accuracy_records', 'FeatureSet', 'pooled_features', 'eval_loader', 'labelled_manifest',
-           'extract_features', 'trunk_from_config', 'feature_cache_path', 'cached_features', 'LinearProbe',
-           'LinearProbeObjective', 'FeatureBatches', 'probe_data', 'linear_probe_objective', 'lowshot_indices',
-           'lowshot_evaluate', 'evaluate_classifier', 'load_classifier', 'train_stage', 'check_evaluation', 'evaluate']
+           'extract_features', 'gather_features', 'trunk_from_config', 'feature_cache_path', 'load_features',
+           'extract_to_cache', 'features_worker', 'cached_features', 'LinearProbe', 'LinearProbeObjective',
+           'FeatureBatches', 'probe_data', 'linear_probe_objective', 'lowshot_indices', 'lowshot_evaluate',
+           'evaluate_classifier', 'load_classifier', 'train_stage', 'check_evaluation', 'evaluate']
 
 # %% ../nbs/07_transfer.ipynb #ace8b6cb
 RESULTS_SCHEMA_VERSION = 1
@@ -85,6 +86,7 @@ class FeatureSet:
     features: torch.Tensor
     labels: torch.Tensor
     dataset: str
+    keys: list[str] | None = None                  # sample keys (the features are in key order)
 
     def __len__(self) -> int: return len(self.labels)
 
@@ -93,11 +95,13 @@ def pooled_features(trunk: ViT, imgs: torch.Tensor, pool: str = "cls") -> torch.
     tokens = trunk.forward_features(imgs)
     return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
 
-def eval_loader(dataset: str, img_size: int, batch_size: int, num_workers: int, seed: int = 0):
-    "One ordered pass over a labelled manifest with the evaluation transform (every sample, no shuffle)."
+def eval_loader(dataset: str, img_size: int, batch_size: int, num_workers: int, seed: int = 0, rank: int = 0,
+                world_size: int = 1):
+    "One pass over rank `rank`'s shards of a labelled manifest with the evaluation transform (every sample, no shuffle)."
     from prepretrain_lit.loader import eval_transform, make_loader
     data = DataConfig(dataset=dataset, batch_size=batch_size, num_workers=num_workers, shuffle_buffer=1)
-    return make_loader(data, eval_transform(img_size), seed=seed, rank=0, world_size=1, infinite=False, drop_last=False)
+    return make_loader(data, eval_transform(img_size), seed=seed, rank=rank, world_size=world_size, infinite=False,
+                       drop_last=False)
 
 def labelled_manifest(dataset: str | None, key: str):
     "The manifest `dataset` names, which must have labels; `key` is the config key, for the error."
@@ -111,20 +115,37 @@ def labelled_manifest(dataset: str | None, key: str):
 
 @torch.no_grad()
 def extract_features(trunk: ViT, dataset: str, img_size: int, pool: str = "cls", batch_size: int = 256,
-                     num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = True) -> FeatureSet:
-    "Features of every image of manifest `dataset` under the frozen `trunk` (eval mode)."
+                     num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = True, rank: int = 0,
+                     world_size: int = 1) -> FeatureSet:
+    """Features of rank `rank`'s share of manifest `dataset` (its shards, dealt by rank; all of it with one rank)
+    under the frozen `trunk` (eval mode), in key order, keys kept: `gather_features` joins the shares."""
     from tqdm.auto import tqdm
     m = labelled_manifest(dataset, "dataset")
     trunk = trunk.to(device).eval()
-    feats, labels = [], []
-    bar = tqdm(total=m.num_samples, desc=f"features {m.name}", unit="img", disable=not progress, leave=False)
-    for batch in eval_loader(dataset, img_size, batch_size, num_workers):
+    feats, labels, keys = [], [], []
+    bar = tqdm(total=m.num_samples // world_size, desc=f"features {m.name}", unit="img", disable=not progress, leave=False)
+    for batch in eval_loader(dataset, img_size, batch_size, num_workers, rank=rank, world_size=world_size):
         feats.append(pooled_features(trunk, batch["image"].to(device), pool).float().cpu())
         labels.append(batch["label"])
+        keys.extend(batch["key"])
         bar.update(len(batch["label"]))
     bar.close()
-    if not feats: raise UserError(f"{m.path}: no readable samples")
-    return FeatureSet(torch.cat(feats), torch.cat(labels), m.name)
+    if not feats and world_size == 1: raise UserError(f"{m.path}: no readable samples")
+    dim = trunk.embed_dim if hasattr(trunk, "embed_dim") else 0
+    part = FeatureSet(torch.cat(feats) if feats else torch.zeros(0, dim), torch.cat(labels) if labels else
+                      torch.zeros(0, dtype=torch.long), m.name, keys)
+    return gather_features([part])
+
+def gather_features(parts: Sequence[FeatureSet]) -> FeatureSet:
+    "One `FeatureSet` from the ranks' shares, in key order: the same whatever the number of ranks and workers."
+    keys = [k for p in parts for k in p.keys]
+    if len(set(keys)) != len(keys): raise ValueError("a sample appears in two shares: the ranks read overlapping shards")
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    index = torch.tensor(order, dtype=torch.long)
+    full = [p for p in parts if len(p)]
+    feats = torch.cat([p.features for p in full]) if full else parts[0].features
+    labels = torch.cat([p.labels for p in full]) if full else parts[0].labels
+    return FeatureSet(feats[index], labels[index], parts[0].dataset, [keys[i] for i in order])
 
 def trunk_from_config(cfg: RunConfig) -> ViT:
     "The trunk of `cfg.model` with `cfg.init`'s weights (a seeded random init when there are none)."
@@ -146,20 +167,58 @@ def feature_cache_path(cfg: RunConfig, dataset: str, out_dir: str | os.PathLike)
     key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
     return folder / f"{Path(dataset).stem}-{key}.pt"
 
-def cached_features(cfg: RunConfig, dataset: str, out_dir: str | os.PathLike, progress: bool = True) -> FeatureSet:
-    "The features of `dataset` under `cfg`'s trunk: read from the cache, or extracted and cached."
-    path = feature_cache_path(cfg, dataset, out_dir)
-    if path.is_file():
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        return FeatureSet(d["features"], d["labels"], d["dataset"])
-    device = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
-    fs = extract_features(trunk_from_config(cfg), dataset, cfg.model.img_size, cfg.probe.pool, cfg.eval.batch_size,
-                          cfg.eval.num_workers, device, progress)
+def _save_features(fs: FeatureSet, path: Path, keys: bool = False) -> None:
+    "Write `fs` to `path` atomically (a reader never sees half a file); its keys only with `keys` (the parts)."
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"features": fs.features, "labels": fs.labels, "dataset": fs.dataset}, tmp)
+    torch.save({"features": fs.features, "labels": fs.labels, "dataset": fs.dataset, "keys": fs.keys if keys else None}, tmp)
     os.replace(tmp, path)
-    return fs
+
+def load_features(path: str | os.PathLike) -> FeatureSet:
+    """A cached `FeatureSet`, memory-mapped: a process reads the pages of the rows it indexes, not the whole file
+    (probe ranks each touch their own batches; on one node they share the page cache)."""
+    d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return FeatureSet(d["features"], d["labels"], d["dataset"], d.get("keys"))
+
+def extract_to_cache(cfg: RunConfig, dataset: str, path: Path, rank: int = 0, world_size: int = 1,
+                     progress: bool = True) -> None:
+    """Extract rank `rank`'s share of `dataset` into a part file beside `path`; the last rank to finish (every rank
+    waits at a barrier when there are several) joins the parts into `path`. With one rank: extract and save."""
+    device = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world_size > 1: device = f"cuda:{rank % torch.cuda.device_count()}"
+    fs = extract_features(trunk_from_config(cfg), dataset, cfg.model.img_size, cfg.probe.pool, cfg.eval.batch_size,
+                          cfg.eval.num_workers, device, progress and rank == 0, rank, world_size)
+    if world_size == 1: return _save_features(fs, path)
+    parts = [path.with_name(f"{path.stem}.part-{r:05d}-of-{world_size:05d}.pt") for r in range(world_size)]
+    _save_features(fs, parts[rank], keys=True)
+    torch.distributed.barrier()
+    if rank == 0:
+        _save_features(gather_features([load_features(p) for p in parts]), path)
+        for p in parts: p.unlink()
+    torch.distributed.barrier()
+
+def features_worker(cfg: RunConfig, dataset: str, path: str) -> str:
+    "`extract_to_cache` in each process `launch` starts (gloo on CPU, NCCL on GPUs); returns the cache path."
+    from prepretrain_lit.trainer import cleanup_distributed, setup_distributed
+    info = setup_distributed(cfg.train.device)
+    try: extract_to_cache(cfg, dataset, Path(path), info.rank, info.world_size, progress=False)
+    finally: cleanup_distributed(info)
+    return path
+
+def cached_features(cfg: RunConfig, dataset: str, out_dir: str | os.PathLike, progress: bool = True,
+                    nprocs: int = 1) -> FeatureSet:
+    """The features of `dataset` under `cfg`'s trunk: read from the cache (memory-mapped), or extracted and cached
+    first: by this process, by `nprocs` processes it launches, or, inside a process group, by all its ranks."""
+    path = feature_cache_path(cfg, dataset, out_dir)
+    if not path.is_file():
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if dist and torch.distributed.get_world_size() > 1:
+            extract_to_cache(cfg, dataset, path, torch.distributed.get_rank(), torch.distributed.get_world_size(), progress)
+        elif nprocs > 1:
+            from prepretrain_lit.trainer import launch
+            launch(features_worker, cfg, dataset, str(path), nprocs=nprocs)
+        else: extract_to_cache(cfg, dataset, path, progress=progress)
+    return load_features(path)
 
 # %% ../nbs/07_transfer.ipynb #1a4c8026
 class LinearProbe(nn.Module):
@@ -194,11 +253,18 @@ class FeatureBatches:
         self.per_epoch = len(fs) // (batch_size * world_size)        # whole global batches; the rest waits an epoch
         self.seen = self.skipped = 0
 
+    def _order(self, epoch: int) -> torch.Tensor:
+        "The seeded permutation of `epoch`, drawn once per epoch (O(N) an epoch, not a step)."
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(len(self.fs), generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
+        return self._perm
+
     def batches(self, start: int = 0) -> Iterator[dict]:
         step = start
         while True:
             epoch, i = divmod(step, self.per_epoch)
-            order = torch.randperm(len(self.fs), generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
+            order = self._order(epoch)
             first = (i * self.world_size + self.rank) * self.batch_size
             idx = order[first:first + self.batch_size]
             self.seen += len(idx)

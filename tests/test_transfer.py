@@ -155,3 +155,33 @@ def test_evaluation_input_errors_come_before_compute(tmp_path, digits_manifests)
     with pytest.raises(UserError, match="needs stage 'finetune'"):
         evaluate("finetune", load_config(preset="tiny", stage="wsp"), tmp_path / "d")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# -- at cluster size ---------------------------------------------------------------------------------------------
+def test_distributed_feature_extraction_equals_one_process(tmp_path, digits_manifests):
+    "Two gloo processes, each extracting its shards' share, gather into exactly the one-process features (key order)."
+    from prepretrain_lit.trainer import launch
+    from prepretrain_lit.transfer import cached_features, extract_to_cache, features_worker, load_features
+    test = digits_manifests[1]
+    cfg = load_config(preset="tiny", overrides=[*TINY_MODEL, "train.device=cpu", "eval.batch_size=64"])
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    extract_to_cache(cfg, str(test), one, progress=False)
+    launch(features_worker, cfg, str(test), str(two), nprocs=2)
+    a, b = load_features(one), load_features(two)
+    assert len(a) == 450 and torch.equal(a.labels, b.labels)
+    assert torch.allclose(a.features, b.features, atol=1e-6)
+    assert not list(tmp_path.glob("*.part-*"))                       # the shares were joined and removed
+    with pytest.raises(ValueError, match="two shares"):
+        from prepretrain_lit.transfer import gather_features
+        gather_features([FeatureSet(a.features[:2], a.labels[:2], "x", ["k1", "k2"])] * 2)
+
+
+def test_feature_batches_draw_one_permutation_per_epoch(monkeypatch):
+    "No O(N) work per step: the epoch's permutation is drawn once, and the batches are those of a fresh draw."
+    fs = blobs(n=400)
+    expected = [b["label"].clone() for _, b in zip(range(50), FeatureBatches(fs, 16).batches(0))]
+    calls = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a) or real(*a, **k))
+    got = [b["label"] for _, b in zip(range(50), FeatureBatches(fs, 16).batches(0))]   # 25 steps an epoch: 2 epochs
+    assert len(calls) == 2 and all(torch.equal(x, y) for x, y in zip(got, expected))
