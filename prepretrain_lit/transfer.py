@@ -29,11 +29,12 @@ __all__ = ['RESULTS_SCHEMA_VERSION', 'KINDS', 'EVALUATIONS', 'EVAL_STAGES', 'sum
            'topk_correct', 'accuracy_records', 'FeatureSet', 'pooled_features', 'eval_loader', 'labelled_manifest',
            'extract_features', 'trunk_from_config', 'feature_cache_path', 'cached_features', 'LinearProbe',
            'LinearProbeObjective', 'FeatureBatches', 'probe_data', 'linear_probe_objective', 'lowshot_indices',
-           'lowshot_evaluate', 'evaluate_classifier', 'load_classifier', 'train_stage', 'check_evaluation', 'evaluate']
+           'lowshot_evaluate', 'knn_scores', 'knn_evaluate', 'evaluate_classifier', 'load_classifier', 'train_stage',
+           'check_evaluation', 'evaluate']
 
 # %% ../nbs/07_transfer.ipynb #ace8b6cb
 RESULTS_SCHEMA_VERSION = 1
-KINDS = ("finetune", "linear_probe", "lowshot", "zeroshot")
+KINDS = ("finetune", "linear_probe", "lowshot", "knn", "zeroshot")
 
 def summarize_records(records: Sequence[dict]) -> dict[str, dict]:
     "{'top1': {'mean', 'std', 'n'}, 'top1@5shot': ...}: per metric (and shots), the mean and sample std of the values."
@@ -243,6 +244,26 @@ def lowshot_evaluate(train: FeatureSet, test: FeatureSet, shots: Sequence[int] =
                             "seed": seed, "shots": k})
     return records
 
+# %% ../nbs/07_transfer.ipynb #0bffa275
+def knn_scores(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: float = 0.07,
+               chunk: int = 1024) -> torch.Tensor:
+    "Class scores (N_test, C) of DINO's weighted k-NN: votes exp(cos / T) of the k most similar training features."
+    if k > len(train): raise UserError(f"probe.knn_k={k} is more than the {len(train)} training images; lower it")
+    xtr = F.normalize(train.features.float(), dim=1)                        # (N_train, D)
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    out = []
+    for xte in F.normalize(test.features.float(), dim=1).split(chunk):      # (B, D): memory B x N_train, not N x N
+        sim, idx = (xte @ xtr.T).topk(k, dim=1)                             # (B, k) similarities and neighbours
+        weights = ((sim - 1.0) / temperature).exp()                         # exp(s/T) up to a per-row constant
+        votes = torch.zeros(len(xte), num_classes).scatter_add_(1, train.labels[idx], weights)
+        out.append(votes)
+    return torch.cat(out)
+
+def knn_evaluate(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: float = 0.07, **fields) -> list[dict]:
+    "Records top1 (and top5 with more than 5 classes) of the weighted k-NN, in percent."
+    scores = knn_scores(train, test, k, temperature)
+    return accuracy_records(topk_correct(scores, test.labels), len(test), **fields)
+
 # %% ../nbs/07_transfer.ipynb #fe8692bc
 @torch.no_grad()
 def evaluate_classifier(model: ViTClassifier, dataset: str, img_size: int, batch_size: int = 256,
@@ -306,12 +327,21 @@ def _lowshot(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list
     test_fs = cached_features(cfg, cfg.eval.dataset, out, progress)
     return lowshot_evaluate(train_fs, test_fs, cfg.probe.shots, cfg.probe.splits, cfg.probe.lowshot_c)
 
+def _knn(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
+    init_run_folder(cfg, out)
+    write_provenance(out, cfg)
+    train_fs = cached_features(cfg, cfg.data.dataset, out, progress)
+    test_fs = cached_features(cfg, cfg.eval.dataset, out, progress)
+    return knn_evaluate(train_fs, test_fs, cfg.probe.knn_k, cfg.probe.knn_temperature, seed=cfg.seed)
+
 def _zeroshot(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
     from prepretrain_lit.lit import zeroshot_evaluate
     return zeroshot_evaluate(cfg, out, progress=progress, nprocs=nprocs)["records"]
 
-EVALUATIONS = {"finetune": _finetune, "linear_probe": _linear_probe, "lowshot": _lowshot, "zeroshot": _zeroshot}
-EVAL_STAGES = {"finetune": "finetune", "linear_probe": "linear_probe", "lowshot": "lowshot", "zeroshot": "lit"}
+EVALUATIONS = {"finetune": _finetune, "linear_probe": _linear_probe, "lowshot": _lowshot, "knn": _knn,
+               "zeroshot": _zeroshot}
+EVAL_STAGES = {"finetune": "finetune", "linear_probe": "linear_probe", "lowshot": "lowshot", "knn": "knn",
+               "zeroshot": "lit"}
 
 def check_evaluation(kind: str, cfg: RunConfig) -> None:
     "Refuse, before any compute, an evaluation that cannot run: unknown kind, missing or unlabelled sets, no trunk file."
@@ -338,6 +368,6 @@ def evaluate(kind: str, cfg: RunConfig, out_dir: str | os.PathLike, progress: bo
     test_name = labelled_manifest(cfg.eval.dataset, "eval.dataset").name
     train_name = None if kind == "zeroshot" else labelled_manifest(cfg.data.dataset, "data.dataset").name
     path = write_results(out, kind, test_name, records, cfg.init.checkpoint, train_name, cfg)
-    if kind == "lowshot":
+    if kind in ("lowshot", "knn"):                   # no trainer ran: say the stage is done
         atomic_write_text(out / "status.json", json.dumps({"state": "complete", "step": 0, "message": ""}) + "\n")
     return read_results(path)
