@@ -106,10 +106,14 @@ class DataConfig:
     shuffle_buffer: int = 1000      # samples held for shuffling in each loader worker
     max_skip_fraction: float = 0.01 # stop when more than this share of samples is bad
     verify_checksums: bool = False  # re-hash every shard before training starts
+    transform: str | None = None    # training transform: None = the stage's (MAE crop+flip, finetune RandAugment);
+                                    # "light" = crop 0.5-1 only (tiny images); also "mae", "finetune", "eval"
 
     def check(self) -> None:
         _check_positive(self, "data", "batch_size", "shuffle_buffer")
         if self.num_workers < 0: raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.transform is not None and self.transform not in ("mae", "finetune", "eval", "light"):
+            raise unknown_choice("data.transform", self.transform, ("mae", "finetune", "eval", "light"))
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ConfigError(f"data.max_skip_fraction={self.max_skip_fraction} must lie in [0, 1]")
 

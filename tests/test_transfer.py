@@ -200,3 +200,20 @@ def test_knn_with_a_large_temperature_is_uniform_majority_vote():
     theirs = KNeighborsClassifier(n_neighbors=9, metric="cosine", algorithm="brute").fit(
         train.features.numpy(), train.labels.numpy()).predict(test.features.numpy())
     assert (ours == theirs).all()
+
+
+def test_light_transform_never_mirrors_and_is_chosen_by_data_transform():
+    "data.transform=light: a crop and normalise only; a digit is never flipped (a mirrored 2 is not a 2)."
+    from PIL import Image
+    from prepretrain_lit.config import ConfigError
+    from prepretrain_lit.loader import TRANSFORMS
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, :16] = 255                                                         # left half white
+    t = TRANSFORMS["light"](32, scale=(1.0, 1.0))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        x = t(Image.fromarray(img))
+        assert x.shape == (3, 32, 32) and x[:, :, :8].mean() > x[:, :, -8:].mean()
+    assert load_config(preset="tiny", stage="finetune", overrides=["data.transform=light"]).data.transform == "light"
+    with pytest.raises(ConfigError, match="unknown data.transform 'heavy'"):
+        load_config(preset="tiny", overrides=["data.transform=heavy"])
