@@ -106,10 +106,14 @@ class DataConfig:
     shuffle_buffer: int = 1000      # samples held for shuffling in each loader worker
     max_skip_fraction: float = 0.01 # stop when more than this share of samples is bad
     verify_checksums: bool = False  # re-hash every shard before training starts
+    transform: str | None = None    # training transform: None = the stage's (MAE crop+flip, finetune RandAugment);
+                                    # "light" = crop 0.5-1 only (tiny images); also "mae", "finetune", "eval"
 
     def check(self) -> None:
         _check_positive(self, "data", "batch_size", "shuffle_buffer")
         if self.num_workers < 0: raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.transform is not None and self.transform not in ("mae", "finetune", "eval", "light"):
+            raise unknown_choice("data.transform", self.transform, ("mae", "finetune", "eval", "light"))
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ConfigError(f"data.max_skip_fraction={self.max_skip_fraction} must lie in [0, 1]")
 
@@ -225,15 +229,17 @@ class EvalConfig:
 
 @dataclass
 class ProbeConfig:
-    "Frozen-trunk evaluations: the linear probe and low-shot classifiers."
+    "Frozen-trunk evaluations: the linear probe, low-shot and k-NN classifiers."
     pool: Literal["cls", "avg"] = "cls"  # the feature: the normed cls token (MAE linear probe) or the mean patch token
     shots: tuple[int, ...] = (1, 5, 10)  # examples per class of the low-shot splits
     splits: int = 5                 # seeded low-shot splits per k
     lowshot_c: float = 1000.0       # inverse L2 strength of the low-shot logistic regression on L2-normed features:
                                     # unit-norm features need a weak penalty (C=1 underfits: 30% vs 70% 10-shot on digits)
+    knn_k: int = 20                 # neighbours of the weighted k-NN (DINO: 20 on ImageNet)
+    knn_temperature: float = 0.07   # T of the k-NN vote weights exp(cos / T) (DINO's)
 
     def check(self) -> None:
-        _check_positive(self, "probe", "splits", "lowshot_c")
+        _check_positive(self, "probe", "splits", "lowshot_c", "knn_k", "knn_temperature")
         if not self.shots or min(self.shots) < 1: raise ConfigError(f"probe.shots={self.shots} must be positive integers")
 
 @dataclass
@@ -456,6 +462,7 @@ STAGE_RECIPES: dict[str, dict] = {
                          head=dict(init_std=0.01, label_smoothing=0.0)),
     "lit": dict(optim=dict(base_lr=5e-4, betas=(0.9, 0.98), weight_decay=0.1)),
     "lowshot": {},
+    "knn": {},
 }
 
 def stage_recipe(stage: str) -> dict:

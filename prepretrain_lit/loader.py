@@ -8,7 +8,8 @@ __all__ = ['IMAGE_EXTS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TRANSFORMS', 'shard_a
            'EncodedJpeg', 'decode_jpeg_rgb', 'as_pil', 'open_image', 'decode_sample', 'sample_seed', 'seeded_rng',
            'crop_flip_parts', 'jpeg_draft_scale', 'to_normalized', 'fast_crop_flip', 'ShardStream',
            'check_enough_shards', 'check_skip_fraction', 'mae_transform', 'eval_transform', 'posterize_any_bits',
-           'finetune_transform', 'pad_indices', 'collate_samples', 'StreamLoader', 'resolve_manifest', 'make_loader']
+           'finetune_transform', 'light_transform', 'pad_indices', 'collate_samples', 'StreamLoader',
+           'resolve_manifest', 'make_loader']
 
 # %% ../nbs/01b_loader.ipynb #626c21df
 import hashlib
@@ -574,7 +575,14 @@ def finetune_transform(img_size: int, auto_augment: str = "rand-m9-mstd0.5-inc1"
                 if op.name.startswith("Posterize"): op.aug_fn = posterize_any_bits
     return transform
 
-TRANSFORMS = {"mae": mae_transform, "eval": eval_transform, "finetune": finetune_transform}
+def light_transform(img_size: int, scale: tuple[float, float] = (0.5, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable:
+    """A light training transform for tiny images (`data.transform=light`): RandomResizedCrop(scale 0.5-1) and
+    normalise; no flip (a mirrored digit is another glyph), no RandAugment, no erasing (at 32 px from 8x8 digits
+    they leave little of the signal)."""
+    return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+TRANSFORMS = {"mae": mae_transform, "eval": eval_transform, "finetune": finetune_transform, "light": light_transform}
 
 # %% ../nbs/01b_loader.ipynb #96755318
 def pad_indices(rows: list[torch.Tensor], pad: int = -1) -> torch.Tensor:

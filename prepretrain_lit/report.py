@@ -24,16 +24,16 @@ if TYPE_CHECKING:   # figures and models are imported when drawn: the table alon
 
 # %% auto #0
 __all__ = ['STAGE_FILES', 'SKIP_DIRS', 'OBJECTIVE_KINDS', 'SCRATCH', 'COLUMNS', 'INT_COLUMNS', 'FLOAT_COLUMNS', 'PRETTY',
-           'EVAL_KEYS', 'NO_COMPARISON', 'FIGURES', 'find_stage_dirs', 'names_from_path', 'read_json', 'read_yaml',
-           'read_metrics', 'is_number', 'checkpoint_stage', 'init_label', 'trunk_origin', 'upstream_checkpoints',
-           'encoder_params', 'preset_params', 'stage_axes', 'thin', 'curve_rows', 'stage_rows', 'empty_table', 'typed',
-           'gather', 'save_table', 'load_table', 'write_stage', 'tiny_mae_config', 'write_tiny_mae', 'example_runs',
-           'pretty', 'is_scratch', 'recipe_label', 'with_recipe', 'fmt', 'spread', 'mean_std', 'in_setting_order',
-           'verdict', 'compare_evals', 'final_values', 'compare_convergence', 'eval_numbers', 'comparison_lines',
-           'number_lines', 'summarize', 'summary_markdown', 'MissingData', 'main_setting', 'plot_convergence',
-           'scaling_metric', 'plot_scaling', 'plot_lowshot', 'plot_mae_length', 'plot_training_curves',
-           'held_out_images', 'load_stage_mae', 'plot_reconstructions', 'mae_stage_dirs', 'save_figure', 'make_figures',
-           'build_report']
+           'EVAL_KEYS', 'VERDICT_MIN_N', 'VERDICT_ALPHA', 'NO_COMPARISON', 'FIGURES', 'find_stage_dirs',
+           'names_from_path', 'read_json', 'read_yaml', 'read_metrics', 'is_number', 'checkpoint_stage', 'init_label',
+           'trunk_origin', 'upstream_checkpoints', 'encoder_params', 'preset_params', 'stage_axes', 'thin',
+           'curve_rows', 'stage_rows', 'empty_table', 'typed', 'gather', 'save_table', 'load_table', 'write_stage',
+           'tiny_mae_config', 'write_tiny_mae', 'example_runs', 'pretty', 'is_scratch', 'recipe_label', 'with_recipe',
+           'fmt', 'spread', 'mean_std', 'in_setting_order', 'verdict', 'claim_verdict', 'compare_evals', 'final_values',
+           'compare_convergence', 'eval_numbers', 'comparison_lines', 'number_lines', 'summarize', 'summary_markdown',
+           'MissingData', 'main_setting', 'plot_convergence', 'scaling_metric', 'plot_scaling', 'plot_lowshot',
+           'plot_mae_length', 'plot_training_curves', 'held_out_images', 'load_stage_mae', 'plot_reconstructions',
+           'mae_stage_dirs', 'save_figure', 'make_figures', 'build_report']
 
 # %% ../nbs/09_report.ipynb #77205a74
 STAGE_FILES = ("stage.json", "config.yaml", "metrics.jsonl", "results.json")
@@ -419,7 +419,7 @@ def example_runs(root: str | os.PathLike, experiment: str = "example", seeds: Se
 
 # %% ../nbs/09_report.ipynb #9e6b8bf9
 PRETTY = {"mae": "MAE", "splitmask": "SplitMask", "wsp": "WSP", "supervised": "supervised", "lit": "LiT",
-          "scratch": "scratch", "linear_probe": "linear probe", "lowshot": "low-shot", "zeroshot": "zero-shot",
+          "scratch": "scratch", "linear_probe": "linear probe", "lowshot": "low-shot", "knn": "k-NN", "zeroshot": "zero-shot",
           "finetune": "finetune"}
 
 def pretty(name) -> str:
@@ -500,6 +500,26 @@ def verdict(treat: str, base: str, diff: float, s_t: float, s_b: float, metric: 
     if abs(diff) <= noise: return f"{treat} is {word} by {size}, within the spread over seeds"
     return f"{treat} is {word} by {size}"
 
+VERDICT_MIN_N = 3       # seeds a side before a claim is judged at all
+VERDICT_ALPHA = 0.05    # two-sided level of Welch's t-test; fixed before any result was seen, never tuned
+
+def claim_verdict(m_t: float, s_t: float, n_t: int, m_b: float, s_b: float, n_b: int,
+                  higher_is_better: bool = True, alpha: float = VERDICT_ALPHA) -> str:
+    """A claim "treatment beats baseline" judged from mean, sample std and n a side: 'holds', 'does not hold at
+    this scale', 'within the spread', or 'too few seeds' when a side has n < 3. Welch's two-sided t-test
+    (unequal variances): p >= alpha is 'within the spread'; otherwise the sign of the difference decides."""
+    if min(n_t, n_b) < VERDICT_MIN_N: return f"too few seeds (n < {VERDICT_MIN_N}): no verdict"
+    diff = (m_t - m_b) if higher_is_better else (m_b - m_t)                  # > 0: the treatment is better
+    var_t, var_b = s_t ** 2 / n_t, s_b ** 2 / n_b
+    se = math.sqrt(var_t + var_b)
+    if se == 0: significant = diff != 0                                       # no spread at all: any difference is real
+    else:
+        from scipy.stats import t as student_t
+        df = (var_t + var_b) ** 2 / (var_t ** 2 / (n_t - 1) + var_b ** 2 / (n_b - 1))   # Welch-Satterthwaite
+        significant = 2 * student_t.sf(abs(diff) / se, df) < alpha
+    if not significant: return "within the spread"
+    return "holds" if diff > 0 else "does not hold at this scale"
+
 def compare_evals(table: pd.DataFrame, metrics: Sequence[str] = ("top1",)) -> pd.DataFrame:
     "Each pretrained init against the same objective from scratch, per evaluation and setting: one row per comparison."
     t = with_recipe(table[(table.record == "eval") & table.metric.isin(metrics)])
@@ -517,8 +537,10 @@ def compare_evals(table: pd.DataFrame, metrics: Sequence[str] = ("top1",)) -> pd
             diff = m_t - m_b
             text = (f"{_where(key)}: {recipe} {mean_std(m_t, s_t, n_t, key['metric'])} vs {base} "
                     f"{mean_std(m_b, s_b, n_b, key['metric'])}: {verdict(recipe, base, diff, s_t, s_b, key['metric'])}")
+            claim = claim_verdict(m_t, s_t, n_t, m_b, s_b, n_b)
+            if min(n_t, n_b) >= VERDICT_MIN_N: text += f"; the claim '{recipe} beats {base}': {claim}"
             rows.append({**key, "treatment": recipe, "baseline": base, "mean": m_t, "std": s_t, "n": n_t,
-                         "base_mean": m_b, "base_std": s_b, "base_n": n_b, "diff": diff, "text": text})
+                         "base_mean": m_b, "base_std": s_b, "base_n": n_b, "diff": diff, "verdict": claim, "text": text})
     return in_setting_order(pd.DataFrame(rows))
 
 # %% ../nbs/09_report.ipynb #f084068b
@@ -553,13 +575,15 @@ def compare_convergence(table: pd.DataFrame, objective: str = "wsp", metric: str
             text = (f"{pretty(objective)} training {metric}{f' ({setting})' if setting else ''} at the last logged step: "
                     f"{recipe} {mean_std(m_t, s_t, n_t, metric)} vs {base} {mean_std(m_b, s_b, n_b, metric)}: "
                     f"{verdict(recipe, base, m_t - m_b, s_t, s_b, metric, higher_is_better=False)}")
+            claim = claim_verdict(m_t, s_t, n_t, m_b, s_b, n_b, higher_is_better=False)
+            if min(n_t, n_b) >= VERDICT_MIN_N: text += f"; the claim '{recipe} trains to a lower {metric} than {base}': {claim}"
             if step_reached is not None:
                 text += (f"; {recipe} reached {base}'s final {metric} ({fmt(base_curve.iloc[-1], metric)}, step "
                          f"{int(base_curve.index[-1])}) at step {step_reached}")
             else: text += f"; {recipe} never reached {base}'s final {metric} ({fmt(base_curve.iloc[-1], metric)})"
             rows.append({**key, "metric": metric, "treatment": recipe, "baseline": base, "mean": m_t, "std": s_t, "n": n_t,
                          "base_mean": m_b, "base_std": s_b, "base_n": n_b, "diff": m_t - m_b,
-                         "step_reached": step_reached, "text": text})
+                         "step_reached": step_reached, "verdict": claim, "text": text})
     return pd.DataFrame(rows)
 
 # %% ../nbs/09_report.ipynb #e44f5cb3

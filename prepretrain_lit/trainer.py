@@ -594,7 +594,7 @@ def build_data(stage: str, cfg: RunConfig, info: DistInfo, out_dir: str | os.Pat
         return SyntheticImages(cfg.data.batch_size, cfg.model.img_size, cfg.model.num_patches, cfg.seed,
                                info.rank, info.world_size, cfg.model.in_chans)
     from prepretrain_lit.loader import TRANSFORMS, make_loader
-    transform = TRANSFORMS[STAGE_TRANSFORMS[stage]](cfg.model.img_size)
+    transform = TRANSFORMS[cfg.data.transform or STAGE_TRANSFORMS[stage]](cfg.model.img_size)   # data.transform overrides
     return make_loader(cfg.data, transform, seed=cfg.seed, rank=info.rank, world_size=info.world_size, infinite=True,
                        pin_memory=info.device.type == "cuda")
 

@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -329,21 +330,23 @@ def test_shipped_experiments_validate():
     assert counts["mae_length"]["mae"] == 3 and counts["mae_length"]["wsp"] == 4
     assert counts["splitmask_vs_mae"]["pretrain"] == 6
     demo = {r.id: r for r in expand(load_experiment(EXPERIMENTS_DIR / "demo.yaml"), "/nonexistent/runs")}
-    assert demo["wsp/from_mae"].params["init_checkpoint"].endswith("demo/mae/main/model.pt")
-    assert "init_checkpoint" not in demo["wsp/scratch"].params
-    assert {k for k in demo if k.startswith(("linear_probe", "lowshot", "finetune", "zeroshot"))} == {
-        f"{s}/init={i}" for s in ("linear_probe", "lowshot", "finetune", "zeroshot") for i in ("scratch", "mae")}
-    assert len(demo["report/main"].deps) == 8
+    assert demo["wsp/from_mae,seed=1"].params["init_checkpoint"].endswith("demo/mae/seed=1/model.pt")
+    assert "init_checkpoint" not in demo["wsp/scratch,seed=1"].params
+    assert {k for k in demo if k.startswith(("knn", "linear_probe", "lowshot"))} == {   # 3 pretraining seeds an arm
+        f"{s}/seed={seed},init={i}" for s in ("knn", "linear_probe", "lowshot") for seed in (0, 1, 2) for i in ("scratch", "mae")}
+    assert {k for k in demo if k.startswith(("finetune", "zeroshot"))} == {
+        f"{s}/seed=0,init={i}" for s in ("finetune", "zeroshot") for i in ("scratch", "mae")}
+    assert len(demo["report/main"].deps) == 22
 
 
 def test_demo_dry_run_prints_the_dag(tmp_path, capsys):
     assert main(["demo", "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "wsp/from_mae" in out and "mae/main" in out and "report/main" in out
+    assert "wsp/from_mae,seed=2" in out and "mae/seed=0" in out and "report/main" in out
     assert not (tmp_path / "demo").exists()
 
 
-TINY = ["steps=3", "shapes.num_samples=64", "shapes_test.num_samples=64", "batch_size=8", "lowshot.shots=[1]",
+TINY = ["seed=[0]", "steps=3", "shapes.num_samples=64", "shapes_test.num_samples=64", "batch_size=8", "lowshot.shots=[1]",
         "lowshot.splits=1", "overrides=[data.num_workers=0, eval.num_workers=0, train.log_every=1]"]
 
 
@@ -354,11 +357,32 @@ def test_every_stage_notebook_executes_with_tiny_parameters(tmp_path):
     states = {o.run.id: (o.state, o.note) for o in outcomes}
     assert all(s == "complete" for s, _ in states.values()), states
     root = tmp_path / "demo"
-    for kind in ("linear_probe", "lowshot", "finetune", "zeroshot"):
+    for kind in ("knn", "linear_probe", "lowshot", "finetune", "zeroshot"):
         for init in ("scratch", "mae"):
-            results = json.loads((root / kind / f"init={init}" / "results.json").read_text())
+            results = json.loads((root / kind / f"seed=0,init={init}" / "results.json").read_text())
             assert results["kind"] == kind and results["records"], (kind, init)
-    assert json.loads((root / "wsp/from_mae/status.json").read_text()) == {"state": "complete", "step": 3, "message": ""}
+    assert json.loads((root / "wsp/from_mae,seed=0/status.json").read_text()) == {"state": "complete", "step": 3, "message": ""}
     sm = tmp_path / "splitmask"
     path = write_yaml(tmp_path / "sm.yaml", {"name": "sm", "stages": {"splitmask": {"notebook": "splitmask", "params": {"steps": 2, "batch_size": 8}}}})
     assert [o.state for o in run_experiment(path, out=sm, progress=False)] == ["complete"]
+
+
+@pytest.mark.slow
+def test_a_reduced_demo_gives_the_same_results_table_twice(tmp_path):
+    "Same seed -> same numbers: the demo's DAG up to the frozen-trunk evaluations, twice, gives identical tables."
+    from prepretrain_lit.report import gather
+    spec = yaml.safe_load((EXPERIMENTS_DIR / "demo.yaml").read_text())
+    for stage in ("finetune", "zeroshot", "report", "shapes_test"): spec["stages"].pop(stage)
+    path = write_yaml(tmp_path / "demo_reduced.yaml", spec)
+    tables = []
+    for name in ("a", "b"):
+        outcomes = run_experiment(path, out=tmp_path / name, progress=False,
+                                  overrides=[o for o in TINY if not o.startswith("shapes_test")] + ["seed=[0, 1]"])
+        assert all(o.state == "complete" for o in outcomes), [(o.run.id, o.state, o.note) for o in outcomes]
+        t = gather(tmp_path / name / "demo")
+        t = t[(t.record == "eval") | (t.metric == "loss")]                   # not wall-clock rates like images_per_s
+        tables.append(t.drop(columns=["source"]).sort_values(["run", "record", "metric", "step", "shots", "split_seed"])
+                      .reset_index(drop=True))
+    evals = tables[0][tables[0].record == "eval"]
+    assert set(evals.kind) == {"knn", "linear_probe", "lowshot"} and evals.seed.nunique() == 2
+    pd.testing.assert_frame_equal(tables[0], tables[1])

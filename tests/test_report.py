@@ -272,3 +272,28 @@ def test_lineage_fills_objective_and_init_from_checkpoints(tmp_path):
     assert origin.loc["ml/finetune/mae_length=0"].tolist() == ["wsp", "scratch", 0.0]
     assert ("finetune on in1k (vit_l16), top1: MAE(0.1 ep)→WSP 80.0 (n=1, no spread) vs WSP 78.0 (n=1, no spread): "
             "MAE(0.1 ep)→WSP is ahead by 2.0 (one seed on a side: no spread to judge it by)") in summarize(t)
+
+
+@pytest.mark.parametrize("mae, scratch, expected", [
+    ([90.0, 90.5, 91.0], [80.0, 80.5, 81.0], "holds"),                        # 10 points apart, spread 0.5
+    ([70.0, 70.5, 71.0], [80.0, 80.5, 81.0], "does not hold at this scale"),  # the same, the other way
+    ([80.0, 84.0, 88.0], [79.0, 83.0, 87.0], "within the spread"),            # 1 point apart, spread 4
+    ([90.0, 90.5], [80.0, 80.5], "too few seeds (n < 3): no verdict"),        # a clear gap, but n = 2
+])
+def test_verdict_on_constructed_tables(tmp_path, mae, scratch, expected):
+    "Welch's two-sided t-test at 0.05 with n >= 3 a side: the verdict column and the summary's sentence agree."
+    row = compare_evals(gather(_probe_runs(tmp_path, mae=mae, scratch=scratch))).iloc[0]
+    assert row.verdict == expected
+    if len(mae) >= 3: assert row.text.endswith(f"the claim 'MAE→WSP beats WSP': {expected}")
+    else: assert "the claim" not in row.text                                  # the sentence says "one seed" / "spread" already
+    assert any(line == row.text for line in summarize(gather(tmp_path / "x")))
+
+
+def test_convergence_verdict_prefers_the_lower_loss(tmp_path):
+    for init, finals in (("scratch", [2.0, 2.1, 2.2]), ("mae", [1.0, 1.1, 1.2])):
+        for seed, final in enumerate(finals):
+            write_stage(tmp_path / "c/wsp" / f"{init}{seed}", dict(experiment="c", stage="wsp", variant=f"{init}{seed}",
+                        kind="wsp", axes=dict(objective="wsp", init=init, seed=seed)),
+                        [{"step": s, "loss": l} for s, l in zip((10, 20), (3.0, final))])
+    c = compare_convergence(gather(tmp_path / "c")).iloc[0]
+    assert c.verdict == "holds" and "the claim 'MAE→WSP trains to a lower loss than WSP': holds" in c.text

@@ -119,6 +119,7 @@ def _wsp_checkpoint(tmp_path, num_tags=24):
 
 @pytest.mark.parametrize("kind, stage, extra", [
     ("lowshot", "lowshot", ["probe.shots=[1,2]", "probe.splits=2"]),
+    ("knn", "knn", ["probe.knn_k=5", "probe.knn_temperature=0.1"]),
     ("linear_probe", "linear_probe", ["train.steps=10", "data.batch_size=64"]),
     ("finetune", "finetune", ["train.steps=4", "data.batch_size=16", "eval.batch_size=128"]),
 ])
@@ -185,3 +186,64 @@ def test_feature_batches_draw_one_permutation_per_epoch(monkeypatch):
     monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a) or real(*a, **k))
     got = [b["label"] for _, b in zip(range(50), FeatureBatches(fs, 16).batches(0))]   # 25 steps an epoch: 2 epochs
     assert len(calls) == 2 and all(torch.equal(x, y) for x, y in zip(got, expected))
+
+
+# --- weighted k-NN (DINO) ----------------------------------------------------------------------------------------
+
+def test_knn_matches_a_hand_computed_case():
+    from prepretrain_lit.transfer import knn_scores
+    # test point (1, 0); neighbours (1, 0) class 0 (cos 1), (0.6, 0.8) class 1 (cos 0.6), (0, 1) class 1 (cos 0)
+    train = FeatureSet(torch.tensor([[3.0, 0.0], [0.6, 0.8], [0.0, 2.0]]), torch.tensor([0, 1, 1]), "tr")
+    test = FeatureSet(torch.tensor([[1.0, 0.0]]), torch.tensor([1]), "te")
+    T = 0.5
+    scores = knn_scores(train, test, k=3, temperature=T) * np.exp(1 / T)      # the code drops exp(1/T) per row
+    expected = [np.exp(1 / T), np.exp(0.6 / T) + np.exp(0.0 / T)]            # 7.389 vs 3.320 + 1
+    assert torch.allclose(scores, torch.tensor([expected], dtype=torch.float32), rtol=1e-5)
+    # k = 2 drops the (0, 1) neighbour: class 1 keeps the one vote exp(0.6 / T)
+    assert knn_scores(train, test, k=2, temperature=10.0)[0, 1] * np.exp(0.1) == pytest.approx(np.exp(0.06), rel=1e-5)
+    # at a large T the weights are ~1: class 1's two votes beat class 0's one
+    assert knn_scores(train, test, k=3, temperature=1e4).argmax(1).tolist() == [1]
+
+
+@pytest.mark.parametrize("k, T", [(1, 0.07), (5, 0.07), (20, 0.1), (7, 1.0)])
+def test_knn_agrees_with_sklearn_on_the_same_features(k, T):
+    """scikit-learn's KNeighborsClassifier with cosine distance d = 1 - cos and weights exp((1 - d) / T) is the
+    same classifier: on continuous random features (no ties in distance) the predictions agree exactly."""
+    from sklearn.neighbors import KNeighborsClassifier
+    from prepretrain_lit.transfer import knn_evaluate, knn_scores
+    train, test = blobs(n=300, classes=5, seed=1, spread=2.0), blobs(n=200, classes=5, seed=2, spread=2.0)
+    ours = knn_scores(train, test, k=k, temperature=T).argmax(1).numpy()
+    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
+                               weights=lambda d: np.exp((1.0 - d) / T)).fit(train.features.numpy(), train.labels.numpy())
+    theirs = clf.predict(test.features.numpy())
+    assert (ours == theirs).all()
+    acc = 100.0 * float((theirs == test.labels.numpy()).mean())
+    assert knn_evaluate(train, test, k=k, temperature=T)[0]["value"] == pytest.approx(acc)
+
+
+def test_knn_with_a_large_temperature_is_uniform_majority_vote():
+    "T -> infinity: every weight is ~1, so the k-NN is scikit-learn's uniform-weight majority (odd k, 2 classes: no ties)."
+    from sklearn.neighbors import KNeighborsClassifier
+    from prepretrain_lit.transfer import knn_scores
+    train, test = blobs(n=200, classes=2, seed=3, spread=3.0), blobs(n=100, classes=2, seed=4, spread=3.0)
+    ours = knn_scores(train, test, k=9, temperature=1e6).argmax(1).numpy()
+    theirs = KNeighborsClassifier(n_neighbors=9, metric="cosine", algorithm="brute").fit(
+        train.features.numpy(), train.labels.numpy()).predict(test.features.numpy())
+    assert (ours == theirs).all()
+
+
+def test_light_transform_never_mirrors_and_is_chosen_by_data_transform():
+    "data.transform=light: a crop and normalise only; a digit is never flipped (a mirrored 2 is not a 2)."
+    from PIL import Image
+    from prepretrain_lit.config import ConfigError
+    from prepretrain_lit.loader import TRANSFORMS
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, :16] = 255                                                         # left half white
+    t = TRANSFORMS["light"](32, scale=(1.0, 1.0))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        x = t(Image.fromarray(img))
+        assert x.shape == (3, 32, 32) and x[:, :, :8].mean() > x[:, :, -8:].mean()
+    assert load_config(preset="tiny", stage="finetune", overrides=["data.transform=light"]).data.transform == "light"
+    with pytest.raises(ConfigError, match="unknown data.transform 'heavy'"):
+        load_config(preset="tiny", overrides=["data.transform=heavy"])

@@ -1,0 +1,34 @@
+"""Shipped experiments that are meant to be run on CPU: cpu_study validates (dry-run) and has the shape its
+claims need -- three seeds a point, four sub-studies, every transfer judge (nbs/08_pipeline.ipynb)."""
+from collections import Counter
+from pathlib import Path
+
+from prepretrain_lit.cli import main
+from prepretrain_lit.pipeline import expand, load_experiment
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_cpu_study_dry_run_validates(tmp_path, capsys):
+    assert main(["run", str(EXPERIMENTS / "cpu_study.yaml"), "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "report/main" in out and "size_knn/" in out
+    assert not any(tmp_path.iterdir())                                        # a dry run writes nothing
+
+
+def test_cpu_study_has_three_seeds_a_point_and_every_arm():
+    runs = expand(load_experiment(EXPERIMENTS / "cpu_study.yaml"), "/nonexistent/runs")
+    per_stage = Counter(r.stage for r in runs)
+    # A: 3 widths x 3 seeds of MAE; WSP from scratch and from MAE for each; four transfer judges of each WSP trunk
+    assert per_stage["size_mae"] == 9 and per_stage["size_wsp"] == 18
+    assert all(per_stage[s] == 18 for s in ("size_probe", "size_knn", "size_lowshot", "size_finetune"))
+    # B: MAE of 0.1 / 0.5 / 1 epoch (0 is plain WSP), WSP at all four lengths
+    assert per_stage["length_mae"] == 9 and per_stage["length_wsp"] == 12
+    # C: three nested subsets, D: MAE and SplitMask on the small set, and the random-init arm
+    assert per_stage["scaling_mae"] == 9 and per_stage["small_pretrain"] == 6 and per_stage["small_scratch"] == 3
+    points = Counter((r.stage, tuple(sorted((k, str(v)) for k, v in r.axes.items() if k != "seed"))) for r in runs
+                     if r.stage not in ("shapes", "shapes_big", "digits_train", "digits_test", "report"))
+    assert set(points.values()) == {3}                                        # every point has exactly 3 seeds
+    wsp = {r.id: r for r in runs if r.stage == "size_wsp"}
+    assert wsp["size_wsp/from_mae,seed=2,model=96"].params["init_checkpoint"].endswith("size_mae/seed=2,model=96/model.pt")
+    assert "model.embed_dim=96" in wsp["size_wsp/from_mae,seed=2,model=96"].params["overrides"]
