@@ -682,7 +682,6 @@ class StageJob:
         if not Path(run.cwd).is_dir():   # requeued from another working directory, the first one gone: paths are absolute
             import dataclasses
             run = dataclasses.replace(run, cwd=os.getcwd())
-        os.environ["PREPRETRAIN_JOB_REQUEUES"] = "1"   # the trainer leaves the requeue to this process
         if rank > 0:   # multi-node: every task executes the notebook, rank 0 keeps the record
             import papermill
             with venv_kernel(), recorded_signals():
