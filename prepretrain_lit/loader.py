@@ -29,7 +29,7 @@ import torchvision.transforms as T
 from webdataset.gopen import gopen
 from PIL import Image, ImageOps
 
-from .config import DataConfig, UserError, derive_seed
+from .config import DataConfig, UserError, derive_seed, ignore_stop_signals
 from .data import (KEY_EXT, TEMPLATE_MARK, Manifest, count_samples, in_subset, load_manifest,
                                   shipped_manifest, tar_members, verify_across_ranks, verify_manifest)
 
@@ -614,7 +614,8 @@ class StreamLoader:
         generator = torch.Generator().manual_seed(derive_seed(stream.seed, 0x10ADE5))  # keeps the global RNG untouched
         self.loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
                                                   collate_fn=collate_samples, drop_last=drop_last,
-                                                  pin_memory=pin_memory, persistent_workers=False, generator=generator)
+                                                  pin_memory=pin_memory, persistent_workers=False, generator=generator,
+                                                  worker_init_fn=ignore_stop_signals)  # the main process handles them
         self.seen = self.skipped = 0
         self.rank, self.world = stream.rank_world()
         self.workers = max(num_workers, 1)

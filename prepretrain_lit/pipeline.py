@@ -4,12 +4,13 @@
 
 # %% auto #0
 __all__ = ['REPO', 'STAGES_DIR', 'EXPERIMENTS_DIR', 'EXPERIMENT_KEYS', 'STAGE_KEYS', 'VARIANT_KEYS', 'RESOURCE_KEYS',
-           'RESOURCE_DEFAULTS', 'AXIS_KEYS', 'TEMPLATE', 'LIVE_JOB_STATES', 'Param', 'parameters_cell',
-           'notebook_parameters', 'write_stage_notebook', 'StageSpec', 'Experiment', 'parse_experiment',
-           'load_experiment', 'apply_overrides', 'StageRun', 'variant_name', 'fill_template', 'parse_ref',
-           'stage_order', 'available_kinds', 'expand', 'read_json', 'run_state', 'format_dag', 'dag_depths', 'draw_dag',
-           'now', 'stage_record', 'write_stage_json', 'venv_kernel', 'execute_run', 'Outcome', 'plan', 'run_local',
-           'format_summary', 'slurm_parameters', 'slurm_job_params', 'StageJob', 'queued_job', 'submit_slurm',
+           'RESOURCE_DEFAULTS', 'AXIS_KEYS', 'TEMPLATE', 'REQUEUE_SIGNALS', 'STOP_SIGNALS', 'EXIT_REQUEUED',
+           'LIVE_JOB_STATES', 'Param', 'parameters_cell', 'notebook_parameters', 'write_stage_notebook', 'StageSpec',
+           'Experiment', 'parse_experiment', 'load_experiment', 'apply_overrides', 'StageRun', 'variant_name',
+           'fill_template', 'parse_ref', 'stage_order', 'available_kinds', 'expand', 'read_json', 'run_state',
+           'format_dag', 'dag_depths', 'draw_dag', 'now', 'stage_record', 'write_stage_json', 'venv_kernel',
+           'execute_run', 'Outcome', 'plan', 'run_local', 'format_summary', 'signal_delay', 'slurm_parameters',
+           'slurm_job_params', 'recorded_signals', 'requeue_job', 'StageJob', 'queued_job', 'submit_slurm',
            'status_rows', 'format_status', 'run_experiment', 'world_size', 'stage_config', 'train_stage',
            'plot_metrics']
 
@@ -94,7 +95,7 @@ EXPERIMENT_KEYS = ("name", "description", "defaults", "grid", "resources", "stag
 STAGE_KEYS = ("notebook", "params", "inputs", "after", "over", "variants", "exclude", "resources")
 VARIANT_KEYS = ("axes", "params", "inputs")
 RESOURCE_KEYS = ("nodes", "gpus_per_node", "cpus_per_node", "mem_gb", "time_min", "partition", "account",
-                 "qos", "constraint")
+                 "qos", "constraint", "signal_delay_s")
 RESOURCE_DEFAULTS = {"nodes": 1, "gpus_per_node": 0, "cpus_per_node": 2, "time_min": 60}
 AXIS_KEYS = ("model", "subset", "mae_length", "objective", "seed", "init")   # stage.json always has these
 
@@ -596,14 +597,23 @@ def format_summary(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines + ["", ", ".join(f"{n} {s}" for s, n in counts.items())])
 
 # %% ../nbs/08_pipeline.ipynb #372656de
+def _resources(run: StageRun, cli_resources: dict | None = None) -> dict:
+    return {**run.resources, **{k: v for k, v in (cli_resources or {}).items() if v is not None}}
+
+def signal_delay(time_min: int, given: int | None = None) -> int:
+    "Seconds before the time limit at which SLURM sends the warning (USR2): `given`, else 120 s, at most a quarter of the limit."
+    if given is not None: return int(given)
+    return max(10, min(120, int(time_min) * 60 // 4))
+
 def slurm_parameters(run: StageRun, cli_resources: dict | None = None) -> dict:
     "The submitit `SlurmExecutor` parameters of `run` (dependencies added by `submit_slurm`)."
-    r = {**run.resources, **{k: v for k, v in (cli_resources or {}).items() if v is not None}}
+    r = _resources(run, cli_resources)
     gpus, nodes = int(r.get("gpus_per_node") or 0), int(r.get("nodes") or 1)
     tasks = max(gpus, 1) if nodes > 1 else 1                 # one task per node, or one per GPU on several nodes
-    params = {"job_name": f"{run.experiment}:{run.id}", "nodes": nodes, "time": int(r.get("time_min") or 60),
+    minutes = int(r.get("time_min") or 60)
+    params = {"job_name": f"{run.experiment}:{run.id}", "nodes": nodes, "time": minutes,
               "cpus_per_task": max(1, int(r.get("cpus_per_node") or 1) // tasks), "ntasks_per_node": tasks,
-              "signal_delay_s": 120, "additional_parameters": {"requeue": True}}
+              "signal_delay_s": signal_delay(minutes, r.get("signal_delay_s")), "additional_parameters": {"requeue": True}}
     if gpus: params["gpus_per_node"] = gpus
     if r.get("mem_gb"): params["mem"] = f"{int(r['mem_gb'])}GB"
     for key in ("partition", "qos", "constraint"):
@@ -611,38 +621,101 @@ def slurm_parameters(run: StageRun, cli_resources: dict | None = None) -> dict:
     if r.get("account"): params["account"] = r["account"]
     return params
 
+def _absolute_paths(params: dict, cwd: str) -> dict:
+    "`params` with every string that names an existing file or folder relative to `cwd` made absolute (lists too)."
+    def fix(v):
+        if isinstance(v, list): return [fix(x) for x in v]
+        if isinstance(v, str) and v and not os.path.isabs(v) and "\n" not in v and len(v) < 4096:
+            try: candidate = Path(cwd) / v
+            except (TypeError, ValueError): return v
+            if candidate.exists(): return str(candidate.resolve())
+        return v
+    return {k: fix(v) for k, v in params.items()}
+
 def slurm_job_params(run: StageRun, cli_resources: dict | None = None) -> dict:
-    "`run.params` as the SLURM job passes them: `nprocs` = GPUs per node on one node, 1 per task on several."
-    r = {**run.resources, **{k: v for k, v in (cli_resources or {}).items() if v is not None}}
-    params = dict(run.params)
+    "`run.params` as the SLURM job passes them: paths made absolute; `nprocs` = GPUs per node on one node, 1 per task on several."
+    r = _resources(run, cli_resources)
+    params = _absolute_paths(dict(run.params), run.cwd)
     if "nprocs" in notebook_parameters(run.notebook):
         params["nprocs"] = max(int(r.get("gpus_per_node") or 0), 1) if int(r.get("nodes") or 1) == 1 else 1
     return params
 
+REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")          # preemption warning, time-limit warning: back in the queue
+STOP_SIGNALS = REQUEUE_SIGNALS + ("SIGTERM",)     # SIGTERM: stop cleanly, SLURM (or nobody) requeues
+
+@contextmanager
+def recorded_signals(names: Sequence[str] = STOP_SIGNALS):
+    "In the job's own process: note the signals `names` (in the yielded list) instead of acting on them; the old handlers after."
+    import signal as _signal
+    got: list[str] = []
+    old = {}
+    for name in names:
+        s = getattr(_signal, name)
+        old[s] = _signal.signal(s, lambda signum, frame: got.append(_signal.Signals(signum).name))
+    try: yield got
+    finally:
+        for s, handler in old.items(): _signal.signal(s, handler)
+
+def requeue_job(job_id: str) -> str | None:
+    "`scontrol requeue job_id`; None when done, else why not."
+    import subprocess
+    try:
+        res = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e: return f"{type(e).__name__}: {e}"
+    if res.returncode == 0: return None
+    why = (res.stderr or res.stdout).strip() or f"exit {res.returncode}"
+    return None if "pending execution" in why else why   # requeued already (by the trainer, or SLURM)
+
 class StageJob:
-    "The callable a SLURM job runs: `execute_run`, requeued by submitit at the time limit."
+    """The callable a SLURM job runs: `execute_run`, and the requeue when a warning signal stopped it.
+
+    SLURM signals every process of the job step: this process (submitit's), the notebook's kernel and its loader
+    workers. submitit's own handler would requeue the job at once, and `scontrol requeue` makes `srun` SIGKILL the
+    step, the trainer in the middle of its checkpoint. So while the notebook runs, this process only notes the
+    signal; the trainer checkpoints and stops (exit 3, `status.json` `preempted`); `execute_run` records the state;
+    and then, last of all, a SIGUSR1 or SIGUSR2 (preemption or time-limit warning) requeues the job. SIGTERM alone
+    requeues nothing: it is a cancel (`scancel`), or a preemption that SLURM requeues itself."""
+    max_requeues = 20
+
     def __call__(self, run: StageRun) -> str:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
+        if not Path(run.cwd).is_dir():   # requeued from another working directory, the first one gone: paths are absolute
+            import dataclasses
+            run = dataclasses.replace(run, cwd=os.getcwd())
         if rank > 0:   # multi-node: every task executes the notebook, rank 0 keeps the record
             import papermill
-            with venv_kernel():
+            with venv_kernel(), recorded_signals():
                 papermill.execute_notebook(str(run.notebook), str(run.folder / f"executed.rank{rank}.ipynb"),
                                            parameters=run.params, cwd=run.cwd, kernel_name="python3", progress_bar=False)
             return "complete"
-        state = execute_run(run, log_output=True)
-        if state == "preempted":           # stopped by a signal after a checkpoint: back in the queue, to resume
-            from prepretrain_lit.trainer import request_requeue
-            request_requeue()
-        if state != "complete":
-            raise RuntimeError(f"{run.id} {state}: see {run.folder / 'executed.ipynb'} and {run.folder / 'stage.json'}")
-        return state
+        with recorded_signals() as signals:
+            state = execute_run(run, log_output=True)
+        if state == "complete": return state
+        job = os.environ.get("SLURM_JOB_ID")
+        warned = [s for s in signals if s in REQUEUE_SIGNALS]
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if warned and job and restarts < self.max_requeues:
+            record = read_json(run.folder / "stage.json") or {}
+            write_stage_json(run, "preempted", job_id=job, signal=warned[0],
+                             error=record.get("error") if state == "preempted" else f"{state} after {warned[0]}: {record.get('error')}")
+            why_not = requeue_job(job)          # the last thing: SLURM now kills this step
+            if why_not is None:
+                print(f"{run.id}: {warned[0]}: stopped at a checkpoint, job {job} requeued (restart {restarts + 1})", flush=True)
+                raise SystemExit(EXIT_REQUEUED)
+            raise RuntimeError(f"{run.id} preempted by {warned[0]} but `scontrol requeue {job}` failed: {why_not}")
+        if signals and state == "preempted":
+            write_stage_json(run, "preempted", signal=signals[0])
+        raise RuntimeError(f"{run.id} {state}: see {run.folder / 'executed.ipynb'} and {run.folder / 'stage.json'}")
 
     def checkpoint(self, run: StageRun):
-        "Called by submitit on timeout or preemption: resubmit the same run (the trainer resumes)."
+        "Called by submitit on a signal before or after `__call__`'s notebook: resubmit the same run (the trainer resumes)."
         import submitit
         return submitit.helpers.DelayedSubmission(self, run)
 
-LIVE_JOB_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD"}
+EXIT_REQUEUED = 3          # the job's exit status after it requeued itself (the trainer's `preempted`)
+
+LIVE_JOB_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
+                   "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
 
 def queued_job(run: StageRun) -> str | None:
     "The id of a job submitted earlier for `run` (same hash) that SLURM still has queued or running, or None."
@@ -669,7 +742,8 @@ def submit_slurm(runs: Sequence[StageRun], cli_resources: dict | None = None, ex
             outcomes.append(Outcome(run, "skipped", note="complete before, same parameters")); continue
         if (job := queued_job(run)) is not None:     # submitted by an earlier `prepretrain run`: wait for it, again
             job_ids[run.id] = job
-            outcomes.append(Outcome(run, "submitted", note=f"job {job} (queued before)")); continue
+            outcomes.append(Outcome(run, "submitted", note=f"job {job} (queued before)"))
+            echo(f"kept {run.id}: job {job}, still queued or running"); continue
         params = slurm_parameters(run, cli_resources)
         waits = [job_ids[d] for d in run.deps if d in job_ids]
         if waits:

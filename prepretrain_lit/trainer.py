@@ -7,9 +7,9 @@ __all__ = ['OBJECTIVES', 'STAGE_TRANSFORMS', 'DATA_BUILDERS', 'CKPT', 'EXIT_PREE
            'first_slurm_host', 'setup_distributed', 'cleanup_distributed', 'steps_for', 'lr_at', 'param_groups',
            'build_optimizer', 'set_lr', 'Objective', 'MAEObjective', 'mae_objective', 'splitmask_objective',
            'from_module', 'SyntheticImages', 'checkpoint_path', 'complete_checkpoints', 'rng_state', 'set_rng_state',
-           'save_file_atomic', 'TrainingDiverged', 'Preempted', 'catch_signals', 'threading_is_main', 'request_requeue',
-           'cpu_has_bf16', 'resolve_precision', 'resolve_compile', 'Trainer', 'memory_mb', 'build_data', 'train',
-           'train_worker', 'free_port', 'launch']
+           'save_file_atomic', 'TrainingDiverged', 'Preempted', 'catch_signals', 'threading_is_main', 'requeues_on',
+           'request_requeue', 'cpu_has_bf16', 'resolve_precision', 'resolve_compile', 'Trainer', 'memory_mb',
+           'build_data', 'train', 'train_worker', 'free_port', 'launch']
 
 # %% ../nbs/06_trainer.ipynb #1b0e6966
 import contextlib
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import (RunConfig, UserError, atomic_write_text, config_hash, derive_seed,
+from .config import (STOP_SIGNALS, RunConfig, UserError, atomic_write_text, config_hash, derive_seed,
                                     init_run_folder, seed_everything, write_provenance)
 
 # %% ../nbs/06_trainer.ipynb #48798d61
@@ -264,7 +264,7 @@ class Preempted(Exception):
         self.step, self.signum = step, signum
 
 @contextlib.contextmanager
-def catch_signals(signums=(signal.SIGTERM, signal.SIGUSR1)):
+def catch_signals(signums=STOP_SIGNALS):
     "Record the first of `signums` received (instead of dying) in the yielded list."
     received: list[int] = []
     previous = {}
@@ -278,6 +278,12 @@ def catch_signals(signums=(signal.SIGTERM, signal.SIGUSR1)):
 def threading_is_main() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+def requeues_on(signum: int) -> bool:
+    """Whether a stop by `signum` asks SLURM to requeue the job: the warnings SIGUSR1 and SIGUSR2 do, unless submitit
+    runs the job (it requeues on its own warning, SIGUSR2: requeueing here too would queue the job twice). SIGTERM does
+    not: `scancel` means stop, and a preemption with `PreemptMode=REQUEUE` is requeued by SLURM itself."""
+    return signum in (signal.SIGUSR1, signal.SIGUSR2) and "SUBMITIT_EXECUTOR" not in os.environ
 
 def request_requeue() -> None:
     "Ask SLURM to requeue this job (after a preemption warning); a no-op outside SLURM."
@@ -552,7 +558,7 @@ class Trainer:
                     bar.close()
                     self._status("preempted", step, "stopped by a signal; rerun the same command to resume")
                     signum = signals[0] if signals else signal.SIGTERM
-                    if signum == signal.SIGUSR1 and self.info.is_main: request_requeue()
+                    if requeues_on(signum) and self.info.is_main: request_requeue()
                     raise Preempted(step, signum)
         bar.close()
         if self.info.is_main and self.tb is not None: self.tb.close()
