@@ -135,11 +135,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(o.state in ("complete", "skipped", "submitted") for o in outcomes) else 1
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from prepretrain_lit.pipeline import format_status, status_rows
+    from prepretrain_lit.pipeline import ENDED_BADLY, format_status, status_rows
     if not Path(args.run_dir).is_dir(): raise UserError(f"{args.run_dir}: no such folder")
     rows = status_rows(args.run_dir)
     print(format_status(rows))
-    return 1 if any(r["state"] in ("failed", "preempted") for r in rows) else 0
+    return 1 if any(r["state"] in ENDED_BADLY for r in rows) else 0
 
 def cmd_report(args: argparse.Namespace) -> int:
     try: from prepretrain_lit.report import build_report

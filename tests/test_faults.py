@@ -229,3 +229,113 @@ def test_what_cannot_change_the_result_is_not_part_of_a_runs_identity(tmp_path, 
     from prepretrain_lit.trainer import save_file_atomic
     save_file_atomic(state, ckpt); (run / "model.pt").unlink()
     assert train("mae", cfg, run, progress=False)["state"] == "complete"
+
+
+# -- 13. an error on one rank reaches all ranks --------------------------------------------------------------
+
+def rank1_fails_at_batch(out_dir: str, fail_at: int) -> dict:
+    "A 2-rank worker (importable: `launch` spawns it) whose rank 1 only raises a DataQualityError at batch `fail_at`."
+    from prepretrain_lit import trainer as T
+    from prepretrain_lit.loader import DataQualityError
+    real = T.build_data
+    class RottenOnRank1:
+        seen = skipped = 0
+        def __init__(self, data): self.data = data
+        def batches(self, start: int = 0):
+            for i, batch in enumerate(self.data.batches(start)):
+                if i == fail_at: raise DataQualityError("3 of 4 samples of shard 7 are bad (limit 1%)")
+                yield batch
+    def build(stage, cfg, info, out=None):
+        data = real(stage, cfg, info, out)
+        return RottenOnRank1(data) if info.rank == 1 and info.world_size == 2 else data
+    T.build_data = build
+    return T.train_worker("mae", tiny("train.steps=6", "data.batch_size=4", "train.log_every=2"), out_dir)
+
+
+@pytest.mark.multiproc
+def test_an_error_on_one_rank_stops_both_promptly_with_that_error(tmp_path):
+    from prepretrain_lit.trainer import launch
+    tic = time.time()
+    with pytest.raises(Exception) as raised:
+        launch(rank1_fails_at_batch, str(tmp_path), 3, nprocs=2)
+    assert time.time() - tic < 90                                   # not a collective's 30-minute timeout
+    assert "DataQualityError" in str(raised.value)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "failed" and "rank 1: DataQualityError: 3 of 4 samples" in status["message"], status
+
+
+# -- 7. one run per folder ---------------------------------------------------------------------------------
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    "Another process (not a child the lock is held for) holding `folder`'s lock until killed."
+    from prepretrain_lit.config import HELD_LOCKS_ENV
+    env = {k: v for k, v in os.environ.items() if k != HELD_LOCKS_ENV}
+    proc = subprocess.Popen([sys.executable, "-c", f"import time\nfrom prepretrain_lit.config import run_lock\n"
+                             f"with run_lock({str(folder)!r}):\n    print('held', flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_into_a_folder_names_who_holds_it_and_a_dead_holders_lock_is_taken_over(tmp_path, capfd):
+    from prepretrain_lit.config import RunFolderBusy
+    from prepretrain_lit.trainer import train
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(RunFolderBusy, match=rf"in use by pid {holder.pid} on "):
+            train("mae", tiny("train.steps=1"), tmp_path, progress=False)
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.kill(); holder.wait()                                    # SIGKILL: it never released its lock
+    train("mae", tiny("train.steps=1"), tmp_path, progress=False)
+    assert f"taking over the lock of {tmp_path} from pid {holder.pid}" in capfd.readouterr().err
+
+
+# -- 12. status.json and stage.json tell the truth ------------------------------------------------------------
+
+def test_a_killed_run_reads_as_interrupted_not_running(tmp_path):
+    from prepretrain_lit.pipeline import live_state
+    from prepretrain_lit.trainer import read_status
+    proc = subprocess.Popen([str(PRETRAIN), "train", "mae", "--preset", "tiny", "--out", str(tmp_path),
+                             *[a for s in TINY + ["train.steps=100000"] for a in ("--set", s)]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: (tmp_path / "metrics.jsonl").exists())
+    assert read_status(tmp_path)["state"] == "running"                # alive: running
+    proc.kill(); proc.wait()
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "running"   # what the dead process left
+    assert read_status(tmp_path)["state"] == "interrupted"            # what a reader is told
+    record = {"state": "running", "pid": proc.pid, "host": os.uname().nodename}
+    assert live_state(tmp_path, record) == "interrupted"
+
+
+@pytest.mark.slow
+def test_stage_json_records_every_ending_and_the_pipeline_holds_the_lock(tmp_path):
+    from prepretrain_lit.config import RunFolderBusy
+    from prepretrain_lit.pipeline import run_experiment, write_stage_notebook
+    d = tmp_path / "stages"
+    write_stage_notebook(d / "train.ipynb", 'out_dir = "."  # the run folder\nending = "complete"  # how it ends', [
+        "import json, os, pathlib, signal\nfrom prepretrain_lit.config import run_lock\n"
+        "with run_lock(out_dir):     # as train() does: the pipeline holds it for this kernel\n"
+        "    out = pathlib.Path(out_dir)\n"
+        "    (out / 'leftover').write_text(ending)\n"
+        "    if ending == 'diverged':\n"
+        "        (out / 'status.json').write_text(json.dumps({'state': 'diverged', 'step': 3}))\n"
+        "        raise RuntimeError('diverged at step 3')\n"
+        "    if ending == 'killed': os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    (out / 'model.pt').write_text('done')"])
+    exp = tmp_path / "x.yaml"
+    exp.write_text("name: x\nstages:\n  train: {notebook: train}\n")
+    folder = tmp_path / "runs/x/train/main"
+    quiet = dict(out=tmp_path / "runs", stages_dir=d, progress=False, echo=lambda s: None)
+    def stage_state(): return json.loads((folder / "stage.json").read_text())["state"]
+    assert [o.state for o in run_experiment(exp, overrides=["ending=diverged"], **quiet)] == ["diverged"]
+    assert stage_state() == "diverged"
+    assert [o.state for o in run_experiment(exp, overrides=["ending=killed"], force=True, **quiet)] == ["killed"]
+    assert stage_state() == "killed"
+    holder = hold_lock(folder)                                          # a second `prepretrain run` of the same folder
+    try:
+        with pytest.raises(RunFolderBusy, match=rf"in use by pid {holder.pid}"):
+            run_experiment(exp, force=True, **quiet)
+    finally: holder.kill(); holder.wait()
+    assert [o.state for o in run_experiment(exp, force=True, **quiet)] == ["complete"]   # --force cleared the killed run
+    assert (folder / "leftover").read_text() == "complete"
