@@ -122,7 +122,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="a stage parameter for every stage (steps=20), for one (mae.steps=20), or a grid axis (seed=[0]); repeatable")
     p.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be complete)")
     p.add_argument("--dry-run", action="store_true", help="print the DAG of stage runs and stop")
-    p.add_argument("--force", action="store_true", help="re-run runs that completed with other parameters (deletes them)")
+    p.add_argument("--force", action="store_true", help="re-run runs made with other parameters, finished or not (deletes them)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
 
 def cmd_run(args: argparse.Namespace) -> int:
