@@ -133,7 +133,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="a stage parameter for every stage (steps=20), for one (mae.steps=20), or a grid axis (seed=[0]); repeatable")
     p.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be complete)")
     p.add_argument("--dry-run", action="store_true", help="print the DAG of stage runs and stop")
-    p.add_argument("--force", action="store_true", help="re-run runs that completed with other parameters (deletes them)")
+    p.add_argument("--force", action="store_true", help="re-run runs made with other parameters, finished or not (deletes them)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -146,11 +146,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(o.state in ("complete", "skipped", "submitted") for o in outcomes) else 1
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from prepretrain_lit.pipeline import format_status, status_rows
+    from prepretrain_lit.pipeline import ENDED_BADLY, format_status, status_rows
     if not Path(args.run_dir).is_dir(): raise UserError(f"{args.run_dir}: no such folder")
     rows = status_rows(args.run_dir)
     print(format_status(rows))
-    return 1 if any(r["state"] in ("failed", "preempted") for r in rows) else 0
+    return 1 if any(r["state"] in ENDED_BADLY for r in rows) else 0
 
 def cmd_report(args: argparse.Namespace) -> int:
     try: from prepretrain_lit.report import build_report

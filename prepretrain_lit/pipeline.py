@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['REPO', 'STAGES_DIR', 'EXPERIMENTS_DIR', 'EXPERIMENT_KEYS', 'STAGE_KEYS', 'VARIANT_KEYS', 'RESOURCE_KEYS',
            'RESOURCE_DEFAULTS', 'AXIS_KEYS', 'TEMPLATE', 'REQUEUE_SIGNALS', 'STOP_SIGNALS', 'EXIT_REQUEUED',
-           'LIVE_JOB_STATES', 'Param', 'parameters_cell', 'notebook_parameters', 'write_stage_notebook', 'StageSpec',
-           'Experiment', 'parse_experiment', 'load_experiment', 'apply_overrides', 'StageRun', 'variant_name',
-           'fill_template', 'parse_ref', 'stage_order', 'available_kinds', 'expand', 'read_json', 'run_state',
-           'format_dag', 'dag_depths', 'draw_dag', 'now', 'stage_record', 'write_stage_json', 'venv_kernel',
-           'execute_run', 'Outcome', 'plan', 'run_local', 'format_summary', 'signal_delay', 'slurm_parameters',
-           'slurm_job_params', 'recorded_signals', 'requeue_job', 'StageJob', 'queued_job', 'submit_slurm',
-           'status_rows', 'format_status', 'run_experiment', 'world_size', 'stage_config', 'train_stage',
-           'plot_metrics']
+           'LIVE_JOB_STATES', 'ENDED_BADLY', 'Param', 'parameters_cell', 'notebook_parameters', 'write_stage_notebook',
+           'StageSpec', 'Experiment', 'parse_experiment', 'load_experiment', 'apply_overrides', 'StageRun',
+           'variant_name', 'fill_template', 'parse_ref', 'stage_order', 'available_kinds', 'expand', 'read_json',
+           'live_state', 'run_state', 'format_dag', 'dag_depths', 'draw_dag', 'now', 'stage_record', 'write_stage_json',
+           'venv_kernel', 'execute_run', 'Outcome', 'plan', 'run_local', 'format_summary', 'signal_delay',
+           'slurm_parameters', 'slurm_job_params', 'recorded_signals', 'requeue_job', 'StageJob', 'queued_job',
+           'submit_slurm', 'status_rows', 'format_status', 'run_experiment', 'world_size', 'stage_config',
+           'train_stage', 'plot_metrics']
 
 # %% ../nbs/08_pipeline.ipynb #677cfb21
 import ast
@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Sequence
 
 import yaml
 
-from .config import RunConfig, UserError, atomic_write_text
+from .config import RunConfig, UserError, atomic_write_text, lock_holder, run_is_alive, run_lock
 
 # %% ../nbs/08_pipeline.ipynb #1a11079a
 import prepretrain_lit
@@ -425,12 +425,18 @@ def read_json(path: str | os.PathLike) -> dict | None:
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError): return None
 
+def live_state(folder: Path, record: dict) -> str:
+    "The state a stage.json `record` in `folder` says, except that a `running` whose process is gone is `interrupted`."
+    state = record.get("state", "new")
+    if state == "running" and not run_is_alive(folder, record.get("host"), record.get("pid")): return "interrupted"
+    return state
+
 def run_state(run: StageRun) -> str:
     "`complete` (done, same hash), `changed` (done with other parameters), or the state its stage.json records (`new` if none)."
     record = read_json(run.folder / "stage.json")
     if record is None: return "new"
     if record.get("hash") != run.hash and record.get("state") == "complete": return "changed"
-    return record.get("state", "new")
+    return live_state(run.folder, record)
 
 def _count(items: Iterable[str]) -> dict[str, int]:
     out: dict[str, int] = {}
@@ -520,23 +526,34 @@ def venv_kernel():
         else: os.environ["JUPYTER_PATH"] = old
 
 def execute_run(run: StageRun, progress: bool = False, log_output: bool = False) -> str:
-    "Execute `run`'s notebook with papermill into its folder; record and return its state."
+    """Execute `run`'s notebook with papermill into its folder, holding the folder's lock (`RunFolderBusy` names the
+    process that has it); record and return its state: complete, failed, preempted, diverged or killed (kernel died)."""
+    with run_lock(run.folder):          # the trainer in the kernel sees the folder in PREPRETRAIN_HELD_LOCKS
+        return _execute_locked(run, progress, log_output)
+
+def _execute_locked(run: StageRun, progress: bool, log_output: bool) -> str:
     import papermill
+    import socket
     run.folder.mkdir(parents=True, exist_ok=True)
     missing = [f"{p}={path}" for p, path in run.inputs.items() if not Path(path).exists()]
     if missing:
         write_stage_json(run, "failed", started=now(), finished=now(), error=f"missing inputs: {', '.join(missing)}")
         return "failed"
-    write_stage_json(run, "running", started=now(), finished=None, error=None)
+    write_stage_json(run, "running", started=now(), finished=None, error=None, pid=os.getpid(), host=socket.gethostname())
     state, error = "complete", None
     try:
         with venv_kernel():
             papermill.execute_notebook(str(run.notebook), str(run.folder / "executed.ipynb"), parameters=run.params,
                                        cwd=run.cwd, kernel_name="python3", progress_bar=progress, log_output=log_output)
     except Exception as e:  # papermill's PapermillExecutionError, a dead kernel, ...
-        trainer = read_json(run.folder / "status.json") or {}
-        state = "preempted" if trainer.get("state") == "preempted" else "failed"
+        from prepretrain_lit.trainer import read_status
+        trainer = read_status(run.folder) or {}
+        dead = type(e).__name__ == "DeadKernelError"             # killed (SIGKILL, out of memory) or crashed
+        state = trainer["state"] if trainer.get("state") in ("preempted", "diverged") else "killed" if dead else "failed"
         error = (f"{e.ename}: {e.evalue}" if hasattr(e, "ename") else f"{type(e).__name__}: {e}").strip()
+    except BaseException as e:          # Ctrl-C or a signal to the runner itself: say so before leaving
+        write_stage_json(run, "interrupted", finished=now(), error=f"{type(e).__name__}: the runner was stopped")
+        raise
     write_stage_json(run, state, finished=now(), error=error)
     return state
 
@@ -563,9 +580,16 @@ def plan(runs: Sequence[StageRun], only: str | None = None, force: bool = False)
     if changed and not force:
         raise UserError("these runs completed with other parameters (or other inputs) than the experiment now gives: "
                         + ", ".join(str(r.folder) for r in changed) + ". Delete them, choose another --out, or pass --force to re-run them")
-    if force:
+    if force:                 # every run made with other parameters, finished or not (a failed start included)
         import shutil
-        for r in changed: shutil.rmtree(r.folder)
+        from prepretrain_lit.config import RunFolderBusy
+        for r in runs:
+            record = read_json(r.folder / "stage.json")
+            if record is None or record.get("hash") == r.hash: continue
+            if (holder := lock_holder(r.folder)) is not None:
+                raise RunFolderBusy(f"--force: {r.folder} is in use by pid {holder.get('pid')} on {holder.get('host')}; "
+                                    "wait for it to end or stop it")
+            shutil.rmtree(r.folder)
     return list(runs)
 
 def run_local(runs: Sequence[StageRun], progress: bool = True, echo: Callable[[str], None] = print) -> list[Outcome]:
@@ -759,16 +783,21 @@ def submit_slurm(runs: Sequence[StageRun], cli_resources: dict | None = None, ex
     return outcomes
 
 # %% ../nbs/08_pipeline.ipynb #10b575c7
+ENDED_BADLY = ("failed", "preempted", "diverged", "killed", "interrupted")   # states `prepretrain status` explains
+
 def status_rows(root: str | os.PathLike) -> list[dict]:
     "One row per `stage.json` under `root`: experiment, stage, variant, state, step, finished, error."
     rows = []
     for path in Path(root).rglob("stage.json"):
         rec = read_json(path)
         if not rec: continue
-        trainer = read_json(path.parent / "status.json") or {}
+        from prepretrain_lit.trainer import read_status
+        trainer = read_status(path.parent) or {}
+        state = live_state(path.parent, rec)
+        error = rec.get("error") or (trainer.get("message") if state == "interrupted" else None)
         rows.append({"experiment": rec.get("experiment"), "stage": rec.get("stage"), "variant": rec.get("variant"),
-                     "state": rec.get("state"), "step": trainer.get("step"), "finished": rec.get("finished"),
-                     "error": rec.get("error"), "folder": str(path.parent), "started": rec.get("started") or ""})
+                     "state": state, "step": trainer.get("step"), "finished": rec.get("finished"),
+                     "error": error or ("its process is gone: killed or crashed" if state == "interrupted" else None), "folder": str(path.parent), "started": rec.get("started") or ""})
     return sorted(rows, key=lambda r: (r["experiment"] or "", r["started"] or "~", r["stage"] or "", r["variant"] or ""))
 
 def format_status(rows: Sequence[dict]) -> str:
@@ -780,7 +809,7 @@ def format_status(rows: Sequence[dict]) -> str:
     w = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
     lines = ["  ".join(f"{v:<{w[i]}}" for i, v in enumerate(t)).rstrip() for t in table]
     for r in rows:
-        if r["state"] in ("failed", "preempted") and r["error"]:
+        if r["state"] in ENDED_BADLY and r["error"]:
             lines.append(f"{r['stage']}/{r['variant']}: {r['error']}\n  see {Path(r['folder']) / 'executed.ipynb'}")
     return "\n".join(lines)
 

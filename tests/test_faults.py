@@ -80,3 +80,262 @@ def test_warnings_requeue_unless_submitit_runs_the_job(monkeypatch):
     assert requeues_on(signal.SIGUSR1) and requeues_on(signal.SIGUSR2) and not requeues_on(signal.SIGTERM)
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")           # submitit requeues on its own USR2: not twice
     assert not requeues_on(signal.SIGUSR2) and not requeues_on(signal.SIGUSR1)
+
+
+# -- 3. a non-finite state is never checkpointed ------------------------------------------------------------
+
+def test_weights_made_non_finite_by_the_update_are_never_checkpointed(tmp_path):
+    from prepretrain_lit.trainer import TrainingDiverged, complete_checkpoints, train
+    cfg = tiny("optim.lr=1e39", "optim.warmup_fraction=0", "train.steps=4", "train.checkpoint_every=1")
+    with pytest.raises(TrainingDiverged, match=r"weights or the optimizer state became NaN.*last finite state checked is at "
+                                               r"step 0.*Lower optim.lr"):
+        train("mae", cfg, tmp_path, progress=False)
+    assert complete_checkpoints(tmp_path / "checkpoints") == []
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "diverged"
+
+
+# -- 5, 6. checkpoint integrity -----------------------------------------------------------------------------
+
+def flip_bytes_inside(path: Path, at: float = 0.6) -> None:
+    "Overwrite a few bytes in the middle of `path` (inside a tensor's data: the file still loads)."
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * at)
+    data[i:i + 8] = bytes(b ^ 0xFF for b in data[i:i + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_that_still_loads_is_skipped_with_a_warning_naming_it(tmp_path):
+    from prepretrain_lit.trainer import train
+    cfg = tiny("train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5")
+    train("mae", cfg, tmp_path, progress=False)
+    newest = tmp_path / "checkpoints" / "step_00000004.pt"
+    flip_bytes_inside(newest)
+    torch.load(newest, weights_only=True)                          # the damage is silent to torch
+    (tmp_path / "model.pt").unlink()
+    with pytest.warns(UserWarning, match=r"step_00000004.pt does not load .*SHA-256"):
+        train("mae", cfg, tmp_path, progress=False)                # resumes from step 2 and redoes steps 3-4
+    assert steps_logged(tmp_path) == [1, 2, 3, 4]
+
+
+def test_resume_with_no_loadable_checkpoint_refuses_naming_the_files(tmp_path):
+    from prepretrain_lit.config import UserError
+    from prepretrain_lit.trainer import train
+    cfg = tiny("train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5")
+    train("mae", cfg, tmp_path, progress=False)
+    for p in (tmp_path / "checkpoints").glob("step_*.pt"): flip_bytes_inside(p)
+    (tmp_path / "model.pt").unlink()
+    with pytest.warns(UserWarning), pytest.raises(UserError, match=r"none of the checkpoints .* loads: step_00000002.pt, step_00000004.pt"):
+        train("mae", cfg, tmp_path, resume=True, progress=False)
+    assert steps_logged(tmp_path) == [1, 2, 3, 4]                 # nothing redone, nothing duplicated
+    cli = subprocess.run([str(PRETRAIN), "train", "mae", "--preset", "tiny", "--out", str(tmp_path), "--resume",
+                          *[a for s in TINY + ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
+                            for a in ("--set", s)]], capture_output=True, text=True)
+    assert cli.returncode == 2 and "none of the checkpoints" in cli.stderr and "Traceback" not in cli.stderr
+
+
+# -- 10. disk full ------------------------------------------------------------------------------------------
+
+def test_a_full_disk_names_the_path_and_cause_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+    from prepretrain_lit import trainer as T
+    cfg = tiny("train.steps=4", "train.checkpoint_every=2")
+    real_save = torch.save
+    def full_disk(obj, f, *a, **k):
+        if "step" in obj:                                            # checkpoints only
+            f.write(b"partial bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(T.torch, "save", full_disk)
+    with pytest.raises(T.CheckpointIOError, match=r"cannot write .*step_00000002.pt: No space left on device"):
+        T.train("mae", cfg, tmp_path, progress=False)
+    assert not list((tmp_path / "checkpoints").iterdir())          # no *.tmp-PID keeps the space
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "failed" and "No space left" in status["message"]
+
+
+def test_temporary_files_of_killed_writers_are_removed_at_start(tmp_path):
+    from prepretrain_lit.trainer import train
+    (tmp_path / "checkpoints" / "step_00000002.tmp").mkdir(parents=True)          # a sharded write, killed
+    (tmp_path / "checkpoints" / "step_00000004.pt.tmp-99999").write_bytes(b"half")
+    (tmp_path / ".status.json.tmp-99999").write_text("{")
+    with pytest.warns(UserWarning, match="left by a writer that was killed"):
+        train("mae", tiny("train.steps=1"), tmp_path, progress=False)
+    leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert leftovers == []
+
+
+# -- 11. damaged metrics ------------------------------------------------------------------------------------
+
+def test_a_damaged_metrics_file_does_not_block_resume(tmp_path):
+    from prepretrain_lit.trainer import train
+    cfg = tiny("train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5")
+    train("mae", cfg, tmp_path, progress=False)
+    (tmp_path / "checkpoints" / "step_00000004.pt").unlink(); (tmp_path / "model.pt").unlink()
+    with open(tmp_path / "metrics.jsonl", "ab") as f: f.write(b'42\n"text"\n\xff\xfe{"step": 9}\n[1]\n')
+    with pytest.warns(UserWarning, match="dropped 4 damaged line"):
+        train("mae", cfg, tmp_path, progress=False)
+    assert steps_logged(tmp_path) == [1, 2, 3, 4]
+
+
+# -- 9. every value with a range is checked when the config is built ----------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.min_lr=-1", "optim.min_lr=-1.0 must be >= 0"),
+    ("optim.clip_grad=-1", "optim.clip_grad=-1.0 must be > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
+    ("optim.lr=-0.125", "optim.lr=-0.125 must be > 0"),
+    ("optim.base_lr=0", "optim.base_lr=0.0 must be > 0"),
+    ("mae.mask_ratio=0.99", "mae.mask_ratio=0.99 leaves 0 of the 64 patches visible"),
+    ("splitmask.split_ratio=0.01", "splitmask.split_ratio=0.01 puts 0 of the 64"),
+    ("eval.num_workers=-1", "eval.num_workers=-1 must be >= 0"),
+    ("seed=-3", "seed=-3 must be >= 0"),
+    ("model.mlp_ratio=0", "model.mlp_ratio=0.0 must be > 0"),
+])
+def test_out_of_range_values_are_refused_when_the_config_is_built(override, message):
+    from prepretrain_lit.config import ConfigError
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        tiny(override)
+
+
+# -- 8. a failed start, and the identity of a run -------------------------------------------------------------
+
+def test_a_run_that_failed_before_its_first_step_leaves_a_usable_folder(tmp_path):
+    from prepretrain_lit.config import UserError
+    from prepretrain_lit.trainer import train
+    bad = tiny("train.steps=2", "data.dataset=/no/such/manifest.yaml")        # fails after config.yaml is written
+    with pytest.raises(UserError):
+        train("mae", bad, tmp_path, progress=False)
+    assert (tmp_path / "config.yaml").exists() and json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
+    assert train("mae", tiny("train.steps=2"), tmp_path, progress=False)["step"] == 2   # the corrected rerun
+
+
+def test_what_cannot_change_the_result_is_not_part_of_a_runs_identity(tmp_path, monkeypatch):
+    from prepretrain_lit.config import config_hash, legacy_config_hash
+    import torch as _t
+    from prepretrain_lit.trainer import train
+    cfg = tiny("train.steps=2", "train.checkpoint_every=2")
+    same = tiny("train.steps=2", "train.checkpoint_every=1", "data.num_workers=7", "train.log_every=2",
+                "train.keep_checkpoints=9", "train.tensorboard=false")
+    assert config_hash(cfg) == config_hash(same) and config_hash(cfg) != config_hash(tiny("train.steps=3"))
+    manifest = tmp_path / "m.yaml"; manifest.write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert config_hash(tiny("data.dataset=m.yaml")) == config_hash(tiny(f"data.dataset={manifest}"))
+    run = tmp_path / "run"
+    train("mae", cfg, run, progress=False)
+    (run / "model.pt").unlink()
+    assert train("mae", same, run, progress=False)["state"] == "complete"   # resumed under another cadence and workers
+    ckpt = run / "checkpoints" / "step_00000002.pt"         # a checkpoint written before identities: still loads
+    state = _t.load(ckpt, weights_only=True); state["config_hash"] = legacy_config_hash(cfg)
+    from prepretrain_lit.trainer import save_file_atomic
+    save_file_atomic(state, ckpt); (run / "model.pt").unlink()
+    assert train("mae", cfg, run, progress=False)["state"] == "complete"
+
+
+# -- 13. an error on one rank reaches all ranks --------------------------------------------------------------
+
+def rank1_fails_at_batch(out_dir: str, fail_at: int) -> dict:
+    "A 2-rank worker (importable: `launch` spawns it) whose rank 1 only raises a DataQualityError at batch `fail_at`."
+    from prepretrain_lit import trainer as T
+    from prepretrain_lit.loader import DataQualityError
+    real = T.build_data
+    class RottenOnRank1:
+        seen = skipped = 0
+        def __init__(self, data): self.data = data
+        def batches(self, start: int = 0):
+            for i, batch in enumerate(self.data.batches(start)):
+                if i == fail_at: raise DataQualityError("3 of 4 samples of shard 7 are bad (limit 1%)")
+                yield batch
+    def build(stage, cfg, info, out=None):
+        data = real(stage, cfg, info, out)
+        return RottenOnRank1(data) if info.rank == 1 and info.world_size == 2 else data
+    T.build_data = build
+    return T.train_worker("mae", tiny("train.steps=6", "data.batch_size=4", "train.log_every=2"), out_dir)
+
+
+@pytest.mark.multiproc
+def test_an_error_on_one_rank_stops_both_promptly_with_that_error(tmp_path):
+    from prepretrain_lit.trainer import launch
+    tic = time.time()
+    with pytest.raises(Exception) as raised:
+        launch(rank1_fails_at_batch, str(tmp_path), 3, nprocs=2)
+    assert time.time() - tic < 90                                   # not a collective's 30-minute timeout
+    assert "DataQualityError" in str(raised.value)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "failed" and "rank 1: DataQualityError: 3 of 4 samples" in status["message"], status
+
+
+# -- 7. one run per folder ---------------------------------------------------------------------------------
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    "Another process (not a child the lock is held for) holding `folder`'s lock until killed."
+    from prepretrain_lit.config import HELD_LOCKS_ENV
+    env = {k: v for k, v in os.environ.items() if k != HELD_LOCKS_ENV}
+    proc = subprocess.Popen([sys.executable, "-c", f"import time\nfrom prepretrain_lit.config import run_lock\n"
+                             f"with run_lock({str(folder)!r}):\n    print('held', flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_into_a_folder_names_who_holds_it_and_a_dead_holders_lock_is_taken_over(tmp_path, capfd):
+    from prepretrain_lit.config import RunFolderBusy
+    from prepretrain_lit.trainer import train
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(RunFolderBusy, match=rf"in use by pid {holder.pid} on "):
+            train("mae", tiny("train.steps=1"), tmp_path, progress=False)
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.kill(); holder.wait()                                    # SIGKILL: it never released its lock
+    train("mae", tiny("train.steps=1"), tmp_path, progress=False)
+    assert f"taking over the lock of {tmp_path} from pid {holder.pid}" in capfd.readouterr().err
+
+
+# -- 12. status.json and stage.json tell the truth ------------------------------------------------------------
+
+def test_a_killed_run_reads_as_interrupted_not_running(tmp_path):
+    from prepretrain_lit.pipeline import live_state
+    from prepretrain_lit.trainer import read_status
+    proc = subprocess.Popen([str(PRETRAIN), "train", "mae", "--preset", "tiny", "--out", str(tmp_path),
+                             *[a for s in TINY + ["train.steps=100000"] for a in ("--set", s)]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: (tmp_path / "metrics.jsonl").exists())
+    assert read_status(tmp_path)["state"] == "running"                # alive: running
+    proc.kill(); proc.wait()
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "running"   # what the dead process left
+    assert read_status(tmp_path)["state"] == "interrupted"            # what a reader is told
+    record = {"state": "running", "pid": proc.pid, "host": os.uname().nodename}
+    assert live_state(tmp_path, record) == "interrupted"
+
+
+@pytest.mark.slow
+def test_stage_json_records_every_ending_and_the_pipeline_holds_the_lock(tmp_path):
+    from prepretrain_lit.config import RunFolderBusy
+    from prepretrain_lit.pipeline import run_experiment, write_stage_notebook
+    d = tmp_path / "stages"
+    write_stage_notebook(d / "train.ipynb", 'out_dir = "."  # the run folder\nending = "complete"  # how it ends', [
+        "import json, os, pathlib, signal\nfrom prepretrain_lit.config import run_lock\n"
+        "with run_lock(out_dir):     # as train() does: the pipeline holds it for this kernel\n"
+        "    out = pathlib.Path(out_dir)\n"
+        "    (out / 'leftover').write_text(ending)\n"
+        "    if ending == 'diverged':\n"
+        "        (out / 'status.json').write_text(json.dumps({'state': 'diverged', 'step': 3}))\n"
+        "        raise RuntimeError('diverged at step 3')\n"
+        "    if ending == 'killed': os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    (out / 'model.pt').write_text('done')"])
+    exp = tmp_path / "x.yaml"
+    exp.write_text("name: x\nstages:\n  train: {notebook: train}\n")
+    folder = tmp_path / "runs/x/train/main"
+    quiet = dict(out=tmp_path / "runs", stages_dir=d, progress=False, echo=lambda s: None)
+    def stage_state(): return json.loads((folder / "stage.json").read_text())["state"]
+    assert [o.state for o in run_experiment(exp, overrides=["ending=diverged"], **quiet)] == ["diverged"]
+    assert stage_state() == "diverged"
+    assert [o.state for o in run_experiment(exp, overrides=["ending=killed"], force=True, **quiet)] == ["killed"]
+    assert stage_state() == "killed"
+    holder = hold_lock(folder)                                          # a second `prepretrain run` of the same folder
+    try:
+        with pytest.raises(RunFolderBusy, match=rf"in use by pid {holder.pid}"):
+            run_experiment(exp, force=True, **quiet)
+    finally: holder.kill(); holder.wait()
+    assert [o.state for o in run_experiment(exp, force=True, **quiet)] == ["complete"]   # --force cleared the killed run
+    assert (folder / "leftover").read_text() == "complete"

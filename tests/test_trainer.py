@@ -15,7 +15,7 @@ from prepretrain_lit.config import UserError, derive_seed, load_config
 from prepretrain_lit.data import build_shards, shapes_source
 from prepretrain_lit.trainer import (EXIT_PREEMPTED, MODEL_INIT_STREAM, MAEObjective, SyntheticImages, Trainer, TrainingDiverged,
                                      complete_checkpoints, first_slurm_host, launch, lr_at, mae_objective,
-                                     param_groups, train, train_worker)
+                                     param_groups, save_file_atomic, train, train_worker)
 
 PRETRAIN = Path(sys.executable).parent / "prepretrain"
 TINY = ["data.dataset=synthetic", "model.depth=2", "model.decoder_depth=1", "train.log_every=1"]
@@ -288,7 +288,7 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
     train("mae", cfg, tmp_path, progress=False)
     state = torch.load(tmp_path / "checkpoints" / "step_00000002.pt", weights_only=True)
     state["world_size"] = 4
-    torch.save(state, tmp_path / "checkpoints" / "step_00000002.pt")
+    save_file_atomic(state, tmp_path / "checkpoints" / "step_00000002.pt")     # records its new checksum
     trainer = Trainer(cfg, mae_objective(cfg), SyntheticImages(cfg.data.batch_size, 32, 64), tmp_path, progress=False)
     with pytest.raises(UserError, match="written by 4 processes, this run has 1"):
         trainer.resume()
