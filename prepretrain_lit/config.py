@@ -9,9 +9,10 @@ __all__ = ['PRESETS', 'STAGE_RECIPES', 'NOT_IDENTITY', 'PATH_KEYS', 'STOP_SIGNAL
            'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'unknown_choice', 'get_preset',
            'stage_recipe', 'load_yaml', 'load_config', 'config_to_dict', 'config_identity', 'config_hash',
            'legacy_config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config', 'derive_seed', 'seed_everything',
-           'seed_worker', 'ignore_stop_signals', 'release_inherited_locks', 'run_dir', 'config_diff', 'create_run_dir',
-           'has_progress', 'init_run_folder', 'RunFolderBusy', 'run_lock', 'lock_holder', 'run_is_alive', 'git_state',
-           'package_versions', 'device_names', 'collect_provenance', 'write_provenance']
+           'seed_worker', 'set_main_catches_stop', 'ignore_stop_signals', 'release_inherited_locks', 'run_dir',
+           'config_diff', 'create_run_dir', 'has_progress', 'init_run_folder', 'RunFolderBusy', 'run_lock',
+           'lock_holder', 'run_is_alive', 'git_state', 'package_versions', 'device_names', 'collect_provenance',
+           'write_provenance']
 
 # %% ../nbs/00_config.ipynb #2674f19b
 import contextlib
@@ -603,11 +604,22 @@ def seed_worker(worker_id: int, seed: int, rank: int = 0) -> None:
 # %% ../nbs/00_config.ipynb #46bfde97
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)   # the trainer checkpoints and exits 3 on these
 
+_MAIN_CATCHES_STOP = [False]   # True while a trainer catches STOP_SIGNALS (`catch_signals`); forked workers inherit it
+
+def set_main_catches_stop(value: bool) -> bool:
+    "Record whether this process now catches `STOP_SIGNALS` itself; returns the previous value."
+    previous, _MAIN_CATCHES_STOP[0] = _MAIN_CATCHES_STOP[0], value
+    return previous
+
 def ignore_stop_signals(worker_id: int | None = None) -> None:
-    """`DataLoader` worker_init_fn: ignore `STOP_SIGNALS` and SIGINT in this worker (the main process handles them).
-    torch sets up its worker signal handlers before calling worker_init_fn, so this overrides its SIGTERM one. It also
-    closes the run-folder lock this forked worker inherited (`run_lock`), so that the lock ends with the trainer."""
-    for s in (*STOP_SIGNALS, signal.SIGINT): signal.signal(s, signal.SIG_IGN)
+    """`DataLoader` worker_init_fn: ignore `STOP_SIGNALS` and SIGINT in this worker when the main process catches them
+    (it was forked inside `Trainer.fit`, which checkpoints on them). torch sets up its worker signal handlers before
+    calling worker_init_fn, so this overrides its SIGTERM one. A loader started anywhere else (a notebook's
+    `next(iter(loader))`) keeps the default: the SIGTERM multiprocessing sends leftover workers at exit must end them,
+    or the exiting process would wait for them forever. It also closes the run-folder lock this forked worker
+    inherited (`run_lock`), so that the lock ends with the trainer."""
+    if _MAIN_CATCHES_STOP[0]:
+        for s in (*STOP_SIGNALS, signal.SIGINT): signal.signal(s, signal.SIG_IGN)
     release_inherited_locks()
 
 _HELD_LOCK_FDS: set[int] = set()     # descriptors of the run locks this process holds (see `run_lock`)

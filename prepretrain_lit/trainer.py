@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from .config import (STOP_SIGNALS, RunConfig, UserError, atomic_write_text, config_hash, derive_seed,
                                     init_run_folder, legacy_config_hash, run_is_alive, run_lock, seed_everything,
-                                    write_provenance)
+                                    set_main_catches_stop, write_provenance)
 
 # %% ../nbs/06_trainer.ipynb #48798d61
 @dataclass
@@ -379,8 +379,10 @@ def catch_signals(signums=STOP_SIGNALS):
     in_main = threading_is_main()
     if in_main:
         for s in signums: previous[s] = signal.signal(s, lambda signum, frame: received.append(signum))
+    caught_before = set_main_catches_stop(in_main)        # loader workers forked meanwhile ignore these signals
     try: yield received
     finally:
+        set_main_catches_stop(caught_before)
         for s, handler in previous.items(): signal.signal(s, handler)
 
 def threading_is_main() -> bool:

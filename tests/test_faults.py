@@ -74,6 +74,27 @@ def test_sigterm_to_the_process_group_checkpoints_exits_3_and_resumes_bit_identi
     for name in a: assert torch.equal(a[name], b[name]), name
 
 
+def test_a_process_that_leaves_loader_workers_running_still_exits(tmp_path, shapes):
+    """Workers ignore stop signals only when a trainer catches them: a forked process (a ProcessPool worker, as
+    nbdev_test runs notebooks in) that leaves a loader iterator open must still end, since multiprocessing stops
+    leftover workers with SIGTERM at exit. Before, ignoring SIGTERM in every worker made that exit wait forever."""
+    script = f"""
+import multiprocessing as mp
+from prepretrain_lit.loader import ShardStream, StreamLoader
+def first_batch():
+    loader = StreamLoader(ShardStream({str(shapes)!r}, None, infinite=True), batch_size=8, num_workers=2)
+    batches = iter(loader)
+    next(batches)
+    globals()["leak"] = batches                  # left open, as a notebook's next(iter(loader)) does
+p = mp.get_context("fork").Process(target=first_batch)
+p.start(); p.join(60)
+print("exitcode", p.exitcode, flush=True)
+if p.is_alive(): p.kill()                       # hung: end it, so the test fails instead of waiting too
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "exitcode 0" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
 def test_warnings_requeue_unless_submitit_runs_the_job(monkeypatch):
     from prepretrain_lit.trainer import requeues_on
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
