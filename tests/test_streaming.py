@@ -224,7 +224,7 @@ def test_a_reduced_cluster_simulation_balanced_complete_elastic():
 
 def test_the_trainer_resumes_a_stream_checkpoint_on_another_world_size_with_a_warning(tmp_path):
     from prepretrain_lit.config import load_config
-    from prepretrain_lit.trainer import train
+    from prepretrain_lit.trainer import save_file_atomic, train
     path = ordered_corpus(tmp_path, n=200, shard_size=20)
     cfg = load_config(preset="tiny", overrides=[f"data.dataset={path}", "model.depth=2", "model.decoder_depth=1",
                                                 "data.num_workers=0", "data.batch_size=8", "train.steps=4",
@@ -238,7 +238,7 @@ def test_the_trainer_resumes_a_stream_checkpoint_on_another_world_size_with_a_wa
     state["world_size"] = 2                                 # as if written by 2 ranks: reader 1 had not started
     state["data"]["stream"] = [{**mine, "readers": 2}, {**mine, "readers": 2, "rank": 1, "positions": [[1, 0, 0]]}]
     state["rng"] = state["rng"] * 2
-    torch.save(state, ckpt)
+    save_file_atomic(state, ckpt)                            # with a fresh integrity sidecar, as the trainer writes
     (out / "checkpoints" / "step_00000004.pt").unlink()
     (out / "model.pt").unlink()
     with pytest.warns(UserWarning, match="written by 2 processes, this run has 1: the global batch changes from 16 to 8"):
