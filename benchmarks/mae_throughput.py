@@ -22,6 +22,7 @@ Numbers are only comparable within one run on one machine.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -33,10 +34,14 @@ import torch
 from prepretrain_lit.config import MAEConfig, ModelConfig, RunConfig, load_config
 from prepretrain_lit.trainer import DistInfo, SyntheticImages, Trainer, mae_objective, param_groups
 
-# Peak dense bf16 tensor-core rates (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name();
-# the first key found in the name wins, so the more specific names come first.
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0,
-                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "A10": 125.0}
+# Peak dense bf16 tensor-core rates (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name(); the
+# longest key found in the name wins ("NVIDIA H200 NVL" is an H200 NVL, not an H200; "GH200" not "H200").
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0,
+                    "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "A10": 125.0}
+
+# The goals of the performance issue: the train step's share of this machine's own matmul rate at the run's
+# precision (fp32: >= 80%; bf16: >= 60%, where LayerNorm, softmax and casts weigh more), and ours/peer >= 1 at equal precision.
+MFU_GOALS = {"fp32": 0.80, "bf16": 0.60}
 
 # --model: a preset of prepretrain_lit.config, and the batch used when --batch is not given
 # (CPU: a batch a laptop runs in seconds; GPU: batches that fill an 80 GB card in bf16). `tiny` (32 px) is a smoke test.
@@ -84,8 +89,9 @@ def mae_flops(m: ModelConfig, mask_ratio: float, batch: int) -> MAEFlops:
     return MAEFlops(batch * patch_embed, batch * encoder, batch * decoder)
 
 def peak_tflops(device_name: str) -> float | None:
-    "The peak dense bf16 TFLOP/s of a device named `device_name`, or None when unknown."
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    "The peak dense bf16 TFLOP/s of a device named `device_name` (its most specific key), or None when unknown."
+    found = [k for k in PEAK_BF16_TFLOPS if k in device_name]
+    return PEAK_BF16_TFLOPS[max(found, key=len)] if found else None
 
 
 # -- the peer ----------------------------------------------------------------------------------------------
@@ -140,12 +146,13 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
 # -- timing ------------------------------------------------------------------------------------------------
 
 def interleaved_times(steps: dict[str, Callable[[], object]], warmup: int, iters: int, device: torch.device,
-                      first: dict | None = None) -> dict[str, list[float]]:
+                      first: dict | None = None, first_seconds: dict | None = None) -> dict[str, list[float]]:
     """Seconds per call of each step, calling them in turn, `warmup` untimed then `iters` timed rounds. The order
     flips every round (A B, B A, A B, ...): whichever goes second in a round was measured to run up to 20% slower
     on a loaded CPU (the same module against itself), so each side goes first half of the time.
-    `first`, when given, receives what each step returned the first time."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    `first`, when given, receives what each step returned the first time; `first_seconds` how long that first call
+    took (with --compile: the compilation, which the timed steps never include)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)   # this GPU, not cuda:0
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(warmup + iters):
         for name, step in (list(steps.items()) if round_ % 2 == 0 else reversed(steps.items())):
@@ -154,6 +161,7 @@ def interleaved_times(steps: dict[str, Callable[[], object]], warmup: int, iters
             result = step()
             sync()
             if round_ >= warmup: times[name].append(time.perf_counter() - start)
+            if first_seconds is not None and round_ == 0: first_seconds[name] = time.perf_counter() - start
             if first is not None and first.get(name) is None: first[name] = result
             del result
     return times
@@ -259,11 +267,14 @@ def main(argv=None) -> None:
                         help="also time this package's default precision (bf16 autocast) against the peer in fp32: "
                              "a different-precision row, labelled as such")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 matmul that measures the CPU's rate")
+    parser.add_argument("--matmul-size", type=int, default=None,
+                        help="n of the n^3 matmul that measures the machine's own rate (default: 2048 CPU, 8192 GPU)")
+    parser.add_argument("--json", help="also write the train-step row (images/s, first-step seconds, MFU, memory) to this JSON file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
+    if cuda and device.index is not None: torch.cuda.set_device(device)   # --device cuda:N: compile and allocations there too
     if args.threads: torch.set_num_threads(args.threads)
     precision = args.precision or ("bf16" if cuda else "fp32")
     batch_size = args.batch or MODELS[args.model]["gpu_batch" if cuda else "cpu_batch"]
@@ -299,7 +310,8 @@ def main(argv=None) -> None:
             train_steps["peer"] = peer_step
         rows = []
         first: dict = {}
-        t = interleaved_times(train_steps, warmup, steps, device, first)
+        first_s: dict = {}
+        t = interleaved_times(train_steps, warmup, steps, device, first, first_s)
         print("first-step loss (same weights, same noise): " + ", ".join(f"{k} {float(v):.6f}" for k, v in first.items()))
         rows.append(("train step", {k: summarise(v, batch_size) for k, v in t.items()}, t))
         if not args.no_encoder:
@@ -329,6 +341,8 @@ def main(argv=None) -> None:
     if any(label.startswith("train: ours bf16") for label, *_ in rows):
         print("(the last row compares different precisions: this package's default bf16 autocast against the peer in "
               "fp32; it is not a like-for-like ratio)")
+    print("first step, untimed (" + ("includes torch.compile" if args.compile else "eager: allocator and kernel warm-up")
+          + "): " + ", ".join(f"{k} {v:.1f} s" for k, v in first_s.items()))
 
     flops = mae_flops(m, cfg.mae.mask_ratio, batch_size)
     rate = lambda n, seconds: f"{n / seconds / 1e12:.1f} TFLOP/s" if cuda else f"{n / seconds / 1e9:.1f} GFLOP/s"
@@ -339,8 +353,8 @@ def main(argv=None) -> None:
     line = f"train step achieved: ours {rate(flops.train, train['ours'][0])}"
     if "peer" in train: line += f", peer {rate(flops.train, train['peer'][0])}"
     peak = args.peak_tflops or (peak_tflops(name) if cuda else None)
-    if peak:
-        mfu = lambda seconds: flops.train / seconds / 1e12 / peak
+    mfu = (lambda seconds: flops.train / seconds / 1e12 / peak) if peak else None
+    if mfu:
         line += f"; MFU ours {mfu(train['ours'][0]):.1%}" + (f", peer {mfu(train['peer'][0]):.1%}" if "peer" in train else "")
         line += f" of {peak:.0f} TFLOP/s peak dense bf16"
     elif cuda: line += " (pass --peak-tflops for MFU)"
@@ -349,18 +363,48 @@ def main(argv=None) -> None:
         enc, r = flops.patch_embed + flops.encoder, rows[1][1]
         print(f"encoder forward: {enc / 1e9:.1f} GFLOP per pass, ours {rate(enc, r['ours'][0])}"
               + (f", peer {rate(enc, r['peer'][0])}" if "peer" in r else ""))
-    if cuda: print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB")
-    if not cuda:
-        measured = matmul_rate(device, precision, n=args.matmul_size)
-        share = lambda seconds: flops.train / seconds / measured
-        print(f"CPU MFU: this machine's {args.matmul_size}^3 matmul runs at {measured / 1e9:.1f} GFLOP/s ({precision}, "
-              f"{torch.get_num_threads()} threads, measured after the steps); the train step reaches ours "
-              f"{share(train['ours'][0]):.0%}" + (f", peer {share(train['peer'][0]):.0%}" if "peer" in train else "") + " of it")
+    memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+    if cuda: print(f"peak memory: {memory:.1f} GiB")
+    matmul_n = args.matmul_size or (8192 if cuda else 2048)
+    measured = matmul_rate(device, precision, n=matmul_n)
+    share = lambda seconds: flops.train / seconds / measured
+    goal = MFU_GOALS.get(precision)
+    print(f"{'GPU' if cuda else 'CPU'} MFU: this machine's {matmul_n}^3 matmul runs at {rate(2 * matmul_n ** 3, 2 * matmul_n ** 3 / measured)} "
+          f"({precision}, {'device ' + name if cuda else str(torch.get_num_threads()) + ' threads'}, measured after the steps); "
+          f"the train step reaches ours {share(train['ours'][0]):.0%}" + (f", peer {share(train['peer'][0]):.0%}" if "peer" in train else "")
+          + " of it")
+    goals = {}
+    if goal is not None:
+        goals["mfu"] = share(train["ours"][0]) >= goal
+        print(f"goal: the train step at >= {goal:.0%} of the measured matmul rate in {precision}: "
+              f"{'met' if goals['mfu'] else 'NOT met'} ({share(train['ours'][0]):.0%})")
+    paired = paired_ratio(rows[0][2]["ours"], rows[0][2]["peer"]) if "peer" in train else None
+    if paired is not None:
+        goals["peer"] = paired >= 1.0
+        print(f"goal: never slower than the peer at equal precision ({precision} both): ours/peer {paired:.3f}x paired, "
+              f"{train['peer'][0] / train['ours'][0]:.3f}x of the medians: {'met' if goals['peer'] else 'NOT met'}")
     from prepretrain_lit.trainer import resolve_precision
     default = resolve_precision("auto", device)
+    differs = default != "fp32"
     print(f"defaults: this package's train.precision=auto is {default} on this device; the peer's (transformers) is fp32"
-          + ("" if default == "fp32" else f": a default-against-default comparison differs in precision ({default} vs fp32)")
-          + f"; this run used {precision} on both sides")
+          + (f": our default row against the peer's default differs in precision ({default} vs fp32), see "
+             "--default-vs-peer-fp32" if differs else ": the same precision") + f"; this run used {precision} on both sides")
+    if args.json:
+        result = {"model": args.model, "batch": batch_size, "precision": precision, "compile": bool(args.compile),
+                  "device": str(device), "device_name": name, "torch": torch.__version__, "steps": steps, "warmup": warmup,
+                  "train_step_s": {k: v[0] for k, v in train.items()}, "images_per_s": {k: v[1] for k, v in train.items()},
+                  "first_step_s": first_s, "paired_ours_over_peer": paired,
+                  "model_tflop_per_step": flops.train / 1e12,
+                  "achieved_tflops": {k: flops.train / v[0] / 1e12 for k, v in train.items()},
+                  "peak_bf16_tflops": peak, "mfu_of_peak": {k: mfu(v[0]) for k, v in train.items()} if mfu else None,
+                  "matmul_tflops": measured / 1e12, "matmul_n": matmul_n,
+                  "share_of_matmul": {k: share(v[0]) for k, v in train.items()}, "goal_share": goal, "goals_met": goals,
+                  "peak_memory_gib": memory, "default_precision": default, "peer_default_precision": "fp32",
+                  "rows": [{"row": label, **{f"{k}_images_per_s": v[1] for k, v in r.items()}} for label, r, _ in rows]}
+        from pathlib import Path
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -16,24 +16,26 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .config import UserError, atomic_write_text
+from .config import UserError, atomic_write_text, run_is_alive
 
 if TYPE_CHECKING:   # figures and models are imported when drawn: the table alone needs neither matplotlib nor torch
     import matplotlib.figure
     import torch
 
 # %% auto #0
-__all__ = ['STAGE_FILES', 'SKIP_DIRS', 'OBJECTIVE_KINDS', 'SCRATCH', 'COLUMNS', 'INT_COLUMNS', 'FLOAT_COLUMNS', 'PRETTY',
-           'EVAL_KEYS', 'VERDICT_MIN_N', 'VERDICT_ALPHA', 'NO_COMPARISON', 'FIGURES', 'find_stage_dirs',
-           'names_from_path', 'read_json', 'read_yaml', 'read_metrics', 'is_number', 'checkpoint_stage', 'init_label',
-           'trunk_origin', 'upstream_checkpoints', 'encoder_params', 'preset_params', 'stage_axes', 'thin',
-           'curve_rows', 'stage_rows', 'empty_table', 'typed', 'gather', 'save_table', 'load_table', 'write_stage',
-           'tiny_mae_config', 'write_tiny_mae', 'example_runs', 'pretty', 'is_scratch', 'recipe_label', 'with_recipe',
-           'fmt', 'spread', 'mean_std', 'in_setting_order', 'verdict', 'claim_verdict', 'compare_evals', 'final_values',
-           'compare_convergence', 'eval_numbers', 'comparison_lines', 'number_lines', 'summarize', 'summary_markdown',
-           'MissingData', 'main_setting', 'plot_convergence', 'scaling_metric', 'plot_scaling', 'plot_lowshot',
-           'plot_mae_length', 'plot_training_curves', 'held_out_images', 'load_stage_mae', 'plot_reconstructions',
-           'mae_stage_dirs', 'save_figure', 'make_figures', 'build_report']
+__all__ = ['STAGE_FILES', 'SKIP_DIRS', 'OBJECTIVE_KINDS', 'SCRATCH', 'SAFE_LOADER', 'COLUMNS', 'INT_COLUMNS', 'FLOAT_COLUMNS',
+           'DEAD_STATES', 'SETTLED', 'TEXT_COLUMNS', 'SORT_KEYS', 'CSV_MAX_ROWS', 'Block', 'PRETTY', 'EVAL_KEYS',
+           'VERDICT_MIN_N', 'VERDICT_ALPHA', 'NO_COMPARISON', 'FIGURES', 'find_stage_dirs', 'names_from_path',
+           'read_json', 'read_yaml', 'read_metrics', 'is_number', 'checkpoint_stage', 'init_label', 'trunk_origin',
+           'upstream_checkpoints', 'encoder_params', 'preset_params', 'stage_axes', 'thin_indices', 'curve_rows',
+           'read_curves', 'thin_curves', 'stage_state', 'stage_record', 'eval_rows', 'stage_rows', 'empty_table',
+           'typed', 'curve_block', 'eval_block', 'block_table', 'sort_table', 'gather', 'save_table', 'load_table',
+           'write_stage', 'tiny_mae_config', 'write_tiny_mae', 'example_runs', 'pretty', 'is_scratch', 'recipe_label',
+           'with_recipe', 'fmt', 'spread', 'mean_std', 'in_setting_order', 'verdict', 'claim_verdict', 'settled',
+           'compare_evals', 'final_values', 'compare_convergence', 'eval_numbers', 'comparison_lines', 'number_lines',
+           'summarize', 'summary_markdown', 'MissingData', 'main_setting', 'plot_convergence', 'scaling_metric',
+           'plot_scaling', 'plot_lowshot', 'plot_mae_length', 'plot_training_curves', 'held_out_images',
+           'load_stage_mae', 'plot_reconstructions', 'mae_stage_dirs', 'save_figure', 'make_figures', 'build_report']
 
 # %% ../nbs/09_report.ipynb #77205a74
 STAGE_FILES = ("stage.json", "config.yaml", "metrics.jsonl", "results.json")
@@ -70,10 +72,12 @@ def read_json(path: Path, notes: list[str]) -> dict | None:
         notes.append(f"{path}: expected a JSON object, got {type(data).__name__}; ignored"); return None
     return data
 
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml's: ~10x faster on a 1,000-run folder
+
 def read_yaml(path: Path, notes: list[str]) -> dict | None:
     "The mapping in YAML file `path`, or None (with a note)."
     if not path.is_file(): return None
-    try: data = yaml.safe_load(path.read_text())
+    try: data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except (OSError, yaml.YAMLError) as e:
         notes.append(f"{path}: not readable YAML ({type(e).__name__}); ignored"); return None
     return data if isinstance(data, dict) else None
@@ -87,10 +91,17 @@ def read_metrics(path: Path, notes: list[str]) -> list[dict]:
             if not line.strip(): continue
             try: record = json.loads(line)
             except ValueError: bad.append(number); continue
-            if isinstance(record, dict) and isinstance(record.get("step"), (int, float)): records.append(record)
+            if isinstance(record, dict) and _is_step(record.get("step")): records.append(record)
             else: bad.append(number)
-    if bad: notes.append(f"{path}: {len(bad)} line(s) skipped, not complete JSON records with a step (line {', '.join(map(str, bad[:5]))})")
+    if bad: notes.append(_bad_lines_note(path, bad))
     return records
+
+def _is_step(step) -> bool:
+    "A metrics line's `step`: a finite number (not a bool)."
+    return isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
+
+def _bad_lines_note(path: Path, bad: list[int]) -> str:
+    return f"{path}: {len(bad)} line(s) skipped, not complete JSON records with a step (line {', '.join(map(str, bad[:5]))})"
 
 def is_number(v) -> bool:
     "A real number (bool is not one)."
@@ -209,17 +220,23 @@ def stage_axes(root: Path, folder: Path, stage: dict | None, config: dict | None
     return row
 
 # %% ../nbs/09_report.ipynb #9da641cf
-def thin(records: Sequence[dict], max_points: int | None) -> Sequence[dict]:
-    "At most `max_points` of `records`, evenly spaced, the first and the last always kept."
-    if max_points is None or len(records) <= max_points: return records
-    keep = np.unique(np.linspace(0, len(records) - 1, max(2, max_points)).round().astype(int))
-    return [records[i] for i in keep]
+DEAD_STATES = ("failed", "diverged", "killed", "interrupted")   # a stage that ended without finishing: left out
+SETTLED = ("complete", None)     # states whose numbers a comparison uses (None: a folder that records no state)
+
+def thin_indices(values: np.ndarray, max_points: int | None) -> np.ndarray:
+    """Indices (sorted) of at most `max(max_points, 4)` of a curve's `values` (in logged order): evenly spaced, with the
+    first, the last, the minimum and the maximum always kept, so a best loss or accuracy is never thinned away."""
+    n = len(values)
+    if max_points is None or n <= max_points: return np.arange(n)
+    keep = np.linspace(0, n - 1, max(2, max_points - 2)).round().astype(np.int64)
+    return np.unique(np.concatenate([keep, [int(np.argmin(values)), int(np.argmax(values))]]))
 
 def curve_rows(records: Sequence[dict], max_points: int | None = None) -> pd.DataFrame:
-    """`metrics.jsonl` records -> long rows (step, metric, value): every number but `step`, one row each, from at most
-    `max_points` lines (`thin`). Text and booleans are not metrics; a key missing from a line (or NaN) gives no row."""
+    """`metrics.jsonl` records -> long rows (step, metric, value): every number but `step`, one row each, each metric's
+    curve thinned to `max_points` (`thin_indices`). Text and booleans are not metrics; a key missing from a line (or
+    NaN) gives no row. The plain, DataFrame way; `read_curves` reads the same into arrays."""
     if not records: return pd.DataFrame(columns=["step", "metric", "value"])
-    wide = pd.DataFrame.from_records(thin(records, max_points))
+    wide = pd.DataFrame.from_records(records)
     numbers = {}
     for c in wide.columns:
         if c == "step" or pd.api.types.is_bool_dtype(wide[c]): continue
@@ -227,50 +244,142 @@ def curve_rows(records: Sequence[dict], max_points: int | None = None) -> pd.Dat
         else: numbers[c] = wide[c].map(lambda v: float(v) if is_number(v) else np.nan).astype("float64")  # mixed lines
     wide = pd.DataFrame({"step": wide["step"].astype("int64"), **numbers})
     long = wide.melt(id_vars="step", var_name="metric", value_name="value")
-    return long[long.value.notna()].reset_index(drop=True)
+    long = long[long.value.notna()]
+    thinned = max_points is not None and long.groupby("metric").size().max() > max_points
+    if thinned:
+        long = pd.concat([g.iloc[thin_indices(g.value.to_numpy(), max_points)] for _, g in long.groupby("metric", sort=False)])
+    long = long.reset_index(drop=True)
+    long.attrs["thinned"] = bool(thinned)
+    return long
 
-def stage_rows(root: Path, folder: Path, notes: list[str], max_points: int | None = 2000) -> pd.DataFrame | None:
-    "The rows of one stage run folder (None when the stage failed, with a note; or has nothing to report)."
+def read_curves(path: Path, notes: list[str]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+    """`metrics.jsonl` as arrays: ({metric: (steps int64, values float64)} in logged order, lines read). The same
+    numbers as `curve_rows(read_metrics(path))`, without a DataFrame per file: ~50 bytes a point while reading."""
+    if not path.is_file(): return {}, 0
+    if (fast := _arrow_curves(path)) is not None: return fast
+    columns: dict[str, tuple[list, list]] = {}
+    bad, lines, loads = [], 0, json.loads
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip(): continue
+            try: record = loads(line)
+            except ValueError: bad.append(number); continue
+            step = record.get("step") if isinstance(record, dict) else None
+            if not _is_step(step): bad.append(number); continue
+            lines, step = lines + 1, int(step)
+            for k, v in record.items():
+                t = type(v)
+                if (t is int or (t is float and v == v)) and k != "step":    # numbers, not bools, not NaN
+                    try: steps, values = columns[k]
+                    except KeyError: steps, values = columns[k] = ([], [])
+                    steps.append(step); values.append(v)
+    if bad: notes.append(_bad_lines_note(path, bad))
+    return {k: (np.array(s, dtype=np.int64), np.array(v, dtype=np.float64)) for k, (s, v) in columns.items()}, lines
+
+def _arrow_curves(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int] | None:
+    """`read_curves` by pyarrow's JSON reader (C++, ~3x faster than a line at a time), or None where that reading
+    could differ (a damaged or half-written line, a key whose type changes, a missing or non-numeric step): then the
+    line-by-line reading decides, and notes the bad lines."""
+    try:
+        import pyarrow as pa
+        import pyarrow.json as pj
+        table = pj.read_json(path)
+    except Exception: return None          # no pyarrow, or a line it rejects
+    if "step" not in table.column_names: return None
+    number = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)
+    step = table.column("step")
+    if step.null_count or not number(step.type): return None
+    steps = step.to_numpy()
+    if steps.dtype.kind == "f":
+        if not np.isfinite(steps).all(): return None
+        steps = steps.astype(np.int64)                  # as int(step)
+    out = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name == "step" or not number(column.type): continue    # text, booleans, nested values: not metrics
+        values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)   # a null is NaN
+        keep = ~np.isnan(values)
+        if keep.any(): out[name] = (steps, values) if keep.all() else (steps[keep], values[keep])
+    return out, len(steps)
+
+def thin_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], max_points: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    "Each curve of `read_curves` thinned to `max_points` (`thin_indices`)."
+    out = {}
+    for k, (steps, values) in curves.items():
+        keep = thin_indices(values, max_points)
+        out[k] = (steps, values) if len(keep) == len(values) else (steps[keep], values[keep])
+    return out
+
+def stage_state(folder: Path, stage: dict | None, status: dict | None) -> str | None:
+    "The state `stage.json` records, else `status.json`'s; a `running` whose process is gone reads `interrupted`."
+    for record in (stage, status):
+        if record and record.get("state"):
+            state = str(record["state"])
+            if state == "running" and not run_is_alive(folder, record.get("host"), record.get("pid")): return "interrupted"
+            return state
+    return None
+
+def stage_record(root: Path, folder: Path, notes: list[str]) -> tuple[dict, dict | None, dict | None] | None:
+    """(the run's axes, its results.json, its stage.json) of one stage folder; None (with a note) when the stage failed,
+    diverged, was killed or was interrupted (its numbers are partial: they never enter a table or a verdict), or is a report."""
     stage = read_json(folder / "stage.json", notes)
-    status = read_json(folder / "status.json", notes) or {}
-    state = (stage or {}).get("state") or status.get("state")
-    if state in ("failed", "diverged"):
-        why = str((stage or {}).get("error") or status.get("message") or "no message").strip() or "no message"
+    status = read_json(folder / "status.json", notes)
+    state = stage_state(folder, stage, status)
+    if state in DEAD_STATES:
+        record = (stage if (stage or {}).get("state") else status) or {}
+        why = str(record.get("error") or record.get("message") or (status or {}).get("message") or "no message").strip() or "no message"
         notes.append(f"{folder}: stage {state} ({why.splitlines()[-1]}); left out")
         return None
     if (stage or {}).get("kind") == "report": return None
     config = read_yaml(folder / "config.yaml", notes)
     results = read_json(folder / "results.json", notes)
     base = stage_axes(root, folder, stage, config, results)
-    base["state"] = base["state"] or _text(status.get("state"))
-    if base["state"] not in (None, "complete"): notes.append(f"{folder}: stage {base['state']}; its numbers may be partial")
-    lines = read_metrics(folder / "metrics.jsonl", notes)
-    if max_points is not None and len(lines) > max_points:
-        notes.append(f"{folder / 'metrics.jsonl'}: {len(lines)} lines, {max_points} evenly spaced kept (gather's max_points)")
-    curves = curve_rows(lines, max_points)
+    base["state"] = state
+    if state not in SETTLED: notes.append(f"{folder}: stage {state}; its numbers may be partial (shown, not compared)")
+    return base, results, stage
+
+def eval_rows(base: dict, results: dict | None, stage: dict | None, folder: Path, notes: list[str]) -> list[dict]:
+    "The `eval` rows of a stage's `results.json` records (a record without a metric name and a number: noted, skipped)."
+    if results is None: return []
+    source = str(folder / "results.json")
+    if results.get("kind") and base["kind"] != results["kind"] and (stage or {}).get("kind") is None:
+        base = {**base, "kind": results["kind"]}
+    records = results.get("records")
+    if not isinstance(records, list):
+        notes.append(f"{source}: no 'records' list; ignored"); records = []
+    rows = []
+    for r in records:
+        if not isinstance(r, dict) or not is_number(r.get("value")) or not isinstance(r.get("metric"), str):
+            notes.append(f"{source}: a record without a metric name and a numeric value skipped: {r!r}"[:300]); continue
+        shots, step, rseed = r.get("shots"), r.get("step"), r.get("seed")
+        rows.append({**base, "record": "eval", "dataset": _text(results.get("dataset")), "metric": r["metric"],
+                     "value": float(r["value"]), "step": int(step) if is_number(step) else None,
+                     "seed": base["seed"] if base["seed"] is not None else (int(rseed) if is_number(rseed) else None),
+                     "split_seed": int(rseed) if is_number(rseed) and shots is not None else None,
+                     "shots": int(shots) if is_number(shots) else None, "source": source})
+    return rows
+
+def stage_rows(root: Path, folder: Path, notes: list[str], max_points: int | None = None) -> pd.DataFrame | None:
+    """The rows of one stage run folder as a DataFrame (None when the stage is left out, see `stage_record`, or has nothing
+    to report); curves thinned to `max_points` a metric. `gather` builds the same rows without a frame per folder."""
+    got = stage_record(root, folder, notes)
+    if got is None: return None
+    base, results, stage = got
+    curves = curve_rows(read_metrics(folder / "metrics.jsonl", notes), max_points)
+    thinned = curves.attrs.get("thinned", False)
     curves = curves.assign(**base, record="curve", dataset=None, split_seed=None, shots=None,
                            source=str(folder / "metrics.jsonl"))
-    evals = []
-    if results is not None:
-        source = str(folder / "results.json")
-        if results.get("kind") and base["kind"] != results["kind"] and (stage or {}).get("kind") is None:
-            base["kind"] = results["kind"]
-        records = results.get("records")
-        if not isinstance(records, list):
-            notes.append(f"{source}: no 'records' list; ignored"); records = []
-        for r in records:
-            if not isinstance(r, dict) or not is_number(r.get("value")) or not isinstance(r.get("metric"), str):
-                notes.append(f"{source}: a record without a metric name and a numeric value skipped: {r!r}"[:300]); continue
-            shots, step, rseed = r.get("shots"), r.get("step"), r.get("seed")
-            evals.append({**base, "record": "eval", "dataset": _text(results.get("dataset")), "metric": r["metric"],
-                          "value": float(r["value"]), "step": int(step) if is_number(step) else None,
-                          "seed": base["seed"] if base["seed"] is not None else (int(rseed) if is_number(rseed) else None),
-                          "split_seed": int(rseed) if is_number(rseed) and shots is not None else None,
-                          "shots": int(shots) if is_number(shots) else None, "source": source})
-    frames = [typed(f) for f in (curves, pd.DataFrame(evals)) if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else None
+    frames = [typed(f) for f in (curves, pd.DataFrame(eval_rows(base, results, stage, folder, notes))) if len(f)]
+    if not frames: return None
+    rows = pd.concat(frames, ignore_index=True)
+    rows.attrs["thinned"] = thinned
+    return rows
 
 # %% ../nbs/09_report.ipynb #65049b50
+TEXT_COLUMNS = tuple(c for c in COLUMNS if c not in INT_COLUMNS + FLOAT_COLUMNS)
+SORT_KEYS = ["experiment", "stage", "variant", "record", "metric", "step", "shots", "split_seed"]
+CSV_MAX_ROWS = 200_000   # save_table writes results.csv by itself up to this many rows (a demo's); beyond, when asked
+
 def empty_table() -> pd.DataFrame:
     "A table with no rows and the report's columns and types."
     return typed(pd.DataFrame({c: [] for c in COLUMNS}))
@@ -284,40 +393,141 @@ def typed(df: pd.DataFrame) -> pd.DataFrame:
         else: df[c] = df[c].astype("object").where(df[c].notna(), None)
     return df
 
-def gather(run_dirs: str | os.PathLike | Sequence[str | os.PathLike], max_points: int | None = 2000,
-           verbose: bool = False) -> pd.DataFrame:
-    """Every stage run below `run_dirs` as one tidy table (columns `COLUMNS`); notes in `.attrs['notes']`.
-    A training curve keeps at most `max_points` of its logged steps (evenly spaced, the last included; None: all):
-    a long cluster run logs 10^5 steps, which a figure does not need and a laptop's memory would notice."""
-    roots = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
-    notes, frames, seen = [], [], set()   # seen: stage folders found (roots may overlap)
-    for root in map(Path, roots):
+Block = tuple[int, dict, dict]   # (rows, {column: one value for every row}, {column: a value a row})
+
+def curve_block(base: dict, source: str, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Block:
+    "The `curve` rows of one run as a block, in table order: metrics by name, each by step (ties in logged order)."
+    names, steps, values = [], [], []
+    for name in sorted(curves):
+        s, v = curves[name]
+        if len(s) > 1 and (np.diff(s) < 0).any():
+            order = np.argsort(s, kind="stable"); s, v = s[order], v[order]
+        names.append(name); steps.append(s); values.append(v)
+    lengths = [len(s) for s in steps]
+    metric = np.repeat(np.array(names + [None], dtype=object)[:-1], lengths)
+    constant = {**base, "record": "curve", "dataset": None, "split_seed": None, "shots": None, "source": source}
+    return sum(lengths), constant, {"metric": metric, "step": np.concatenate(steps), "value": np.concatenate(values)}
+
+def eval_block(rows: Sequence[dict]) -> Block:
+    "`eval_rows` as a block, in table order (metric, step, shots, split_seed; missing first; ties as read)."
+    none_first = lambda v: (v is not None, v if v is not None else 0)
+    rows = sorted(rows, key=lambda r: (r["metric"], none_first(r["step"]), none_first(r["shots"]), none_first(r["split_seed"])))
+    return len(rows), {}, {c: [r.get(c) for r in rows] for c in COLUMNS}
+
+def _shared(n: int, value) -> np.ndarray:
+    "An object array of `n` references to `value` (`np.full` would make a new copy of a string per row)."
+    out = np.empty(n, dtype=object); out.fill(value)
+    return out
+
+def block_table(blocks: Sequence[Block]) -> pd.DataFrame:
+    """One table from blocks of rows, column by column: a block's constant label is one Python object shared by all its
+    rows (8 bytes a row, not a string a row), numbers go straight into numpy arrays; no DataFrame per block."""
+    data = {}
+    for c in COLUMNS:
+        parts, masks = [], []
+        for n, constant, arrays in blocks:
+            given = arrays.get(c)
+            if c in TEXT_COLUMNS:
+                parts.append(np.array(given + [None], dtype=object)[:-1] if isinstance(given, list)
+                             else given if given is not None else _shared(n, constant.get(c)))
+            elif c in FLOAT_COLUMNS:
+                if given is None: given = np.full(n, np.nan if constant.get(c) is None else float(constant[c]))
+                parts.append(np.array([np.nan if v is None else v for v in given], dtype=np.float64) if isinstance(given, list)
+                             else np.asarray(given, dtype=np.float64))
+            else:
+                if given is None and constant.get(c) is None:
+                    masks.append(np.ones(n, dtype=bool)); parts.append(np.zeros(n, dtype=np.int64)); continue
+                if given is None: given = np.full(n, int(round(constant[c])), dtype=np.int64)
+                if isinstance(given, list):
+                    masks.append(np.array([v is None for v in given], dtype=bool))
+                    parts.append(np.array([0 if v is None else int(round(v)) for v in given], dtype=np.int64))
+                else: masks.append(np.zeros(n, dtype=bool)); parts.append(given.astype(np.int64, copy=False))
+        joined = np.concatenate(parts) if parts else np.zeros(0, dtype=object if c in TEXT_COLUMNS else np.float64)
+        if c in TEXT_COLUMNS: data[c] = pd.Series(joined, dtype=object, copy=False)
+        elif c in FLOAT_COLUMNS: data[c] = pd.Series(joined, dtype=np.float64, copy=False)
+        else: data[c] = pd.Series(pd.arrays.IntegerArray(joined.astype(np.int64), np.concatenate(masks) if masks else np.zeros(0, bool)))
+    return pd.DataFrame(data)
+
+def _run_order(key: tuple) -> tuple:
+    "A run's (experiment, stage, variant) as a sort key: missing first, then by name."
+    return tuple((v is not None, v or "") for v in key)
+
+def sort_table(table: pd.DataFrame) -> pd.DataFrame:
+    "Rows in `SORT_KEYS` order, missing first, ties kept in reading order (a stable sort over integer codes)."
+    keys = []
+    for c in SORT_KEYS:
+        if c in TEXT_COLUMNS: keys.append(pd.factorize(table[c], sort=True, use_na_sentinel=True)[0])   # missing: -1
+        else: keys.append(table[c].to_numpy(dtype=np.float64, na_value=-np.inf))
+    order = np.lexsort(keys[::-1])
+    return table.take(order).reset_index(drop=True)
+
+def _stage_folders(roots: Sequence[Path], seen: set):
+    "(root, folder) of every stage folder below `roots`, each folder once (roots may overlap)."
+    for root in roots:
         for folder in find_stage_dirs(root):
             if folder.resolve() in seen: continue
             seen.add(folder.resolve())
-            if (rows := stage_rows(root, folder, notes, max_points)) is not None: frames.append(rows)
-    table = typed(pd.concat(frames, ignore_index=True)) if frames else empty_table()
-    table = table.sort_values(["experiment", "stage", "variant", "record", "metric", "step", "shots", "split_seed"],
-                              na_position="first", kind="stable").reset_index(drop=True)
+            yield root, folder
+
+def gather(run_dirs: str | os.PathLike | Sequence[str | os.PathLike], max_points: int | None = 500,
+           verbose: bool = False, columnar: bool = True) -> pd.DataFrame:
+    """Every stage run below `run_dirs` as one tidy table (columns `COLUMNS`); notes in `.attrs['notes']`.
+    Each training curve (a metric of a run) keeps at most `max_points` points (`thin_indices`: evenly spaced, first,
+    last, min and max kept; None: all), thinned as it is read. `columnar=False` builds the same table the plain way,
+    one DataFrame per folder (slower, several times the memory: the reference the columnar way is tested against)."""
+    roots = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else run_dirs)]
+    notes, seen, runs, frames, thinned = [], set(), [], [], 0
+    for root, folder in _stage_folders(roots, seen):
+        if not columnar:
+            rows = stage_rows(root, folder, notes, max_points)
+            if rows is not None: frames.append(rows); thinned += rows.attrs.get("thinned", False)
+            continue
+        got = stage_record(root, folder, notes)
+        if got is None: continue
+        base, results, stage = got
+        curves, _ = read_curves(folder / "metrics.jsonl", notes)
+        kept = thin_curves(curves, max_points)
+        thinned += any(len(kept[k][1]) < len(curves[k][1]) for k in curves)
+        del curves
+        evals = eval_rows(base, results, stage, folder, notes)
+        blocks = ([curve_block(base, str(folder / "metrics.jsonl"), kept)] if kept else []) + ([eval_block(evals)] if evals else [])
+        if blocks: runs.append(((base["experiment"], base["stage"], base["variant"]), blocks))
+    if not columnar: table = sort_table(typed(pd.concat(frames, ignore_index=True)) if frames else empty_table())
+    elif not runs: table = empty_table()
+    elif len({key for key, _ in runs}) == len(runs):           # each run its own name: blocks in order, no row sort
+        table = block_table([b for _, blocks in sorted(runs, key=lambda r: _run_order(r[0])) for b in blocks])
+    else: table = sort_table(block_table([b for _, blocks in runs for b in blocks]))   # same names: rows interleave
+    if thinned: notes.append(f"{thinned} of {len(seen)} stage runs have curves longer than {max_points} points: each "
+                             f"thinned to {max_points} (evenly spaced; first, last, min and max kept; gather's max_points)")
     table.attrs["notes"], table.attrs["stages"] = notes, len(seen)
     if verbose:
         for note in notes: print("note:", note)
     return table
 
-def save_table(table: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    "Write `results.csv` and `results.parquet` into `out_dir`; returns both paths."
+def save_table(table: pd.DataFrame, out_dir: str | os.PathLike, csv: bool | None = None) -> tuple[Path | None, Path]:
+    """Write `results.parquet` (text columns dictionary-encoded: a label is stored once per row group) and, when `csv`
+    is True, or None and the table has at most `CSV_MAX_ROWS` rows, `results.csv`; returns (csv path or None, parquet)."""
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    csv, parquet = out / "results.csv", out / "results.parquet"
-    atomic_write_text(csv, table.to_csv(index=False))
+    csv_path, parquet = out / "results.csv", out / "results.parquet"
+    if csv or (csv is None and len(table) <= CSV_MAX_ROWS): atomic_write_text(csv_path, table.to_csv(index=False))
+    else: csv_path = None
     tmp = parquet.with_name(f".{parquet.name}.tmp-{os.getpid()}")
-    plain = table.copy(); plain.attrs = {}     # notes are not data: parquet keeps attrs in its metadata otherwise
-    plain.to_parquet(tmp, index=False); os.replace(tmp, parquet)
-    return csv, parquet
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    columns = {}
+    for c in COLUMNS:
+        if c in TEXT_COLUMNS:          # a label column: integer codes into its distinct strings
+            codes, names = pd.factorize(table[c], use_na_sentinel=True)
+            columns[c] = pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32), mask=codes < 0),
+                                                        pa.array(list(names), type=pa.string()))
+        else: columns[c] = pa.Array.from_pandas(table[c])
+    pq.write_table(pa.table(columns), tmp); os.replace(tmp, parquet)   # the notes (attrs) are not data: not written
+    return csv_path, parquet
 
 def load_table(path: str | os.PathLike) -> pd.DataFrame:
     "A saved table (`.csv` or `.parquet`) back with the report's column types."
     path = Path(path)
-    text = {c: "string" for c in COLUMNS if c not in INT_COLUMNS + FLOAT_COLUMNS}   # a variant "1" stays a string
+    text = {c: "string" for c in TEXT_COLUMNS}   # a variant "1" stays a string
     return typed(pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=text))
 
 # %% ../nbs/09_report.ipynb #0e358114
@@ -520,9 +730,14 @@ def claim_verdict(m_t: float, s_t: float, n_t: int, m_b: float, s_b: float, n_b:
     if not significant: return "within the spread"
     return "holds" if diff > 0 else "does not hold at this scale"
 
+def settled(table: pd.DataFrame) -> pd.Series:
+    "Rows of stages that finished (`complete`, or a folder that records no state): the only ones a comparison uses."
+    return table.state.isna() | table.state.eq("complete")
+
 def compare_evals(table: pd.DataFrame, metrics: Sequence[str] = ("top1",)) -> pd.DataFrame:
-    "Each pretrained init against the same objective from scratch, per evaluation and setting: one row per comparison."
-    t = with_recipe(table[(table.record == "eval") & table.metric.isin(metrics)])
+    """Each pretrained init against the same objective from scratch, per evaluation and setting: one row per comparison.
+    Only `settled` rows: a stage still running or preempted is shown in the table and figures, never judged."""
+    t = with_recipe(table[(table.record == "eval") & table.metric.isin(metrics) & settled(table)])
     rows = []
     if t.empty: return pd.DataFrame(rows)
     for key, group in t.groupby(EVAL_KEYS, dropna=False, sort=True):
@@ -553,7 +768,7 @@ def final_values(table: pd.DataFrame, metric: str = "loss") -> pd.DataFrame:
 def compare_convergence(table: pd.DataFrame, objective: str = "wsp", metric: str = "loss") -> pd.DataFrame:
     "Final training `metric` of `objective` runs, pretrained init vs scratch, per setting; and when the first reached the second's end."
     t = with_recipe(table[(table.record == "curve") & (table.metric == metric) & (table.objective == objective)
-                          & (table.kind == objective)])
+                          & (table.kind == objective) & settled(table)])
     rows = []
     if t.empty: return pd.DataFrame(rows)
     keys = ["model", "subset"]
@@ -913,7 +1128,8 @@ def make_figures(table: pd.DataFrame, out_dir: str | os.PathLike, max_reconstruc
     return made, skipped
 
 def build_report(run_dirs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
-                 max_reconstructions: int = 4, max_points: int | None = 2000, verbose: bool = True) -> dict:
+                 max_reconstructions: int = 4, max_points: int | None = 500, verbose: bool = True,
+                 csv: bool | None = None) -> dict:
     "Table, figures and summary of the runs below `run_dirs`, into `out_dir` (default `<first run dir>/report`)."
     roots = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
     if not roots: raise UserError("no run folder given: name at least one (e.g. runs/demo)")
@@ -923,10 +1139,10 @@ def build_report(run_dirs: str | os.PathLike | Sequence[str | os.PathLike], out_
                         "config.yaml, metrics.jsonl or results.json)")
     out = Path(out_dir) if out_dir is not None else Path(roots[0]) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    csv, parquet = save_table(table, out)
+    csv_path, parquet = save_table(table, out, csv)
     figures, skipped = make_figures(table, out / "figures", max_reconstructions, verbose=verbose)
     summary = atomic_write_text(out / "summary.md", summary_markdown(table, figures, skipped, base=out))
     if verbose:
         for note in table.attrs["notes"]: print("note:", note)
         print(f"report: {len(table)} rows from {table.run.nunique()} stage runs -> {out}")
-    return {"table": csv, "parquet": parquet, "figures": figures, "skipped": skipped, "summary": summary}
+    return {"table": csv_path or parquet, "csv": csv_path, "parquet": parquet, "figures": figures, "skipped": skipped, "summary": summary}

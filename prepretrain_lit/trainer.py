@@ -692,6 +692,7 @@ class Trainer:
         from tqdm.auto import tqdm
         bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
         losses, parts, last, tic, step = [], [], {}, time.perf_counter(), start
+        first_step_s, untimed = None, 0     # this process's first step (with train.compile: the compilation), timed apart
         self.last_finite = self.step = start
         self.model.train()
         with catch_signals() as signals:
@@ -699,6 +700,10 @@ class Trainer:
                 loss_t, logs_t = self.train_step(batches, step)
                 losses.append(loss_t); parts.append(logs_t)
                 step = self.step = step + 1
+                if first_step_s is None:
+                    loss_t.item()                # wait for the device: the first step's time is all of it
+                    first_step_s, untimed, tic = time.perf_counter() - tic, 1, time.perf_counter()
+                    self._record_first_step(first_step_s)
                 bar.update(1)
                 at_log, at_ckpt = step % t.log_every == 0 or step == t.steps, step % t.checkpoint_every == 0 or step == t.steps
                 if not (at_log or at_ckpt): continue
@@ -715,13 +720,14 @@ class Trainer:
                 counters = {"seen": data_offset["seen"] + self._data_counter("seen"),
                             "skipped": data_offset["skipped"] + self._data_counter("skipped")}
                 last = {"step": step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0),
-                        "images_per_s": len(losses) * self.global_batch / max(elapsed, 1e-9),
+                        "images_per_s": self._images_per_s(len(losses), untimed, elapsed, first_step_s),
                         "data_skipped": counters["skipped"], "memory_mb": memory_mb(self.info.device)}
                 for name in parts[0]:          # the objective's own logs (e.g. SplitMask's loss parts), averaged
                     value = self._all_reduce(torch.stack([p[name] for p in parts]).mean().reshape(1)).item()
                     last[name] = value / self.info.world_size
+                if untimed: last["first_step_s"] = first_step_s   # logged once, beside the throughput it is kept out of
                 if at_log: self._metrics(last); bar.set_postfix(loss=f"{loss:.4f}")
-                losses, parts, tic = [], [], time.perf_counter()
+                losses, parts, tic, untimed = [], [], time.perf_counter(), 0
                 stop = self._all_reduce(torch.tensor([float(bool(signals))], device=self.info.device), dist.ReduceOp.MAX).item() > 0
                 stop = stop and step < t.steps        # a signal during the last interval: finish the run instead
                 if at_ckpt or stop: self.save(step, counters)
@@ -737,6 +743,19 @@ class Trainer:
         self.export_model()
         self._status("complete", step)
         return last
+
+    def _images_per_s(self, steps: int, untimed: int, elapsed: float, first_step_s: float | None) -> float:
+        "Throughput of the `steps - untimed` steps timed in `elapsed` s; a window of only the first step: that step's."
+        if steps > untimed: return (steps - untimed) * self.global_batch / max(elapsed, 1e-9)
+        return steps * self.global_batch / max(first_step_s or elapsed, 1e-9)
+
+    def _record_first_step(self, seconds: float) -> None:
+        "Put the first step's seconds (compilation included when compiled) into provenance.json's `resolved`."
+        record = self.out / "provenance.json"
+        if not (self.info.is_main and record.is_file()): return
+        data = json.loads(record.read_text())
+        data["resolved"] = {**data.get("resolved", {}), "first_step_s": round(seconds, 3)}
+        atomic_write_text(record, json.dumps(data, indent=2) + "\n")
 
     def _state_is_finite(self) -> torch.Tensor:
         "1.0 when every parameter and floating optimizer-state tensor of this rank (its shards under FSDP) is finite."

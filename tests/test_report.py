@@ -297,3 +297,95 @@ def test_convergence_verdict_prefers_the_lower_loss(tmp_path):
                         [{"step": s, "loss": l} for s, l in zip((10, 20), (3.0, final))])
     c = compare_convergence(gather(tmp_path / "c")).iloc[0]
     assert c.verdict == "holds" and "the claim 'MAE→WSP trains to a lower loss than WSP': holds" in c.text
+
+
+# -- at cluster size: the columnar gather, thinning, dead stages ------------------------------------------------------
+
+def test_columnar_table_equals_the_plain_one(runs, tmp_path):
+    "The columnar gather (arrays per run, pyarrow's JSON reader where it can) builds the same table, notes included, as "
+    "the plain one (a DataFrame per folder): read whole, thinned, with a damaged file, and with two runs of one name."
+    example_runs(tmp_path / "ex", mae_model=False)
+    write(tmp_path / "ex/example/wsp/odd/metrics.jsonl",        # mixed types, a bool, a null, NaN, unsorted steps
+          '{"step": 20, "loss": 1, "ok": true, "gpu": "a"}\n{"step": 10, "loss": 2.5, "ok": 1, "x": null}\n'
+          '{"step": 30, "loss": NaN, "lr": 0.1}\n{"step": 30, "loss": 0.5, "lr": "n/a"}\n')
+    write(tmp_path / "twin/example/wsp/scratch_s0/metrics.jsonl", '{"step": 10, "loss": 9.0}\n{"step": 15, "loss": 8.0}\n')
+    for roots in (runs, tmp_path / "ex", [tmp_path / "ex", tmp_path / "twin"]):   # twin: a second example/wsp/scratch_s0
+        for max_points in (None, 6):
+            columnar, plain = gather(roots, max_points=max_points), gather(roots, max_points=max_points, columnar=False)
+            pd.testing.assert_frame_equal(columnar, plain)
+            assert columnar.attrs["notes"] == plain.attrs["notes"]
+    odd = gather(tmp_path / "ex", max_points=None)
+    odd = odd[odd.variant == "odd"]
+    assert sorted(zip(odd.metric, odd.step, odd.value)) == [("loss", 10, 2.5), ("loss", 20, 1.0), ("loss", 30, 0.5), ("lr", 30, 0.1), ("ok", 10, 1.0)]
+
+
+def test_thinning_keeps_the_first_last_smallest_and_largest_points(tmp_path):
+    loss = [5.0 - 0.01 * s for s in range(200)]
+    loss[137], loss[51] = 0.1, 9.0                                   # the best and the worst, off any even grid
+    write_stage(tmp_path / "t/wsp/a", dict(experiment="t", stage="wsp", variant="a", kind="wsp", axes={}),
+                [{"step": 10 * (s + 1), "loss": l, "lr": 1e-3} for s, l in enumerate(loss)])
+    t = gather(tmp_path / "t", max_points=10)
+    curve = t[t.metric == "loss"]
+    assert len(curve) <= 10 and curve.step.is_monotonic_increasing
+    assert {10, 2000, 1380, 520} <= set(curve.step)                  # first, last, min (step 1380), max (step 520)
+    assert curve.value.min() == 0.1 and curve.value.max() == 9.0
+    assert len(t[t.metric == "lr"]) <= 10
+    assert any("thinned to 10" in n for n in t.attrs["notes"])
+    full = gather(tmp_path / "t", max_points=None)
+    assert len(full[full.metric == "loss"]) == 200 and not any("thinned" in n for n in full.attrs["notes"])
+
+
+def test_a_run_label_is_one_shared_object_not_a_string_a_row(tmp_path):
+    "What keeps 1,000 runs x 2,000 lines in a few GB: a label column holds one reference per row to its run's string."
+    write_stage(tmp_path / "m/wsp/a", dict(experiment="m", stage="wsp", variant="a", kind="wsp", axes={}),
+                [{"step": s, "loss": 1.0 / s, "lr": 0.1} for s in range(1, 50)])
+    t = gather(tmp_path / "m")
+    for column in ("source", "run", "experiment", "kind", "record"):
+        assert len({id(v) for v in t[column]}) == 1, column
+
+
+def _dead_pid() -> int:
+    import subprocess, sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_dead_and_unfinished_stages_never_enter_a_verdict(tmp_path):
+    "A killed, a failed and an interrupted stage (running, its process gone) are left out with a note; a preempted "
+    "one stays in the table with its state and out of the comparisons."
+    import socket
+    exp = _probe_runs(tmp_path, mae=[70.0, 70.5, 71.0], scratch=[80.0, 80.5, 81.0])
+    before = compare_evals(gather(exp)).iloc[0]
+    assert before.verdict == "does not hold at this scale"
+    dead = dict(killed=dict(state="killed", error="DeadKernelError: the kernel died"),
+                failed=dict(state="failed", error="RuntimeError: boom"),
+                interrupted=dict(state="running", pid=_dead_pid(), host=socket.gethostname()),
+                preempted=dict(state="preempted"))
+    for i, (name, record) in enumerate(dead.items()):
+        write_stage(exp / "probe" / name, dict(experiment="x", stage="probe", variant=name, kind="linear_probe",
+                    axes=dict(model="vit_b16", objective="wsp", init="mae", seed=10 + i), **record),
+                    results=dict(kind="linear_probe", dataset="in1k", records=[{"metric": "top1", "value": 99.0, "seed": 10 + i}]))
+    t = gather(exp)
+    assert set(t.variant) == {"mae0", "mae1", "mae2", "scratch0", "scratch1", "scratch2", "preempted"}
+    assert t[t.variant == "preempted"].state.tolist() == ["preempted"]
+    notes = t.attrs["notes"]
+    for name, state in (("killed", "killed"), ("failed", "failed"), ("interrupted", "interrupted")):
+        assert any(f"probe/{name}: stage {state}" in n and "left out" in n for n in notes), (name, notes)
+    assert any("probe/preempted: stage preempted" in n and "not compared" in n for n in notes)
+    after = compare_evals(t).iloc[0]
+    assert (after.n, after["mean"], after.verdict) == (3, before["mean"], before.verdict)
+    assert after.text in summarize(t)
+
+
+def test_save_table_writes_a_csv_when_asked_or_small(tmp_path, monkeypatch):
+    from prepretrain_lit import report
+    table = gather(example_runs(tmp_path, mae_model=False))
+    csv, parquet = report.save_table(table, tmp_path / "a")
+    assert csv == tmp_path / "a/results.csv" and csv.is_file()          # a demo-sized table: both
+    monkeypatch.setattr(report, "CSV_MAX_ROWS", 10)
+    csv, parquet = report.save_table(table, tmp_path / "b")
+    assert csv is None and not (tmp_path / "b/results.csv").exists()    # a big one: parquet only ...
+    csv, _ = report.save_table(table, tmp_path / "c", csv=True)          # ... unless asked
+    pd.testing.assert_frame_equal(load_table(csv), table)
+    pd.testing.assert_frame_equal(load_table(parquet), table)

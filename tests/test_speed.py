@@ -179,3 +179,26 @@ def test_compiled_and_eager_give_the_same_loss(tmp_path):
     compiled, trainer = mae_losses(tmp_path / "compiled", 3, "train.precision=fp32", "train.compile=true")
     assert trainer.compile
     for a, b in zip(compiled, eager): assert abs(a - b) <= 1e-4 * abs(b), (compiled, eager)
+
+
+def test_the_first_step_is_timed_apart_from_the_throughput(tmp_path, monkeypatch):
+    "The first step (with train.compile: the compilation) is logged as first_step_s, kept out of images_per_s, and recorded in provenance."
+    import json
+    import time
+    from prepretrain_lit.config import write_provenance
+    cfg = load_config(preset="tiny", overrides=[*TINY, "train.steps=4", "train.log_every=4", "train.checkpoint_every=100",
+                                                "train.precision=fp32", "train.compile=false"])
+    write_provenance(tmp_path, cfg)
+    trainer = Trainer(cfg, mae_objective(cfg), SyntheticImages(cfg.data.batch_size, 32, 64), tmp_path, progress=False)
+    clock, real = [0.0], trainer.train_step      # a clock that moves only with the steps: 10 s for the first, 0.5 s after
+    def timed_step(batches, step):
+        out = real(batches, step)
+        clock[0] += 10.0 if step == 0 else 0.5
+        return out
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(trainer, "train_step", timed_step)
+    trainer.fit()
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["step"] == 4 and line["first_step_s"] == 10.0
+    assert line["images_per_s"] == pytest.approx(3 * cfg.data.batch_size / 1.5)   # not 4 batches / 11.5 s
+    assert json.loads((tmp_path / "provenance.json").read_text())["resolved"]["first_step_s"] == 10.0
