@@ -8,14 +8,17 @@ gradient norm it logs, AdamW, lr schedule); the peer's is the plain loop an HF u
 alternately (A B, B A, A B, ...) so that the load of a shared machine falls on both alike; medians and their ratio
 are printed for the training step and for a forward-only encoder pass (eval, no grad).
 
-On a GPU it also prints model FLOPs utilisation: the matmul and attention FLOPs of the step (counted
-analytically: patch embedding, visible-token encoder, decoder; x3 for forward + backward, x2 for the patch
-projection, whose input needs no gradient) per second,
-over the device's peak dense bf16 rate.
+It also prints model FLOPs utilisation: the matmul and attention FLOPs of the step (counted analytically: patch
+embedding, visible-token encoder, decoder; x3 for forward + backward, x2 for the patch projection, whose input
+needs no gradient) per second, over the device's peak dense bf16 rate (GPU) and over the machine's own measured
+matmul rate at the run's precision, with the goals (>= 80% of it in fp32, >= 60% in bf16; never slower than the
+peer at equal precision) and whether they are met. The first step of each side (with --compile: the compilation)
+is timed apart; --json PATH writes the train-step row for a GPU check to collect.
 
     .venv/bin/python benchmarks/mae_throughput.py                                  # CPU: ViT-S/16, 224 px, batch 8, fp32
     .venv/bin/python benchmarks/mae_throughput.py --precision bf16                 # CPUs with AVX512-BF16 / AMX only
     .venv/bin/python benchmarks/mae_throughput.py --model vit_l16 --batch 256 --precision bf16 --compile   # GPU
+    .venv/bin/python benchmarks/mae_throughput.py --model vit_h14 --precision bf16 --device cuda:0 --ours-only --json h14.json
 
 Numbers are only comparable within one run on one machine.
 """

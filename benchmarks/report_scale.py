@@ -8,7 +8,9 @@ per 10 of them into a temporary folder, then reads them in a fresh subprocess pe
   `max_points=2000`), `results.csv` and `results.parquet` written;
 - `columnar-full`: the columnar gather with every point kept (`max_points=None`): the same rows as `plain`;
 - `columnar`: the default: columnar, each curve thinned to 500 points as it is read, `results.parquet` (the CSV
-  only when asked).
+  only when asked);
+- `report`: all of `build_report` (what `prepretrain report` runs): the default gather and save, every figure, the
+  summary; its time is in the `gather s` column.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/report_scale.py                 # N = 100 (all three) and 1000 (columnar ways)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/report_scale.py --runs 20 --lines 200 --quick   # seconds
@@ -29,7 +31,8 @@ from pathlib import Path
 
 WAYS = {"plain": dict(columnar=False, max_points=2000, csv=True),
         "columnar-full": dict(columnar=True, max_points=None, csv=False),
-        "columnar": dict(columnar=True, max_points=500, csv=None)}
+        "columnar": dict(columnar=True, max_points=500, csv=None),
+        "report": dict(columnar=True, max_points=500, csv=None, report=True)}
 
 
 def make_runs(root: Path, runs: int, lines: int) -> Path:
@@ -64,8 +67,17 @@ def make_runs(root: Path, runs: int, lines: int) -> Path:
 
 def worker(way: str, exp: Path, out: Path) -> dict:
     "One way's gather and save, timed, in this (fresh) process."
-    from prepretrain_lit.report import gather, save_table
+    from prepretrain_lit.report import build_report, gather, save_table
     opts = WAYS[way]
+    if opts.get("report"):
+        import pyarrow.parquet as pq
+        start = time.perf_counter()
+        paths = build_report(exp, out, max_reconstructions=0, max_points=opts["max_points"], verbose=False, csv=opts["csv"])
+        files = [p for p in (paths["csv"], paths["parquet"]) if p is not None]
+        return {"way": way, "rows": pq.ParquetFile(paths["parquet"]).metadata.num_rows, "gather_s": time.perf_counter() - start,
+                "save_s": float("nan"), "table_mb": float("nan"),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "files": {p.name: p.stat().st_size / 2 ** 20 for p in files}}
     start = time.perf_counter()
     table = gather(exp, max_points=opts["max_points"], columnar=opts["columnar"])
     gathered = time.perf_counter() - start
@@ -92,6 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lines", type=int, default=2000, help="metric lines per run (default 2000)")
     parser.add_argument("--plain-max-runs", type=int, default=100, help="the plain (old) way only up to this many runs")
     parser.add_argument("--quick", action="store_true", help="all ways at every size (a smoke test)")
+    parser.add_argument("--ways", nargs="+", choices=tuple(WAYS), default=list(WAYS), help="which ways to run (default: all)")
     parser.add_argument("--worker", choices=tuple(WAYS), help=argparse.SUPPRESS)
     parser.add_argument("--exp", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -108,7 +121,7 @@ def main(argv=None) -> None:
             made = time.perf_counter() - start
             size = sum(p.stat().st_size for p in exp.rglob("metrics.jsonl")) / 2 ** 20
             print(f"# {n} runs x {args.lines} lines written in {made:.0f} s ({size:.0f} MB of metrics.jsonl)")
-            ways = [w for w in WAYS if w != "plain" or args.quick or n <= args.plain_max_runs]
+            ways = [w for w in args.ways if w != "plain" or args.quick or n <= args.plain_max_runs]
             for way in ways:
                 r = run_way(way, exp, Path(tmp) / f"out-{way}")
                 files = ", ".join(f"{k} {v:.1f}" for k, v in r["files"].items())

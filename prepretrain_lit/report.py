@@ -649,9 +649,15 @@ def recipe_label(objective, init, mae_length=None) -> str:
     return f"{first}→{obj}"
 
 def with_recipe(table: pd.DataFrame) -> pd.DataFrame:
-    "`table` plus a `recipe` column (see `recipe_label`)."
+    "`table` plus a `recipe` column (see `recipe_label`), labelled once per distinct (objective, init, mae_length)."
     out = table.copy()
-    out["recipe"] = [recipe_label(o, i, m) for o, i, m in zip(out.objective, out.init, out.mae_length)]
+    if out.empty:
+        out["recipe"] = pd.Series([], dtype=object, index=out.index); return out
+    groups = out[["objective", "init", "mae_length"]].groupby(["objective", "init", "mae_length"], dropna=False, sort=False)
+    firsts = groups.head(1)                  # one row per group, in the order ngroup numbers them (first seen)
+    labels = np.array([recipe_label(o, i, m) for o, i, m in zip(firsts.objective, firsts.init, firsts.mae_length)] + [None],
+                      dtype=object)[:-1]
+    out["recipe"] = pd.Series(labels[groups.ngroup().to_numpy()], index=out.index, dtype=object)
     return out
 
 def fmt(value: float, metric: str) -> str:
@@ -1130,7 +1136,8 @@ def make_figures(table: pd.DataFrame, out_dir: str | os.PathLike, max_reconstruc
 def build_report(run_dirs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
                  max_reconstructions: int = 4, max_points: int | None = 500, verbose: bool = True,
                  csv: bool | None = None) -> dict:
-    "Table, figures and summary of the runs below `run_dirs`, into `out_dir` (default `<first run dir>/report`)."
+    """Table, figures and summary of the runs below `run_dirs`, into `out_dir` (default `<first run dir>/report`); curves
+    thinned to `max_points` a metric (`gather`), `results.csv` as `save_table` decides with `csv`."""
     roots = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
     if not roots: raise UserError("no run folder given: name at least one (e.g. runs/demo)")
     table = gather(roots, max_points)

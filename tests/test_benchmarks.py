@@ -1,4 +1,5 @@
 """benchmarks/mae_throughput.py: its FLOP count against torch's counter, and a peer that is the same model."""
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -63,6 +64,8 @@ def test_peak_rate_lookup_prefers_the_specific_name():
     assert mt.peak_tflops("NVIDIA H200") == 989.0
     assert mt.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert mt.peak_tflops("Some Other GPU") is None
+    assert mt.peak_tflops("NVIDIA H200 NVL") == 835.0            # not the H200 SXM's 989: the longest name found wins
+    assert mt.peak_tflops("NVIDIA H100 NVL") == 835.0 and mt.peak_tflops("NVIDIA GH200 480GB") == 989.0
 
 
 # -- the peer: Hugging Face's ViTMAEForPreTraining, configured as the same model -------------------------------
@@ -113,6 +116,17 @@ def test_timing_alternates_between_the_sides():
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
 
+def test_timing_waits_for_the_device_it_runs_on_and_times_the_first_call_apart(monkeypatch):
+    "--device cuda:1: every wait is for cuda:1 (a bare synchronize() waits for cuda:0 only); the first call is timed apart."
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    first_s = {}
+    mt.interleaved_times({"a": lambda: None, "b": lambda: None}, warmup=1, iters=2, device=torch.device("cuda", 1),
+                         first_seconds=first_s)
+    assert synced and all(d == torch.device("cuda", 1) for d in synced)
+    assert set(first_s) == {"a", "b"} and all(v >= 0 for v in first_s.values())
+
+
 @pytest.mark.slow
 def test_the_script_runs_both_sides_from_the_same_weights_and_prints_the_table(capsys):
     torch.set_num_threads(1)
@@ -126,3 +140,20 @@ def test_the_script_runs_both_sides_from_the_same_weights_and_prints_the_table(c
         ours_ips, peer_ips, ratio = (float(v.rstrip("x")) for v in line[len(row):].split()[:3])
         assert ours_ips > 0 and peer_ips > 0 and ratio == pytest.approx(ours_ips / peer_ips, rel=1e-2)
     assert "model FLOPs per step" in out
+    assert "goal: the train step at >= 80% of the measured matmul rate in fp32: " in out
+    assert "goal: never slower than the peer at equal precision (fp32 both): ours/peer " in out
+    assert "first step, untimed (eager" in out
+
+
+@pytest.mark.slow
+def test_the_script_writes_the_rows_a_gpu_check_collects(tmp_path, capsys):
+    "The options the one-GPU check passes (--model --precision --device --ours-only [--compile] --json) on a CPU."
+    torch.set_num_threads(1)
+    path = tmp_path / "row.json"
+    mt.main(["--model", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu", "--precision", "fp32",
+             "--ours-only", "--no-encoder", "--matmul-size", "256", "--json", str(path)])
+    row = json.loads(path.read_text())
+    assert (row["model"], row["precision"], row["compile"], row["device"]) == ("tiny", "fp32", False, "cpu")
+    assert set(row["images_per_s"]) == {"ours"} and row["images_per_s"]["ours"] > 0 and row["first_step_s"]["ours"] > 0
+    assert row["share_of_matmul"]["ours"] > 0 and row["goal_share"] == 0.8 and row["paired_ours_over_peer"] is None
+    assert row["default_precision"] in ("fp32", "bf16") and row["peer_default_precision"] == "fp32"
