@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['REPO', 'STAGES_DIR', 'EXPERIMENTS_DIR', 'EXPERIMENT_KEYS', 'STAGE_KEYS', 'VARIANT_KEYS', 'RESOURCE_KEYS',
            'RESOURCE_DEFAULTS', 'AXIS_KEYS', 'TEMPLATE', 'REQUEUE_SIGNALS', 'STOP_SIGNALS', 'EXIT_REQUEUED',
-           'LIVE_JOB_STATES', 'ENDED_BADLY', 'Param', 'parameters_cell', 'notebook_parameters', 'write_stage_notebook',
-           'StageSpec', 'Experiment', 'parse_experiment', 'load_experiment', 'apply_overrides', 'StageRun',
-           'variant_name', 'fill_template', 'parse_ref', 'stage_order', 'available_kinds', 'expand', 'read_json',
-           'live_state', 'run_state', 'format_dag', 'dag_depths', 'draw_dag', 'now', 'stage_record', 'write_stage_json',
-           'venv_kernel', 'execute_run', 'Outcome', 'plan', 'run_local', 'format_summary', 'signal_delay',
-           'slurm_parameters', 'slurm_job_params', 'recorded_signals', 'requeue_job', 'StageJob', 'queued_job',
-           'submit_slurm', 'status_rows', 'format_status', 'run_experiment', 'world_size', 'stage_config',
-           'train_stage', 'plot_metrics']
+           'LIVE_JOB_STATES', 'ENDED_JOB_STATES', 'ENDED_BADLY', 'Param', 'parameters_cell', 'notebook_parameters',
+           'write_stage_notebook', 'StageSpec', 'Experiment', 'parse_experiment', 'load_experiment', 'apply_overrides',
+           'StageRun', 'variant_name', 'fill_template', 'parse_ref', 'stage_order', 'available_kinds', 'expand',
+           'read_json', 'live_state', 'run_state', 'format_dag', 'dag_depths', 'draw_dag', 'now', 'stage_record',
+           'write_stage_json', 'venv_kernel', 'execute_run', 'Outcome', 'plan', 'run_local', 'format_summary',
+           'signal_delay', 'slurm_parameters', 'slurm_job_params', 'recorded_signals', 'requeue_job', 'StageJob',
+           'queued_job', 'slurm_job_states', 'ended_before_start', 'submit_slurm', 'status_rows', 'format_status',
+           'run_experiment', 'world_size', 'stage_config', 'train_stage', 'plot_metrics']
 
 # %% ../nbs/08_pipeline.ipynb #677cfb21
 import ast
@@ -751,6 +751,37 @@ def queued_job(run: StageRun) -> str | None:
     except (OSError, subprocess.SubprocessError): return None
     return str(job) if out.strip() and out.split()[0] in LIVE_JOB_STATES else None
 
+ENDED_JOB_STATES = {"CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+def slurm_job_states(jobs: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """`{job: (state, reason)}` for the jobs SLURM knows, in one call each to squeue (which keeps ended jobs for
+    `MinJobAge`, 300 s by default), then sacct (accounting, if the cluster keeps it) for the rest."""
+    import shutil
+    import subprocess
+    out: dict[str, tuple[str, str]] = {}
+    for cmd in (["squeue", "-h", "-t", "all", "-o", "%i|%T|%r", "-j"], ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j"]):
+        left = [str(j) for j in jobs if str(j) not in out]
+        if not left or shutil.which(cmd[0]) is None: continue
+        try: res = subprocess.run(cmd + [",".join(left)], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError): continue
+        for line in res.stdout.splitlines() if res.returncode == 0 else []:
+            job, _, rest = line.strip().partition("|")
+            state, _, reason = rest.partition("|")
+            if job in left and state: out[job] = (state.split()[0], reason.strip())   # sacct: `CANCELLED by 0`
+    return out
+
+def ended_before_start(folder: Path, record: dict, slurm: tuple[str, str] | None) -> tuple[str, str] | None:
+    """For a `pending` stage.json whose job SLURM ended (`slurm`: its state and reason) before the stage started, which
+    no process of ours lived to record: `("cancelled", why)` (`--kill-on-invalid-dep`: an input failed; or `scancel`),
+    `("failed", why)` otherwise; else None."""
+    if record.get("state") != "pending" or slurm is None or slurm[0] not in ENDED_JOB_STATES: return None
+    (state, reason), job = slurm, record.get("job_id")
+    why = f" ({reason})" if reason and reason != "None" else ""
+    if state == "CANCELLED":
+        cause = ": an input it waits for (afterok) failed" if reason.startswith("Dependency") else ""
+        return "cancelled", f"SLURM cancelled job {job} before the stage started{why}{cause}"
+    return "failed", f"SLURM job {job} ended {state}{why} before the stage started: see {folder / 'slurm'}"
+
 def submit_slurm(runs: Sequence[StageRun], cli_resources: dict | None = None, executor_factory=None,
                  echo: Callable[[str], None] = print) -> list[Outcome]:
     "Submit one job per run not complete yet, each depending (`afterok`) on its inputs' jobs; reuse jobs still queued."
@@ -783,17 +814,21 @@ def submit_slurm(runs: Sequence[StageRun], cli_resources: dict | None = None, ex
     return outcomes
 
 # %% ../nbs/08_pipeline.ipynb #10b575c7
-ENDED_BADLY = ("failed", "preempted", "diverged", "killed", "interrupted")   # states `prepretrain status` explains
+ENDED_BADLY = ("failed", "preempted", "diverged", "killed", "interrupted", "cancelled")   # states `prepretrain status` explains
 
 def status_rows(root: str | os.PathLike) -> list[dict]:
     "One row per `stage.json` under `root`: experiment, stage, variant, state, step, finished, error."
-    rows = []
-    for path in Path(root).rglob("stage.json"):
-        rec = read_json(path)
+    rows, records = [], {path: read_json(path) for path in Path(root).rglob("stage.json")}
+    slurm = slurm_job_states([r["job_id"] for r in records.values() if r and r.get("state") == "pending" and r.get("job_id")])
+    for path, rec in records.items():
         if not rec: continue
         from prepretrain_lit.trainer import read_status
         trainer = read_status(path.parent) or {}
         state = live_state(path.parent, rec)
+        if state == "pending" and (ended := ended_before_start(path.parent, rec, slurm.get(str(rec.get("job_id"))))):
+            state, why = ended               # SLURM ended it unstarted: written down, the record outlives SLURM's memory
+            rec = {**rec, "state": state, "error": why, "finished": now()}
+            atomic_write_text(path, json.dumps(rec, indent=2, default=str) + "\n")
         error = rec.get("error") or (trainer.get("message") if state == "interrupted" else None)
         rows.append({"experiment": rec.get("experiment"), "stage": rec.get("stage"), "variant": rec.get("variant"),
                      "state": state, "step": trainer.get("step"), "finished": rec.get("finished"),
