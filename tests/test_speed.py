@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from prepretrain_lit.data import build_shards, encode_image, shapes_source
-from prepretrain_lit.loader import (EncodedJpeg, ShardStream, StreamLoader, as_pil, crop_flip_parts, eval_transform,
-                                    fast_crop_flip, jpeg_draft_scale, jpeg_header, mae_transform, open_image,
-                                    seeded_rng)
+from prepretrain_lit.loader import (EncodedJpeg, ShardStream, StreamLoader, as_pil, collate_samples, crop_flip_draws,
+                                    crop_flip_parts, eval_transform, fast_crop_flip, jpeg_draft_scale, jpeg_header,
+                                    mae_transform, open_image, pack_batch, seeded_rng, unpack_batch)
 
 
 def photo_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
@@ -91,6 +91,31 @@ def test_generic_transforms_are_seeded_too_numpy_included():
     assert crop_flip_parts(eval_transform(32)) is None and crop_flip_parts(lambda x: x) is None
 
 
+
+def draws_of_every_generator(image) -> torch.Tensor:
+    "A transform off the fast path that draws from Python's, numpy's and torch's global generators."
+    return torch.tensor([random.random(), float(np.random.rand()), float(torch.rand(1))])
+
+
+def test_a_generic_transform_is_seeded_alike_in_workers_that_skip_restoring_and_in_the_main_process(tmp_path):
+    """Workers seed without saving and restoring the global generators (numpy's state costs ~0.2-0.4 ms each way);
+    every sample still gets the same draws as in the main process, which restores the caller's streams."""
+    manifest = build_shards(shapes_source(40, size=16), tmp_path, shard_size=10, progress=False)
+    def draws(workers):
+        stream = ShardStream(manifest, draws_of_every_generator, shuffle_buffer=8)
+        return {k: d for b in StreamLoader(stream, 5, num_workers=workers) for k, d in zip(b["key"], b["image"])}
+    random.seed(2); np.random.seed(2); torch.manual_seed(2)
+    before = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(2); np.random.seed(2); torch.manual_seed(2)
+    main = draws(0)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == before
+    workers = draws(2)
+    assert main.keys() == workers.keys() and len(main) == 40
+    assert all(torch.equal(main[k], workers[k]) for k in main)
+    assert len({tuple(d.tolist()) for d in main.values()}) == 40           # a seed per sample, not one per run
+    with seeded_rng(5, restore=False): first = draws_of_every_generator(None)
+    with seeded_rng(5): assert torch.equal(draws_of_every_generator(None), first)
+
 def test_fast_path_takes_the_same_draws_as_the_old_per_sample_seeding():
     "`seeded_rng` (default generator, microseconds) draws as `fork_rng` + `torch.manual_seed` (the old path) did."
     def old(seed):
@@ -104,6 +129,39 @@ def test_fast_path_takes_the_same_draws_as_the_old_per_sample_seeding():
         with seeded_rng(seed): new = (random.random(), torch.rand(3))
         assert new[0] == old(seed)[0] and torch.equal(new[1], old(seed)[1])
 
+
+@pytest.mark.parametrize("out", [32, 224])
+def test_crop_flip_draws_are_torchvisions_exactly(out):
+    "The private-generator draws equal `RandomResizedCrop.get_params` + the flip's `torch.rand(1)` on the seeded global one."
+    parts = crop_flip_parts(mae_transform(out))
+    for width, height in [(64, 64), (500, 375), (37, 500), (1000, 10)]:      # the last two hit the central-crop fallback
+        for seed in range(300):
+            seed = seed * 2654435761 % 2 ** 32
+            with seeded_rng(seed, python_numpy=False):
+                crop = parts.crop.get_params(Image.new("RGB", (width, height)), parts.crop.scale, parts.crop.ratio)
+                expected = (*crop, bool(torch.rand(1) < parts.flip_p))
+            assert crop_flip_draws(parts, width, height, seed) == expected, (width, height, seed)
+
+
+def test_a_batch_crosses_from_a_worker_as_two_tensors_the_images_already_in_shared_memory(tmp_path):
+    """What the loader's collate function hands to the worker's queue: two tensors whatever the fields (each costs
+    the main process a segment and a file descriptor), the images allocated in shared memory in the worker (no
+    copy when handed over); unpacked, the same batch as `collate_samples` of the same items."""
+    manifest = build_shards(shapes_source(40, size=32), tmp_path, shard_size=20, progress=False)
+    stream = ShardStream(manifest, mae_transform(16), shuffle_buffer=8)
+    items = list(stream)[:10]
+    loader = StreamLoader(stream, 10)
+    packed = loader.loader.collate_fn(items)
+    assert sum(isinstance(v, torch.Tensor) for v in packed) == 2
+    batch, reference = unpack_batch(packed), collate_samples(items)
+    assert batch.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.equal(batch[name], value) if isinstance(value, torch.Tensor) else batch[name] == value, name
+    assert batch["hashtags"].shape[1] == max(len(i["hashtags"]) for i in items) and (batch["hashtags"] >= -1).all()
+    in_worker = torch.utils.data.DataLoader(items, batch_size=5, num_workers=1,
+                                            collate_fn=lambda b: torch.tensor([t.is_shared() for t in pack_batch(b)[:2]]))
+    assert all(flags.all() for flags in in_worker)
+    assert not any(t.is_shared() for t in pack_batch(items)[:2])          # in the main process: plain memory
 
 def test_lazy_jpegs_and_damaged_images():
     "Complete colour JPEGs stay encoded (header read); truncated, grey and PNG images are decoded (and fail) at once."

@@ -192,6 +192,54 @@ def test_a_handful_of_bad_images_never_stops_a_run_and_a_rotten_shard_does(tmp_p
             list(make(path, infinite=False, batch=50, buffer=1000, transform=False))
 
 
+
+def broken_inside(jpeg: bytes) -> bytes:
+    "The JPEG with its first Huffman table (after the frame header) overwritten: header and end marker intact, data not."
+    at = jpeg.index(b"\xff\xc4", jpeg.index(b"\xff\xc0"))
+    return jpeg[:at + 5] + b"\xff" * 20 + jpeg[at + 25:]
+
+
+def jpeg_corpus(tmp_path, n, bad, name="j"):
+    "`n` 16 px colour JPEGs in shards of 20; samples whose number is in `bad` are broken inside."
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(n):
+        data = encode_image(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), "jpg", quality=90)
+        samples.append({"__key__": f"{i:06d}", "jpg": broken_inside(data) if i in bad else data, "cls": i % 3})
+    out = tmp_path / name
+    out.mkdir()
+    names = [f"{name}-{s:04d}.tar" for s in range(math.ceil(n / 20))]
+    counts = [write_shard(out / f, samples[s * 20:(s + 1) * 20])[0] for s, f in enumerate(names)]
+    return write_manifest(out / f"{name}.yaml", dict(name=name, format="webdataset", num_samples=n, shards=names,
+                                                     shard_samples=counts, image_field="jpg", num_classes=3))
+
+
+@pytest.mark.parametrize("transform", ["mae", "eval", None])
+def test_a_jpeg_broken_inside_is_skipped_and_counted_within_the_budget(tmp_path, transform):
+    """A JPEG whose header and end marker are fine but whose data is broken stays encoded until the transform
+    decodes it: it is then skipped and counted like any bad sample (fast path, generic transform, no transform),
+    and too many of them stop the run with the data-quality error."""
+    from prepretrain_lit.loader import jpeg_header, jpeg_is_complete, open_image
+    good = encode_image(np.zeros((16, 16, 3), dtype=np.uint8) + 90, "jpg")
+    assert jpeg_header(broken_inside(good)) == (16, 16, 3) and jpeg_is_complete(broken_inside(good))
+    assert type(open_image(broken_inside(good))).__name__ == "EncodedJpeg"        # not decoded when read
+    transforms = {"mae": mae_transform(8), "eval": eval_transform(8), None: None}
+    path = jpeg_corpus(tmp_path, 200, bad={5, 60, 133})
+    stream = ShardStream(path, transforms[transform], shuffle_buffer=16, max_skip_fraction=0.05)
+    loader = StreamLoader(stream, batch_size=10, drop_last=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keys = [k for b in loader for k in b["key"]]
+    assert sorted(keys) == [f"{i:06d}" for i in range(200) if i not in {5, 60, 133}]
+    assert (loader.seen, loader.skipped) == (197, 3)
+    assert any("skipping bad sample" in str(w.message) and "does not decode" in str(w.message) for w in caught)
+    path = jpeg_corpus(tmp_path, 200, bad=set(range(0, 200, 4)), name="rotten")     # 25% broken, limit 5%
+    stream = ShardStream(path, transforms[transform], shuffle_buffer=16, max_skip_fraction=0.05, min_samples_for_check=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataQualityError, match=r"\d+ of \d+ samples read were skipped as bad"):
+            list(StreamLoader(stream, batch_size=10, drop_last=False))
+
 # -- the plan, at cluster size, from counts alone -----------------------------------------------------------
 
 def test_buffer_order_is_a_permutation_that_emits_within_a_buffer():
