@@ -870,7 +870,8 @@ def refuse_longer_without_extend(cfg: RunConfig, out: Path) -> None:
     old = _saved_run_config(out)
     if old is None or old.train.steps >= cfg.train.steps: return
     if config_hash(with_steps(old, cfg.train.steps)) != config_hash(cfg): return     # other keys too: init_run_folder lists them
-    raise UserError(f"{out} holds a run of train.steps={old.train.steps}; this config asks train.steps={cfg.train.steps}. "
+    raise UserError(f"{out} already holds a run with another config: train.steps={old.train.steps}, this config asks "
+                    f"train.steps={cfg.train.steps}. "
                     "To lengthen that run, say so: `prepretrain train --extend`, train(..., extend=True), or "
                     f"{EXTEND_ENV}=1 for a stage notebook (it goes on from the last checkpoint; the cosine is re-planned over "
                     "the new total, see nbs/06_trainer.ipynb). Or give the longer run another folder")
@@ -934,9 +935,9 @@ def train(stage: str, cfg: RunConfig, out_dir: str | os.PathLike, resume: bool |
         if info.is_main:
             try:
                 held.enter_context(run_lock(out))
+                extend_run(cfg, out) if extend else refuse_longer_without_extend(cfg, out)   # a refusal leaves status.json alone
                 owns_folder = True
                 for p in remove_stale_temporaries(out): warnings.warn(f"removed {p}, left by a writer that was killed")
-                extend_run(cfg, out) if extend else refuse_longer_without_extend(cfg, out)
                 init_run_folder(cfg, out)
                 write_provenance(out, cfg)
             except Exception as e: error = e

@@ -105,6 +105,7 @@ def test_extend_lengthens_a_finished_run_and_nothing_else(tmp_path):
     assert train_tiny(out, 4)[0] == 0
     rc, _, err = train_tiny(out, 8)
     assert rc == 2 and "--extend" in err and "train.steps=4" in err, err
+    assert json.loads((out / "status.json").read_text())["state"] == "complete"    # a refusal does not mark it failed
     rc, _, err = train_tiny(out, 8, "--set", "mae.mask_ratio=0.6", "--extend")
     assert rc == 2 and "mae.mask_ratio" in err and "changes nothing else" in err, err
     rc, text, err = train_tiny(out, 8, "--extend")
