@@ -56,11 +56,14 @@ clean-nbs: $(STAMP)  ## strip notebook metadata and execution counts (nbdev_clea
 readme: $(STAMP)  ## regenerate README.md from nbs/index.ipynb
 	$(BIN)/python tools/readme.py
 
-kernel: $(STAMP)  ## register .venv as the Jupyter kernel "prepretrain-lit"
+# The notebooks' kernelspec names this kernel (nbdev_clean keeps it), so JupyterLab and papermill run them in .venv.
+kernel: $(STAMP)  ## register .venv as the Jupyter kernel "prepretrain-lit" (the one the notebooks name)
 	$(BIN)/python -m ipykernel install --user --name prepretrain-lit --display-name "prepretrain-lit (.venv)"
 
-lab: $(STAMP)  ## open the notebooks in JupyterLab
-	$(BIN)/jupyter lab nbs/
+# Jupyter refuses to start as root (the usual user in a container) unless told --allow-root.
+LAB_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root,)
+lab: kernel  ## open the notebooks in JupyterLab, in the project's kernel
+	$(BIN)/jupyter lab $(LAB_ROOT) $(LAB_ARGS) nbs/
 
 distclean:  ## remove .venv and caches (runs/ is kept)
 	rm -rf $(VENV) .pytest_cache build *.egg-info

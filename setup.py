@@ -1,8 +1,11 @@
 """Packaging for prepretrain-lit: every value comes from settings.ini (nbdev's single source)."""
 import shlex
+import shutil
 from configparser import ConfigParser
+from pathlib import Path
 
 import setuptools
+from setuptools.command.build_py import build_py
 
 config = ConfigParser(delimiters=["="])
 config.read("settings.ini", encoding="utf-8")
@@ -12,6 +15,24 @@ licenses = {"apache2": "Apache-2.0"}  # SPDX expression; setuptools deprecates l
 statuses = ["Planning", "Pre-Alpha", "Alpha", "Beta", "Production/Stable", "Mature", "Inactive"]
 py_versions = ["3.10", "3.11", "3.12", "3.13"]
 min_python = cfg["min_python"]
+
+# What the CLI needs besides the code: the built-in manifests, the stage notebooks and the shipped experiments.
+# The checkout's folders stay the one source; a build copies them into the package as `_shipped/<name>`, where
+# the package looks first (an editable install, which has no `_shipped/`, reads the checkout's folders).
+SHIPPED = {"data_manifests": "data_manifests", "stages": "nbs/stages", "experiments": "experiments"}
+SHIPPED_FILES = ("*.yaml", "*.ipynb", "*.md")
+
+
+class BuildWithShipped(build_py):
+    "build_py, then copy the `SHIPPED` folders (their yaml, notebooks and READMEs) into `<lib>/_shipped/`."
+    def run(self):
+        super().run()
+        for name, source in SHIPPED.items():
+            dest = Path(self.build_lib) / cfg["lib_name"] / "_shipped" / name
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
+            for pattern in SHIPPED_FILES:
+                for f in sorted(Path(source).glob(pattern)): shutil.copy2(f, dest / f.name)
 
 setuptools.setup(
     name=cfg["repo"],
@@ -40,4 +61,5 @@ setuptools.setup(
         "nbdev": [f'{cfg["lib_path"]}={cfg["lib_path"]}._modidx:d'],
     },
     zip_safe=False,
+    cmdclass={"build_py": BuildWithShipped},
 )

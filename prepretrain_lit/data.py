@@ -755,9 +755,11 @@ def verify_worker(path: str | os.PathLike) -> tuple[list[str], int]:
 TEMPLATE_MARK = "CHANGE-ME"   # in a template's shard locations: where a cluster user's shards go
 
 def shipped_manifest(name: str) -> Path:
-    "The path of a manifest shipped in the repository's `data_manifests/` (e.g. `shapes`)."
+    "The path of a manifest shipped in the repository's `data_manifests/` (e.g. `shapes`), or in a wheel's copy of it."
     import prepretrain_lit
-    return Path(prepretrain_lit.__file__).resolve().parents[1] / "data_manifests" / f"{name}.yaml"
+    package = Path(prepretrain_lit.__file__).resolve().parent
+    wheel = package / "_shipped" / "data_manifests"          # setup.py copies the folder there when it builds a wheel
+    return (wheel if wheel.is_dir() else package.parent / "data_manifests") / f"{name}.yaml"
 
 def recipe_source(manifest: Manifest) -> Source:
     "The `Source` a recipe manifest describes (`generator: shapes | digits`)."
