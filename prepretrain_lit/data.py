@@ -11,8 +11,8 @@ __all__ = ['FORMATS', 'SIDECAR_MIN_SHARDS', 'SHAPES', 'COLORS', 'TEXTURES', 'BAC
            'table_source', 'ShardJob', 'row_scores', 'score_order', 'shard_jobs', 'prefix_subsets', 'check_unreadable',
            'build_shards', 'subset_score', 'subset_scores', 'score_buckets', 'score_histogram', 'bucket_scores',
            'thresholds_from_buckets', 'nested_subsets', 'in_subset', 'TarError', 'tar_members', 'count_samples',
-           'shard_problems', 'verify_manifest', 'verify_across_ranks', 'verify_worker', 'shipped_manifest',
-           'recipe_source', 'build_from_recipe', 'read_shard_samples', 'reshard']
+           'shard_problems', 'missing_shards', 'verify_manifest', 'verify_across_ranks', 'verify_worker',
+           'shipped_manifest', 'recipe_source', 'build_from_recipe', 'read_shard_samples', 'reshard']
 
 # %% ../nbs/01_data.ipynb #d5571f4d
 import csv
@@ -713,6 +713,12 @@ def shard_problems(manifest: Manifest, i: int) -> list[str]:
     if manifest.shard_samples is not None and n != manifest.shard_samples[i]:
         problems.append(f"{shard}: {n} samples, the manifest says {manifest.shard_samples[i]}")
     return problems
+
+def missing_shards(manifest: Manifest, rank: int = 0, world_size: int = 1) -> list[str]:
+    """The local shard files of `manifest` that do not exist (URLs are not looked at): one `stat` per shard, this
+    `rank`'s share (shards rank, rank + world_size, ...) with `world_size` > 1, so a corpus costs one pass in all."""
+    mine = manifest.shards[rank::world_size]
+    return [s for s in mine if not re.match(r"^[a-z][a-z0-9+.-]*:", s) and not os.path.isfile(s)]
 
 def verify_manifest(manifest: Manifest, progress: bool = False, rank: int = 0, world_size: int = 1) -> list[str]:
     """Every problem with `manifest`'s local shards (empty when all counts and checksums match). With
