@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 
 from .config import DataConfig, UserError, derive_seed, ignore_stop_signals
 from .data import (KEY_EXT, TEMPLATE_MARK, Manifest, count_samples, in_subset, load_manifest,
-                                  shipped_manifest, missing_shards, tar_members, verify_across_ranks, verify_manifest)
+                                  shipped_manifest, missing_shards_verdict, tar_members, verify_across_ranks, verify_manifest)
 
 # %% ../nbs/01b_loader.ipynb #fe0b1686
 def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -372,10 +372,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise UserError(f"{self.manifest.path} is a template: replace {TEMPLATE_MARK} in 'shards' with where the "
                             "shards are (build them with `prepretrain shards build`)")
         r, w = (rank, world_size) if rank is not None and world_size else (0, 1)
-        if gone := missing_shards(self.manifest, r, w):     # found here, at the start, not by a worker at the first batch
-            raise DataQualityError(f"{self.manifest.path}: {len(gone)} shard file(s) missing: " + ", ".join(gone[:10])
-                                   + (f", ... ({len(gone) - 10} more)" if len(gone) > 10 else "")
-                                   + "; rebuild them (`prepretrain shards build`) or correct the manifest's 'shards'")
+        if verdict := missing_shards_verdict(self.manifest, max_skip_fraction, r, w):   # at the start, not in a worker
+            if verdict[1]: raise DataQualityError(verdict[0])                       # at the first batch, hours in
+            warnings.warn(verdict[0])
         self.manifest.subset_size(subset)                   # an unknown subset fails here, not in a worker
         self.transform, self.subset, self.seed, self.shuffle_buffer = transform, subset, seed, shuffle_buffer
         self.rank, self.world_size, self.infinite = rank, world_size, infinite

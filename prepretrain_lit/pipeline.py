@@ -929,7 +929,8 @@ def injected_names(namespace: dict) -> list[str]:
 def stage_parameters(kind: str, namespace: dict, notebook: str | os.PathLike | None = None) -> dict:
     """A stage notebook's parameters as its kernel holds them (`globals()`), checked: a name papermill injected that
     the `parameters` cell of `kind` does not declare fails with the close match, each value against its annotation.
-    Returns `{name: value}` (converted: `-r steps 3` gives 3), and says loudly when the stage trains on random data."""
+    Returns `{name: value}`, converted (`-r steps 3` gives 3) and written back into `namespace`; says loudly when the
+    stage trains on random data."""
     declared = notebook_parameters(notebook or STAGES_DIR / f"{kind}.ipynb")
     problems = [unknown_parameter(k, declared) for k in injected_names(namespace) if k not in declared]
     values = {}
@@ -938,6 +939,7 @@ def stage_parameters(kind: str, namespace: dict, notebook: str | os.PathLike | N
         try: values[name] = check_value(p, namespace[name])
         except UserError as e: problems.append(str(e))
     if problems: raise UserError(f"stage notebook {kind}: " + "; ".join(problems))
+    namespace.update(values)
     if values.get("dataset") == "synthetic":
         print(f"WARNING: {kind} runs on dataset='synthetic': random noise images, no labels worth learning. Its losses and "
               "numbers say nothing about the method; set `dataset` to a manifest (a shards stage writes one).", flush=True)
@@ -999,16 +1001,15 @@ def _shards_manifest(manifest):
     return load_manifest(path)
 
 def _ready_manifest(m) -> list[str]:
-    "What stops manifest `m` from being read: a template's `CHANGE-ME` shard paths, shard files that are missing."
-    from prepretrain_lit.data import TEMPLATE_MARK, missing_shards
+    "What stops manifest `m` from being read: a template's `CHANGE-ME` shard paths, more shard files missing than a run skips."
+    from prepretrain_lit.config import DataConfig
+    from prepretrain_lit.data import TEMPLATE_MARK, missing_shards_verdict
     if m.format != "webdataset": return []
     if any(TEMPLATE_MARK in s for s in m.shards):
         return [f"{m.path} is a template: fill in your shard paths (replace {TEMPLATE_MARK} in its 'shards' with where "
                 f"your copy of {m.name} is; see data_manifests/README.md), or name another manifest"]
-    gone = missing_shards(m)
-    if gone: return [f"{m.path}: {len(gone)} of {len(m.shards)} shard file(s) missing: {', '.join(gone[:5])}"
-                     + (", ..." if len(gone) > 5 else "") + "; rebuild them or correct its 'shards'"]
-    return []
+    verdict = missing_shards_verdict(m, DataConfig().max_skip_fraction)   # as the reader judges them when it starts
+    return [verdict[0]] if verdict and verdict[1] else []
 
 def _dataset_problems(key: str, value, kind: str) -> list[str]:
     "A dataset parameter that does not come from another run: a manifest file whose shards exist (or `synthetic`)."

@@ -458,7 +458,7 @@ def test_dry_run_finds_missing_shards_and_unset_datasets(tmp_path, shapes_manife
                                     "knn": {"notebook": "knn", "params": {"dataset": str(shapes_manifest)}}}}
     assert main(["run", str(write_yaml(tmp_path / "x.yaml", spec)), "--dry-run", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "1 of 1 shard file(s) missing" in err and "gone-000000.tar" in err
+    assert "1 shard file(s) missing" in err and "gone-000000.tar" in err
     assert "eval_dataset=None" in err and "is not set" in err
 
 
