@@ -33,7 +33,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, preset=args.preset, overrides=args.overrides)
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    for item in args.overrides:      # `stage` and `preset` are records of the layers applied, not values to set
+        key = item.partition("=")[0].strip()
+        if key in ("stage", "preset"):
+            raise UserError(f"--set {item}: '{key}' records the {key} a config started from and changes nothing; "
+                            f"pass --{key} {item.partition('=')[2].strip() or key.upper()} to apply its "
+                            + ("recipe (lr, layer decay, mixup, ...)" if key == "stage" else "model and recipe"))
+    cfg = load_config(args.config, preset=args.preset, overrides=args.overrides, stage=getattr(args, "stage", None))
     if args.format == "json": print(json.dumps(config_to_dict(cfg), indent=2))
     else: print(f"# config hash {config_hash(cfg)}\n" + config_to_yaml(cfg), end="")
     return 0
@@ -108,7 +114,14 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 
 # %% ../nbs/10_cli.ipynb #155afe77
 def cmd_train(args: argparse.Namespace) -> int:
-    from prepretrain_lit.trainer import EXIT_PREEMPTED, Preempted, train
+    from prepretrain_lit.config import unknown_choice
+    from prepretrain_lit.trainer import EXIT_PREEMPTED, OBJECTIVES, Preempted, train
+    from prepretrain_lit.transfer import EVAL_STAGES
+    if args.stage not in OBJECTIVES:        # the stages `train` runs, not every recipe (lowshot and knn train nothing)
+        if args.stage in EVAL_STAGES:
+            raise UserError(f"'{args.stage}' is an evaluation: run `prepretrain evaluate {args.stage} ...`")
+        raise UserError(f"{unknown_choice('stage', args.stage, OBJECTIVES)}; evaluations (knn, lowshot, ...) run with "
+                        "`prepretrain evaluate`")
     cfg = load_config(args.config, preset=args.preset, overrides=args.overrides, stage=args.stage)  # + the stage's recipe
     try: last = train(args.stage, cfg, args.out, resume=True if args.resume else None, extend=args.extend)
     except Preempted as e:
@@ -273,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     show = config_sub.add_parser("show", help="print the resolved config and its hash")
     add_config_args(show)
+    show.add_argument("--stage", help="apply this stage's recipe, as `train`/`evaluate` and the stage notebooks do "
+                      "(e.g. finetune: its lr, layer decay, drop path, mixup)")
     show.add_argument("--format", choices=("yaml", "json"), default="yaml")
     show.set_defaults(handler=cmd_config_show)
     config_sub.add_parser("presets", help="list the presets and their sizes").set_defaults(handler=cmd_config_presets)
@@ -363,3 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"prepretrain: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:          # `prepretrain demo --dry-run | head`: the reader has gone, which is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # so the interpreter's last flush at exit does not raise again
+        return 141                   # what a shell reports for SIGPIPE (128 + 13)

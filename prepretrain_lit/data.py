@@ -11,8 +11,8 @@ __all__ = ['FORMATS', 'SIDECAR_MIN_SHARDS', 'SHAPES', 'COLORS', 'TEXTURES', 'BAC
            'table_source', 'ShardJob', 'row_scores', 'score_order', 'shard_jobs', 'prefix_subsets', 'check_unreadable',
            'build_shards', 'subset_score', 'subset_scores', 'score_buckets', 'score_histogram', 'bucket_scores',
            'thresholds_from_buckets', 'nested_subsets', 'in_subset', 'TarError', 'tar_members', 'count_samples',
-           'shard_problems', 'verify_manifest', 'verify_across_ranks', 'verify_worker', 'shipped_manifest',
-           'recipe_source', 'build_from_recipe', 'read_shard_samples', 'reshard']
+           'shard_problems', 'missing_shards', 'missing_shards_verdict', 'verify_manifest', 'verify_across_ranks',
+           'verify_worker', 'shipped_manifest', 'recipe_source', 'build_from_recipe', 'read_shard_samples', 'reshard']
 
 # %% ../nbs/01_data.ipynb #d5571f4d
 import csv
@@ -713,6 +713,27 @@ def shard_problems(manifest: Manifest, i: int) -> list[str]:
     if manifest.shard_samples is not None and n != manifest.shard_samples[i]:
         problems.append(f"{shard}: {n} samples, the manifest says {manifest.shard_samples[i]}")
     return problems
+
+def missing_shards(manifest: Manifest, rank: int = 0, world_size: int = 1) -> list[str]:
+    """The local shard files of `manifest` that do not exist (URLs are not looked at): one `stat` per shard, this
+    `rank`'s share (shards rank, rank + world_size, ...) with `world_size` > 1, so a corpus costs one pass in all."""
+    mine = manifest.shards[rank::world_size]
+    return [s for s in mine if not re.match(r"^[a-z][a-z0-9+.-]*:", s) and not os.path.isfile(s)]
+
+def missing_shards_verdict(manifest: Manifest, max_skip_fraction: float, rank: int = 0, world_size: int = 1) -> tuple[str, bool] | None:
+    """None when every local shard of this rank's share is there; else (message, fatal): fatal when the missing
+    samples exceed `max_skip_fraction` of the share (the reader would stop on them later), else they are skipped."""
+    gone = missing_shards(manifest, rank, world_size)
+    if not gone: return None
+    counts = manifest.shard_samples or [1] * len(manifest.shards)
+    index = {s: i for i, s in enumerate(manifest.shards)}
+    lost, total = sum(counts[index[s]] for s in gone), sum(counts[rank::world_size])
+    fatal = lost > max_skip_fraction * total
+    return (f"{manifest.path}: {len(gone)} shard file(s) missing ({lost} of {total} samples): " + ", ".join(gone[:10])
+            + (f", ... ({len(gone) - 10} more)" if len(gone) > 10 else "")
+            + ("; more than the data.max_skip_fraction" if fatal else "; within the data.max_skip_fraction")
+            + f"={max_skip_fraction} a run may skip" + ("; rebuild them (`prepretrain shards build`) or correct the manifest's "
+                                                        "'shards'" if fatal else ", so they are skipped"), fatal)
 
 def verify_manifest(manifest: Manifest, progress: bool = False, rank: int = 0, world_size: int = 1) -> list[str]:
     """Every problem with `manifest`'s local shards (empty when all counts and checksums match). With

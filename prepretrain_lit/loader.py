@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 
 from .config import DataConfig, UserError, derive_seed, ignore_stop_signals
 from .data import (KEY_EXT, TEMPLATE_MARK, Manifest, count_samples, in_subset, load_manifest,
-                                  shipped_manifest, tar_members, verify_across_ranks, verify_manifest)
+                                  shipped_manifest, missing_shards_verdict, tar_members, verify_across_ranks, verify_manifest)
 
 # %% ../nbs/01b_loader.ipynb #fe0b1686
 def shard_assignment(num_shards: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -418,6 +418,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         if any(TEMPLATE_MARK in shard for shard in self.manifest.shards):
             raise UserError(f"{self.manifest.path} is a template: replace {TEMPLATE_MARK} in 'shards' with where the "
                             "shards are (build them with `prepretrain shards build`)")
+        r, w = (rank, world_size) if rank is not None and world_size else (0, 1)
+        if verdict := missing_shards_verdict(self.manifest, max_skip_fraction, r, w):   # at the start, not in a worker
+            if verdict[1]: raise DataQualityError(verdict[0])                       # at the first batch, hours in
+            warnings.warn(verdict[0])
         self.manifest.subset_size(subset)                   # an unknown subset fails here, not in a worker
         self.transform, self.subset, self.seed, self.shuffle_buffer = transform, subset, seed, shuffle_buffer
         self.rank, self.world_size, self.infinite = rank, world_size, infinite
@@ -794,14 +798,14 @@ class StreamLoader:
         self.positions = {r: (self.stream.epoch, 0) for r in self.own_readers()}   # a finished pass: the next replays
         self.rotation, self.restored = 0, False                                   # the epoch (or the one set_epoch names)
 
-def resolve_manifest(dataset: str) -> Path:
-    "The manifest file `data.dataset` names: a path to a YAML file (a built-in name must be built first)."
+def resolve_manifest(dataset: str, key: str = "data.dataset") -> Path:
+    "The manifest file config key `key` (`data.dataset`) names: a path to a YAML file (a built-in name must be built first)."
     path = Path(dataset)
     if path.suffix in (".yaml", ".yml") and path.is_file(): return path
     shipped = shipped_manifest(dataset)
     hint = (f"; the built-in '{dataset}' is a recipe: build it with `prepretrain shards build {shipped} --out data/{dataset}` "
-            f"and set data.dataset=data/{dataset}/{dataset}.yaml") if shipped.is_file() else ""
-    raise UserError(f"data.dataset={dataset!r} is not a manifest file{hint}")
+            f"and set {key}=data/{dataset}/{dataset}.yaml") if shipped.is_file() else ""
+    raise UserError(f"{key}={dataset!r} is not a manifest file{hint}")
 
 def make_loader(data: DataConfig, transform: Callable | None, seed: int = 0, rank: int | None = None,
                 world_size: int | None = None, infinite: bool = False, drop_last: bool = True,

@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['PACKAGE', 'REPO', 'SHIPPED', 'STAGES_DIR', 'EXPERIMENTS_DIR', 'EXPERIMENT_KEYS', 'STAGE_KEYS', 'VARIANT_KEYS',
            'RESOURCE_KEYS', 'RESOURCE_DEFAULTS', 'AXIS_KEYS', 'TEMPLATE', 'REQUEUE_SIGNALS', 'STOP_SIGNALS',
-           'EXIT_REQUEUED', 'LIVE_JOB_STATES', 'ENDED_JOB_STATES', 'ENDED_BADLY', 'RUN_FILES', 'SKIP_DIRS', 'Param',
+           'EXIT_REQUEUED', 'LIVE_JOB_STATES', 'ENDED_JOB_STATES', 'ENDED_BADLY', 'RUN_FILES', 'SKIP_DIRS',
+           'STAGE_OF_KIND', 'TRAINING_KINDS', 'EVAL_KINDS', 'TRAINED_FILES', 'EVAL_FILES', 'Param', 'unknown_parameter',
            'parameters_cell', 'notebook_parameters', 'write_stage_notebook', 'StageSpec', 'Experiment',
            'parse_experiment', 'load_experiment', 'apply_overrides', 'StageRun', 'variant_name', 'fill_template',
            'parse_ref', 'stage_order', 'available_kinds', 'expand', 'read_json', 'live_state', 'run_state',
@@ -14,7 +15,9 @@ __all__ = ['PACKAGE', 'REPO', 'SHIPPED', 'STAGES_DIR', 'EXPERIMENTS_DIR', 'EXPER
            'slurm_job_params', 'recorded_signals', 'requeue_job', 'StageJob', 'queued_job', 'slurm_job_states',
            'ended_before_start', 'submit_slurm', 'show_papermill_log', 'run_folders', 'last_record', 'planned_steps',
            'last_update', 'folder_row', 'status_rows', 'format_age', 'format_status', 'run_experiment', 'world_size',
-           'stage_config', 'train_stage', 'plot_metrics']
+           'stage_config', 'train_stage', 'plot_metrics', 'param_type', 'check_value', 'injected_names',
+           'stage_parameters', 'kind_config', 'notebook_defaults', 'run_outputs', 'check_run', 'synthetic_runs',
+           'check_runs']
 
 # %% ../nbs/08_pipeline.ipynb #677cfb21
 import ast
@@ -27,6 +30,7 @@ import re
 import sys
 import tempfile
 import time
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,10 +51,17 @@ EXPERIMENTS_DIR = SHIPPED / "experiments" if (SHIPPED / "experiments").is_dir() 
 
 @dataclass
 class Param:
-    "One parameter of a stage notebook: its name, the source of its default, and the comment beside it."
+    "One parameter of a stage notebook: its name, the source of its default, the comment beside it, its annotation."
     name: str
     default: str
     help: str = ""
+    type: str | None = None        # the annotation's source (`int`, `Optional[str]`), None when it has none
+
+def unknown_parameter(name: str, declared: Iterable[str]) -> str:
+    "The message for a parameter a notebook does not have: the close match, then every parameter it has."
+    import difflib
+    close = difflib.get_close_matches(name, list(declared), n=1)
+    return f"unknown parameter '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "") + f"; its parameters: {', '.join(declared)}"
 
 def parameters_cell(path: str | os.PathLike) -> str:
     "The source of the one cell tagged `parameters` of notebook `path`; `UserError` when there is none or several."
@@ -77,7 +88,9 @@ def notebook_parameters(path: str | os.PathLike) -> dict[str, Param]:
             if isinstance(t, ast.Name) and node.value is not None:
                 line = lines[node.end_lineno - 1]
                 comment = line.split("#", 1)[1].strip() if "#" in line[node.end_col_offset:] else ""
-                out[t.id] = Param(t.id, ast.get_source_segment(src, node.value), comment)
+                note = getattr(node, "annotation", None)
+                kind = None if note is None else note.value if isinstance(note, ast.Constant) else ast.get_source_segment(src, note)
+                out[t.id] = Param(t.id, ast.get_source_segment(src, node.value), comment, kind)
     return out
 
 # %% ../nbs/08_pipeline.ipynb #21e06633
@@ -242,6 +255,8 @@ class StageRun:
     resources: dict
     experiment: str = ""
     cwd: str = "."
+    sources: dict[str, str] = field(default_factory=dict)       # param -> where the experiment set it (for errors)
+    input_runs: dict[str, tuple[str, str | None]] = field(default_factory=dict)   # param -> (run id, file in its folder)
 
     @property
     def id(self) -> str: return f"{self.stage}/{self.variant}"
@@ -349,6 +364,7 @@ def expand(exp: Experiment, out: str | os.PathLike = "runs", overrides: Sequence
         if stage not in exp.stages: raise UserError(f"--set {stage}.…: unknown stage '{stage}'; stages: {', '.join(exp.stages)}")
     runs_of: dict[str, list[StageRun]] = {}
     used_globals: set[str] = set()
+    problems: list[str] = []
     for sname in stage_order(exp):
         spec = exp.stages[sname]
         where = _where(exp.path, "stages", sname)
@@ -374,12 +390,13 @@ def expand(exp: Experiment, out: str | os.PathLike = "runs", overrides: Sequence
                 for axes, bound in partial:
                     if any(all(axes.get(k, object()) == val for k, val in e.items()) for e in spec.exclude): continue
                     runs.append(_make_run(exp, spec, vname, v, axes, bound, root, cwd, global_set, stage_set.get(sname, {}),
-                                          runs_of, params_of, used_globals))
+                                          runs_of, params_of, used_globals, problems))
         seen = {}
         for r in runs:
             if r.variant in seen: raise UserError(f"{where}: two runs share the folder name '{r.variant}'; give the variants distinct axes")
             seen[r.variant] = r
         runs_of[sname] = runs
+    if problems: raise UserError("\n".join(dict.fromkeys(problems)))
     unused = set(global_set) - used_globals
     if unused:
         names = sorted({p for ps in notebook_params.values() for p in ps} | set(exp.grid))
@@ -387,7 +404,8 @@ def expand(exp: Experiment, out: str | os.PathLike = "runs", overrides: Sequence
                         f"valid: {', '.join(names)}")
     return [r for s in stage_order(exp) for r in runs_of[s]]
 
-def _make_run(exp, spec, vname, v, axes, bound, root, cwd, global_set, stage_set, runs_of, params_of, used_globals) -> StageRun:
+def _make_run(exp, spec, vname, v, axes, bound, root, cwd, global_set, stage_set, runs_of, params_of, used_globals,
+              problems: list[str]) -> StageRun:
     where = _where(exp.path, "stages", spec.name)
     named = set(v["axes"]) if vname else set()
     variant = variant_name(vname, axes, list(exp.grid), named)
@@ -397,23 +415,24 @@ def _make_run(exp, spec, vname, v, axes, bound, root, cwd, global_set, stage_set
     nb = _notebook_path(exp, str(kind))
     valid = params_of(nb, f"{where}.notebook")
     params = {k: val for k, val in exp.defaults.items() if k in valid}
+    sources = {k: "defaults" for k in params}
     given_globally = {k: val for k, val in global_set.items() if k in valid}
     used_globals.update(given_globally)
     for source, given in (("params", spec.params), (f"variants.{vname}.params", v["params"]),
                           ("--set", given_globally), ("--set", stage_set)):
         for k in given:
             if k not in valid:
-                import difflib
-                close = difflib.get_close_matches(k, list(valid), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise UserError(f"{where}.{source}: unknown parameter '{k}' of stage notebook {nb}{hint}; "
-                                f"its parameters: {', '.join(valid)}")
+                problems.append(f"{where}.{source}: unknown parameter '{k}' of stage notebook {nb}"
+                                + unknown_parameter(k, valid).split(f"'{k}'", 1)[1])
+        given = {k: val for k, val in given.items() if k in valid}
         params.update(fill_template(given, context, f"{where}.{source}") if source != "--set" else given)
-    inputs, deps = {}, []
+        sources.update({k: f"stages.{spec.name}.{source}" if source != "--set" else f"--set {k}" for k in given})
+    inputs, deps, input_runs = {}, [], {}
     for param, (up, file) in bound.items():
         if param not in valid:
             raise UserError(f"{where}.inputs: unknown parameter '{param}' of stage notebook {nb}; its parameters: {', '.join(valid)}")
         inputs[param] = str(up.folder / file) if file else str(up.folder)
+        input_runs[param] = (up.id, file)
         deps.append(up.id)
     after = [r for other in spec.after for r in runs_of[other] if _agree(r.axes, axes)]
     deps += [r.id for r in after if r.id not in deps]
@@ -421,7 +440,7 @@ def _make_run(exp, spec, vname, v, axes, bound, root, cwd, global_set, stage_set
     params["out_dir"] = str(folder)
     resources = {**RESOURCE_DEFAULTS, **exp.resources, **spec.resources}
     return StageRun(spec.name, variant, Path(nb).stem, nb, axes, params, inputs, deps, folder,
-                    _params_hash(Path(nb).stem, params, bound, after, root), resources, exp.name, cwd)
+                    _params_hash(Path(nb).stem, params, bound, after, root), resources, exp.name, cwd, sources, input_runs)
 
 # %% ../nbs/08_pipeline.ipynb #777ae2eb
 def read_json(path: str | os.PathLike) -> dict | None:
@@ -942,7 +961,13 @@ def run_experiment(path: str | os.PathLike, out: str | os.PathLike = "runs", ove
     runs = expand(exp, out, overrides)
     echo(f"== experiment {exp.name}: {len(runs)} stage runs in {Path(out).resolve() / exp.name}")
     echo(format_dag(runs))
-    if dry_run: return []
+    check_runs(runs, str(exp.path or exp.name))     # every stage run's parameters, config and files: the real run too
+    if noise := synthetic_runs(runs):
+        echo(f"WARNING: {len(noise)} run(s) train on dataset='synthetic', random noise images, so their numbers mean nothing: "
+             + ", ".join(noise[:6]) + (", ..." if len(noise) > 6 else "") + "; give them a manifest (`inputs: {dataset: ...}`)")
+    if dry_run:
+        echo(f"== checked: the parameters, configs, manifests and inputs of all {len(runs)} stage runs")
+        return []
     chosen = plan(runs, only, force)
     if executor == "local": outcomes = run_local(chosen, progress=progress, echo=echo)
     elif executor == "slurm": outcomes = submit_slurm(chosen, cli_resources, echo=echo)
@@ -995,3 +1020,206 @@ def plot_metrics(out_dir: str | os.PathLike, keys: Sequence[str] = ("loss",)):
         ax.set_xlabel("step"); ax.set_title(key)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/08_pipeline.ipynb #c4a1e002
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "tuple": tuple,
+          "Optional": typing.Optional, "Union": typing.Union, "Any": typing.Any, "Literal": typing.Literal, "None": None}
+
+def param_type(p: Param):
+    "The type `p`'s annotation names (`int`, `Optional[str]`, `list[int]`), or None when it has none."
+    if not p.type: return None
+    try: return eval(p.type, {"__builtins__": {}}, dict(_TYPES))
+    except Exception as e: raise UserError(f"parameter '{p.name}': the annotation {p.type!r} is not a type the runner reads ({e})") from None
+
+def check_value(p: Param, value):
+    "`value` for parameter `p`, checked against (and converted to) its annotated type; `UserError` naming it if it does not fit."
+    from prepretrain_lit.config import ConfigError, coerce
+    tp = param_type(p)
+    if tp is None: return value
+    try: return coerce(value, tp, p.name)
+    except ConfigError as e: raise UserError(str(e).replace("config key", "parameter", 1)) from None
+
+def injected_names(namespace: dict) -> list[str]:
+    "The names papermill's injected cell (`# Parameters`, the latest in the kernel's history `In`) assigns; [] when none ran."
+    cells = [c for c in namespace.get("In") or [] if isinstance(c, str) and c.startswith("# Parameters\n")]
+    if not cells: return []
+    tree = ast.parse(cells[-1])
+    return [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)]
+
+def stage_parameters(kind: str, namespace: dict, notebook: str | os.PathLike | None = None) -> dict:
+    """A stage notebook's parameters as its kernel holds them (`globals()`), checked: a name papermill injected that
+    the `parameters` cell of `kind` does not declare fails with the close match, each value against its annotation.
+    Returns `{name: value}`, converted (`-r steps 3` gives 3) and written back into `namespace`; says loudly when the
+    stage trains on random data."""
+    declared = notebook_parameters(notebook or STAGES_DIR / f"{kind}.ipynb")
+    problems = [unknown_parameter(k, declared) for k in injected_names(namespace) if k not in declared]
+    values = {}
+    for name, p in declared.items():
+        if name not in namespace: problems.append(f"parameter '{name}' is not set (run the parameters cell)"); continue
+        try: values[name] = check_value(p, namespace[name])
+        except UserError as e: problems.append(str(e))
+    if problems: raise UserError(f"stage notebook {kind}: " + "; ".join(problems))
+    namespace.update(values)
+    if values.get("dataset") == "synthetic":
+        print(f"WARNING: {kind} runs on dataset='synthetic': random noise images, no labels worth learning. Its losses and "
+              "numbers say nothing about the method; set `dataset` to a manifest (a shards stage writes one).", flush=True)
+    return values
+
+STAGE_OF_KIND = {"mae": "mae", "splitmask": "splitmask", "wsp": "wsp", "finetune": "finetune", "linear_probe": "linear_probe",
+                 "lowshot": "lowshot", "knn": "knn", "zeroshot": "lit"}   # stage notebook -> the recipe its config uses
+TRAINING_KINDS = ("mae", "splitmask", "wsp")
+EVAL_KINDS = ("finetune", "linear_probe", "lowshot", "knn", "zeroshot")
+
+def kind_config(kind: str, p: dict, epochs: bool = True) -> RunConfig:
+    """The config stage notebook `kind` runs with, from its parameters `p` (`stage_parameters`'s dict; missing ones
+    None). The notebooks call this, and so does the check before a run; `epochs=False` ignores `p['epochs']` (its
+    manifest may not be built yet)."""
+    extra = []
+    if kind in EVAL_KINDS: extra.append(f"eval.dataset={p.get('eval_dataset')}")
+    if kind == "lowshot": extra += [f"probe.shots={list(p.get('shots') or [])}", f"probe.splits={p.get('splits')}"]
+    if kind == "knn": extra += [f"probe.knn_k={p.get('knn_k')}", f"probe.knn_temperature={p.get('knn_temperature')}"]
+    return stage_config(STAGE_OF_KIND[kind], preset=p.get("preset"), dataset=p.get("dataset"), subset=p.get("subset"),
+                        epochs=p.get("epochs") if epochs else None, steps=p.get("steps"), batch_size=p.get("batch_size"),
+                        seed=p.get("seed"), init_checkpoint=p.get("init_checkpoint"), nprocs=p.get("nprocs") or 1,
+                        overrides=extra + list(p.get("overrides") or []))
+
+# %% ../nbs/08_pipeline.ipynb #c4a1e003
+def notebook_defaults(params: dict[str, Param]) -> dict:
+    "The default values of a parameters cell (`ast.literal_eval` of each; a default that is not a literal: None)."
+    out = {}
+    for name, p in params.items():
+        try: out[name] = ast.literal_eval(p.default)
+        except (ValueError, SyntaxError): out[name] = None
+    return out
+
+TRAINED_FILES = ("model.pt", "config.yaml", "metrics.jsonl", "checkpoints", "provenance.json", "status.json")
+EVAL_FILES = ("results.json", "config.yaml", "metrics.jsonl", "status.json", "features")
+
+def run_outputs(run: "StageRun") -> list[str] | None:
+    "The files a run of a shipped stage kind writes into its folder (a shards run: `<name>.yaml`); None: not known."
+    if run.kind == "shards":
+        name = run.params.get("name")
+        if name is None:
+            try: name = _shards_manifest(run.params.get("manifest")).name
+            except UserError: return None
+        return [f"{name}.yaml"]
+    if run.kind in TRAINING_KINDS: return list(TRAINED_FILES)
+    if run.kind in EVAL_KINDS: return list(EVAL_FILES)
+    return None
+
+def _shards_manifest(manifest):
+    "The manifest a shards stage's `manifest` parameter names (a built-in name or a YAML path), loaded and checked."
+    from prepretrain_lit.data import load_manifest, shipped_manifest
+    text = str(manifest)
+    path = Path(text) if text.endswith((".yaml", ".yml")) else shipped_manifest(text)
+    if not path.is_file():
+        import difflib
+        shipped = sorted(p.stem for p in shipped_manifest("x").parent.glob("*.yaml"))
+        close = difflib.get_close_matches(text, shipped, n=1)
+        raise UserError(f"{text!r} is neither a manifest file nor a built-in one"
+                        + (f" (did you mean '{close[0]}'?)" if close else "") + f"; built-in: {', '.join(shipped)}")
+    return load_manifest(path)
+
+def _ready_manifest(m) -> list[str]:
+    "What stops manifest `m` from being read: a template's `CHANGE-ME` shard paths, more shard files missing than a run skips."
+    from prepretrain_lit.config import DataConfig
+    from prepretrain_lit.data import TEMPLATE_MARK, missing_shards_verdict
+    if m.format != "webdataset": return []
+    if any(TEMPLATE_MARK in s for s in m.shards):
+        return [f"{m.path} is a template: fill in your shard paths (replace {TEMPLATE_MARK} in its 'shards' with where "
+                f"your copy of {m.name} is; see data_manifests/README.md), or name another manifest"]
+    verdict = missing_shards_verdict(m, DataConfig().max_skip_fraction)   # as the reader judges them when it starts
+    return [verdict[0]] if verdict and verdict[1] else []
+
+def _dataset_problems(key: str, value, kind: str) -> list[str]:
+    "A dataset parameter that does not come from another run: a manifest file whose shards exist (or `synthetic`)."
+    from prepretrain_lit.data import load_manifest
+    from prepretrain_lit.loader import resolve_manifest
+    if value is None:
+        needed = key == "eval_dataset" or (key == "dataset" and kind in EVAL_KINDS and kind != "zeroshot")
+        return ["is not set: name a labelled manifest (an `inputs:` entry from a shards stage, or a file)"] if needed else []
+    if value == "synthetic" and kind in TRAINING_KINDS + ("zeroshot",) and key == "dataset": return []
+    try: m = load_manifest(resolve_manifest(str(value), key))
+    except UserError as e: return [str(e).replace(f"{key}={str(value)!r} ", "", 1)]
+    return _ready_manifest(m)
+
+def _checkpoint_problem(value) -> list[str]:
+    path = Path(str(value))
+    if not path.is_file(): return ["no such file"]
+    if path.suffix == ".safetensors": return []
+    with open(path, "rb") as f: head = f.read(4)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80": return []
+    return ["not a checkpoint (neither a torch file nor .safetensors)"]
+
+def _config_problems(kind: str, base: dict, given: dict, pending: bool) -> list[tuple[str | None, str]]:
+    """Every parameter in `given` whose value alone, over the notebook defaults `base`, makes a config that fails its
+    checks, as (parameter, error); (None, error) when only the parameters together fail."""
+    from prepretrain_lit.config import ConfigError
+    def fails(p):
+        try: kind_config(kind, p, epochs=not pending); return None
+        except (ConfigError, UserError) as e: return str(e)
+    problems = [(k, err) for k, v in given.items() if (err := fails({**base, k: v}))]
+    if not problems and (err := fails({**base, **given})): problems.append((None, f"the parameters together: {err}"))
+    return problems
+
+def check_run(run: "StageRun", runs_by_id: dict[str, "StageRun"] | None = None) -> list[str]:
+    """Every problem that would stop `run` once it starts, found now: each parameter against the notebook's annotation;
+    for the shipped kinds, the config the notebook would build (preset, ranges, override keys), its manifests and their
+    shard files, checkpoints, and the file each input names in the run that writes it. Each problem names the key, its
+    value and where the experiment set it."""
+    declared = notebook_parameters(run.notebook)
+    problems, values = [], notebook_defaults(declared)
+    def say(key, text):
+        if key is None: problems.append(text); return
+        value = run.params.get(key)
+        source = f" (set by {run.sources[key]})" if key in run.sources else ""
+        problems.append(f"{key}={value!r}{source}: {text}")
+    for key, value in run.params.items():
+        if key in run.inputs or key not in declared: continue
+        try: values[key] = check_value(declared[key], value)
+        except UserError as e:
+            hint = ("; a list replaces a grid axis's values only where the experiment has an axis of that name, "
+                    "else it is the parameter's value") if isinstance(value, list) and run.sources.get(key, "").startswith("--set") else ""
+            say(key, str(e).replace(f"parameter '{key}' ", "", 1) + hint)
+    for key, (up_id, file) in run.input_runs.items():
+        up = (runs_by_id or {}).get(up_id)
+        outs = run_outputs(up) if up is not None else None
+        if outs is not None and file is not None and file.split("/")[0] not in outs:
+            problems.append(f"inputs.{key}: stage '{up.stage}' ({up.kind}) writes {', '.join(outs)}, not '{file}'")
+        values[key] = run.params[key]
+    if problems: return problems
+    if run.kind == "shards":
+        try: m = _shards_manifest(values.get("manifest"))
+        except UserError as e: say("manifest", str(e)); return problems
+        for text in _ready_manifest(m): say("manifest", text)
+        return problems
+    if run.kind not in STAGE_OF_KIND: return problems
+    for key in ("dataset", "eval_dataset"):
+        if key in declared and key not in run.inputs:
+            for text in _dataset_problems(key, values.get(key), run.kind): say(key, text)
+    if values.get("init_checkpoint") is not None and "init_checkpoint" not in run.inputs:
+        for text in _checkpoint_problem(values["init_checkpoint"]): say("init_checkpoint", text)
+    pending = "dataset" in run.inputs or bool(problems)      # epochs -> steps needs the manifest: not built yet
+    given = {k: values[k] for k in run.params if k in declared and k not in run.inputs and k != "out_dir"}
+    base = {**notebook_defaults(declared), **{k: values[k] for k in run.inputs}}
+    for key, text in _config_problems(run.kind, base, given, pending): say(key, text)
+    return problems
+
+def synthetic_runs(runs: Sequence["StageRun"]) -> list[str]:
+    "The ids of the runs whose stage trains on `dataset='synthetic'` (random images): set, or the notebook's default."
+    def dataset(r):
+        return r.params["dataset"] if "dataset" in r.params else notebook_defaults(notebook_parameters(r.notebook)).get("dataset")
+    return [r.id for r in runs if r.kind in STAGE_OF_KIND and dataset(r) == "synthetic"]
+
+def check_runs(runs: Sequence["StageRun"], where: str = "the experiment") -> None:
+    """Check every run (`check_run`) before any runs; `UserError` listing every problem once, with the stages and
+    runs it concerns (key, value, where it was set, what to do)."""
+    by_id = {r.id: r for r in runs}
+    seen: dict[str, dict[str, list[str]]] = {}
+    for run in runs:
+        for problem in check_run(run, by_id): seen.setdefault(problem, {}).setdefault(run.stage, []).append(run.variant)
+    if not seen: return
+    def runs_of(stages: dict[str, list[str]]) -> str:
+        return "; ".join(f"{s}/{v[0]}" if len(v) == 1 else f"{s} ({len(v)} runs)" for s, v in stages.items())
+    lines = [f"  {i}. {problem}\n     in {runs_of(stages)}" for i, (problem, stages) in enumerate(seen.items(), 1)]
+    raise UserError(f"{where}: {len(seen)} problem(s), found before anything ran (nothing was run):\n" + "\n".join(lines))

@@ -109,7 +109,7 @@ def labelled_manifest(dataset: str | None, key: str):
     from prepretrain_lit.data import load_manifest
     from prepretrain_lit.loader import resolve_manifest
     if dataset is None: raise UserError(f"{key} is not set: name a labelled manifest (e.g. data/digits-test/digits-test.yaml)")
-    m = load_manifest(resolve_manifest(dataset))
+    m = load_manifest(resolve_manifest(dataset, key))
     if m.label_field is None or not (m.classes or m.num_classes):
         raise UserError(f"{key}={dataset}: the manifest has no labels (label_field and classes), which this evaluation needs")
     return m

@@ -11,6 +11,7 @@ __all__ = ['LayerNorm6', 'VIT_SIZES', 'vit_tiny_patch16', 'vit_small_patch16', '
 
 # %% ../nbs/02_vit.ipynb #4aeac87f
 import argparse
+import pickle
 from functools import partial
 from pathlib import Path
 from typing import Mapping
@@ -168,9 +169,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
+    with open(path, "rb") as f: head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):   # torch.save's zip, or a legacy pickle
+        raise UserError(f"{path}: not a checkpoint (neither a torch file nor .safetensors); name a model.pt a stage "
+                        "wrote, or an official MAE / timm weights file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE files carry their `args`
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:   # torch's own message suggests weights_only=False: running the file's code
+        raise UserError(f"{path}: a torch file holding Python objects besides tensors; only weights are read "
+                        "(never code from a file): save its state_dict, or export it to .safetensors") from None
     except Exception as e: raise UserError(f"{path}: not a loadable torch checkpoint ({type(e).__name__}: {e})") from None
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping): obj = obj[key]

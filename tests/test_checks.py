@@ -128,3 +128,20 @@ def test_a_failing_notebook_fails_the_notebook_step(repo):
     res = check(repo, "notebooks")
     assert res.returncode == 1 and "FAILED notebooks" in res.stdout
     assert "99_broken.ipynb" in res.stdout + res.stderr and "this notebook is broken" in res.stdout + res.stderr
+
+
+def test_stage_notebooks_carry_small_clean_outputs_of_a_tiny_run():
+    "Each stage notebook shows what it produces (tools/stage_outputs.py), in a form nbdev_clean keeps as it is."
+    for path in sorted((ROOT / "nbs" / "stages").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert sum(bool(c["outputs"]) for c in code) >= 1, f"{path.name}: no saved outputs"
+        assert all(c.get("execution_count") is None for c in code), path.name
+        assert not any(o.get("execution_count") for c in code for o in c["outputs"]), path.name
+        assert not any(o["output_type"] == "error" for c in code for o in c["outputs"]), path.name
+        assert not any("injected-parameters" in (c["metadata"].get("tags") or []) for c in nb["cells"]), path.name
+        assert not any("papermill" in c["metadata"] for c in nb["cells"]) and "papermill" not in nb["metadata"], path.name
+        text = path.read_text()
+        assert "/tmp/" not in text and "stage-outputs-" not in text, f"{path.name}: a temporary path was saved"
+        assert len(text) < 300_000, f"{path.name}: {len(text) // 1024} KB of outputs (keep figures small)"
+

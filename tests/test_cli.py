@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from prepretrain_lit.cli import main
@@ -119,3 +120,129 @@ def test_evaluate_writes_results_and_prints_the_summary(tmp_path, digits_manifes
                  "eval.num_workers=0", "--out", str(tmp_path / "low")]) == 0
     assert '"top1@1shot"' in capsys.readouterr().out and (tmp_path / "low" / "results.json").is_file()
     assert main(["evaluate", "probe", "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
+
+
+# -- errors that name what the user set (issue 20) ------------------------------------------------------------
+
+def test_config_show_stage_shows_the_recipe_the_stage_uses():
+    res = run("config", "show", "--preset", "vit_b16", "--stage", "finetune")
+    assert res.returncode == 0, res.stderr
+    shown = yaml.safe_load(res.stdout)
+    assert shown["stage"] == "finetune" and shown["optim"]["base_lr"] == 5e-4 and shown["optim"]["layer_decay"] == 0.65
+    assert shown["head"]["mixup"] == 0.8 and shown["model"]["drop_path_rate"] == 0.1
+    res = run("config", "show", "--preset", "vit_b16", "--set", "stage=finetune")   # a record, not the recipe
+    assert res.returncode == 2 and "pass --stage finetune" in res.stderr
+
+
+def test_train_suggests_a_stage_train_accepts():
+    res = run("train", "mea", "--out", "/nonexistent/run")
+    assert res.returncode == 2 and "did you mean 'mae'" in res.stderr and "lowshot" not in res.stderr.split(";")[0]
+    res = run("train", "lowshot", "--out", "/nonexistent/run")
+    assert res.returncode == 2 and "prepretrain evaluate lowshot" in res.stderr
+
+
+def test_a_typo_in_eval_dataset_is_reported_as_eval_dataset(tmp_path):
+    res = run("evaluate", "knn", "--preset", "tiny", "--set", "data.dataset=digits.yaml", "--set",
+              "eval.dataset=digitz-test.yaml", "--out", str(tmp_path / "knn"))
+    assert res.returncode == 2 and "eval.dataset='digitz-test.yaml' is not a manifest file" in res.stderr, res.stderr
+    assert "data.dataset" not in res.stderr
+
+
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path, shapes_manifest):
+    import torch
+    torch.save({"model": {"w": torch.zeros(1)}, "make": print}, tmp_path / "pickled.pt")   # code, not only tensors
+    for path, text in ((ROOT / "README.md", "not a checkpoint"), (tmp_path / "pickled.pt", "only weights are read")):
+        res = run("train", "wsp", "--preset", "tiny", "--set", f"init.checkpoint={path}", "--set", f"data.dataset={shapes_manifest}",
+                  "--set", "train.steps=1", "--set", "data.num_workers=0", "--out", str(tmp_path / path.stem))
+        assert res.returncode == 2 and text in res.stderr, res.stderr
+        assert "weights_only=False" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_dry_run_piped_into_head_ends_quietly(tmp_path):
+    res = subprocess.run(f"'{PRETRAIN}' demo --dry-run --out '{tmp_path}' | head -1", shell=True, capture_output=True,
+                         text=True, timeout=300)
+    assert res.stdout.startswith("== experiment demo") and "BrokenPipeError" not in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr
+
+
+def test_a_missing_shard_is_found_at_the_start(tmp_path, shapes_manifest):
+    m = yaml.safe_load(Path(shapes_manifest).read_text())
+    shards = m["shards"] if isinstance(m["shards"], list) else [m["shards"]]
+    m["shards"] = [str(tmp_path / "gone-000000.tar"), *(str(Path(shapes_manifest).parent / s) for s in shards)]
+    m["shard_samples"] = [10, *m["shard_samples"]]
+    m["num_samples"] += 10
+    m.pop("sha256", None)
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(m))
+    res = run("train", "mae", "--preset", "tiny", "--set", f"data.dataset={path}", "--set", "train.steps=1",
+              "--set", "data.num_workers=1", "--out", str(tmp_path / "mae"))
+    assert res.returncode == 2 and "1 shard file(s) missing" in res.stderr and "gone-000000.tar" in res.stderr, res.stderr
+    assert "DataLoader worker" not in res.stderr and "Traceback" not in res.stderr
+
+
+# -- the documented commands run (issue 20) -------------------------------------------------------------------
+
+def documented_commands(path: Path) -> list[tuple[str, bool]]:
+    "(command, shown as an error) for each `prepretrain` line in the code blocks of markdown file `path`."
+    import re
+    blocks, block, inside = [], [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            if inside: blocks.append(block)
+            block, inside = [], not inside
+        elif inside: block.append(line)
+    out = []
+    for block in blocks:
+        lines = "\n".join(block).replace("\\\n", " ").splitlines()
+        for i, line in enumerate(lines):
+            shown = line.startswith("$ ")
+            text = re.sub(r"^(\$ )?(\.venv/bin/)?", "", re.sub(r"\s+#\s.*$", "", line).strip())
+            if text.startswith("prepretrain "):
+                out.append((text, shown and i + 1 < len(lines) and lines[i + 1].startswith("prepretrain: error")))
+    return out
+
+
+def tiny_form(command: str, tmp: Path, example: Path) -> list[str] | None:
+    """`command`'s arguments made dry or tiny: experiments dry-run into `tmp` (template manifests swapped for the
+    built-in shapes, as experiments/README.md's tiny mode does), training a few steps, status/report on `example`."""
+    import shlex
+    from prepretrain_lit.data import TEMPLATE_MARK, shipped_manifest
+    from prepretrain_lit.pipeline import load_experiment
+    if "..." in command: return None                                   # a placeholder, not a command
+    def relocate(arg: str) -> str:
+        key, sep, value = arg.rpartition("=")
+        return key + sep + (str(tmp / value.lstrip("/")) if value.startswith(("data/", "runs/", "/tmp/runs")) else value)
+    args = [relocate(a) for a in shlex.split(command)[1:]]
+    if args[0] == "run":
+        extra = ["--dry-run", "--out", str(tmp / "runs")]
+        for name, stage in load_experiment(args[1]).stages.items():
+            manifest = stage.params.get("manifest")
+            if stage.notebook == "shards" and manifest and TEMPLATE_MARK in shipped_manifest(manifest).read_text():
+                extra += ["--set", f"{name}.manifest=shapes", "--set", f"{name}.name={manifest}"]
+        return args + extra
+    if args[0] in ("status", "report"): return [args[0], str(example)]
+    if args[:2] == ["shards", "build"]: return args + ["--num-samples", "64"]
+    if args[0] == "train": return args + ["--set", "train.steps=2", "--set", "data.num_workers=0", "--set", "data.batch_size=8"]
+    return args
+
+
+@pytest.mark.slow
+def test_the_documented_commands_run(tmp_path, monkeypatch, capsys):
+    "Every `prepretrain` command of README.md and experiments/README.md, in order, dry or tiny: rc 0 (2 where shown failing)."
+    from prepretrain_lit.report import example_runs
+    monkeypatch.chdir(ROOT)
+    example = example_runs(tmp_path / "example")
+    commands = documented_commands(ROOT / "README.md") + documented_commands(ROOT / "experiments" / "README.md")
+    assert any("seed=[0]" in c for c, _ in commands) and any(c.startswith("prepretrain train") for c, _ in commands)
+    ran = []
+    for command, fails in commands:
+        args = tiny_form(command, tmp_path, example)
+        if args is None or args in ran: continue                        # the same command shown twice runs once
+        status = main(args)
+        err = capsys.readouterr().err
+        assert status == (2 if fails else 0), (command, args, err[-2000:])
+        ran.append(args)
+        if "seed=[" in command:     # once for real, its first stage: a grid value must not reach a notebook as a list
+            real = [a for a in args if a != "--dry-run"] + ["--only", "shapes", "--set", "shapes.num_samples=32", "--quiet"]
+            assert main(real) == 0, capsys.readouterr()
+    assert len(ran) >= 12

@@ -387,3 +387,97 @@ def test_a_reduced_demo_gives_the_same_results_table_twice(tmp_path):
     evals = tables[0][tables[0].record == "eval"]
     assert set(evals.kind) == {"knn", "linear_probe", "lowshot"} and evals.seed.nunique() == 2
     pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+# -- every stage run checked before any runs (issue 20) -------------------------------------------------------
+
+def demo_with(tmp_path: Path, change) -> Path:
+    "experiments/demo.yaml with one mistake made by `change(spec)`, written to tmp_path."
+    spec = yaml.safe_load((EXPERIMENTS_DIR / "demo.yaml").read_text())
+    change(spec)
+    return write_yaml(tmp_path / "demo_bad.yaml", spec)
+
+
+MISTAKES = {   # what a user writes -> what the error must name
+    "preset": (lambda s: s["defaults"].update(preset="tinny"), ["preset='tinny'", "set by defaults", "did you mean 'tiny'", "mae (3 runs)"]),
+    "negative steps": (lambda s: s["stages"]["mae"]["params"].update(steps=-5), ["steps=-5", "stages.mae.params", "train.steps=-5 must be > 0"]),
+    "steps as a word": (lambda s: s["stages"]["mae"]["params"].update(steps="five"), ["steps='five'", "expects int"]),
+    "override key": (lambda s: s["stages"]["mae"]["params"].update(overrides=["optim.base_lrr=1e-3"]),
+                     ["overrides=['optim.base_lrr=1e-3']", "did you mean 'optim.base_lr'"]),
+    "input file": (lambda s: s["stages"]["mae"]["inputs"].update(dataset="shapes/shapez.yaml"),
+                   ["inputs.dataset", "stage 'shapes' (shards) writes shapes.yaml, not 'shapez.yaml'"]),
+    "manifest": (lambda s: s["stages"]["shapes"]["params"].update(manifest="shapez"),
+                 ["manifest='shapez'", "stages.shapes.params", "did you mean 'shapes'"]),
+}
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_dry_run_rejects_each_mistake_naming_the_key(tmp_path, capsys, name):
+    change, expected = MISTAKES[name]
+    path = demo_with(tmp_path, change)
+    assert main(["run", str(path), "--dry-run", "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "found before anything ran" in err and "Traceback" not in err
+    for text in expected: assert text in err, (text, err)
+
+
+def test_a_template_manifest_asks_for_the_shard_paths(tmp_path, capsys):
+    assert main(["run", str(EXPERIMENTS_DIR / "mae_length.yaml"), "--dry-run", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest='ig-hashtags'" in err and "is a template: fill in your shard paths" in err and "CHANGE-ME" in err
+    assert "imagenet-1k-val" in err and "Traceback" not in err
+
+
+def test_every_problem_is_listed_and_the_real_run_checks_first(tmp_path):
+    def two(spec):
+        spec["defaults"]["preset"] = "tinny"
+        spec["stages"]["wsp"]["params"]["steps"] = "five"
+        spec["stages"]["finetune"]["params"]["overrides"].append("head.mixupp=0")
+    path = demo_with(tmp_path, two)
+    with pytest.raises(UserError) as e:
+        run_experiment(path, out=tmp_path / "runs", echo=lambda s: None)     # not a dry run: nothing may start
+    msg = str(e.value)
+    assert "3 problem(s)" in msg and "preset='tinny'" in msg and "steps='five'" in msg and "head.mixupp" in msg, msg
+    assert not (tmp_path / "runs").exists()                                # the shards were not built first
+
+
+def test_a_list_for_a_parameter_that_is_no_grid_axis_is_refused(tmp_path, capsys):
+    spec = {"name": "one", "stages": {"mae": {"notebook": "mae", "params": {"steps": 2}}}}
+    path = write_yaml(tmp_path / "one.yaml", spec)
+    assert main(["run", str(path), "--dry-run", "--out", str(tmp_path), "--set", "seed=[0]"]) == 2
+    err = capsys.readouterr().err
+    assert "seed=[0] (set by --set seed): expects int" in err and "grid axis" in err
+    assert main(["run", str(path), "--dry-run", "--out", str(tmp_path), "--set", "seed=0"]) == 0
+
+
+def test_dry_run_finds_missing_shards_and_unset_datasets(tmp_path, shapes_manifest, capsys):
+    m = yaml.safe_load(Path(shapes_manifest).read_text())
+    m["shards"] = [str(tmp_path / "gone-000000.tar")]
+    broken = write_yaml(tmp_path / "broken.yaml", m)
+    spec = {"name": "x", "stages": {"mae": {"notebook": "mae", "params": {"steps": 2, "dataset": str(broken)}},
+                                    "knn": {"notebook": "knn", "params": {"dataset": str(shapes_manifest)}}}}
+    assert main(["run", str(write_yaml(tmp_path / "x.yaml", spec)), "--dry-run", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "1 shard file(s) missing" in err and "gone-000000.tar" in err
+    assert "eval_dataset=None" in err and "is not set" in err
+
+
+def test_papermill_refuses_a_misspelt_parameter(tmp_path):
+    import papermill
+    from prepretrain_lit.pipeline import venv_kernel
+    with venv_kernel(), pytest.raises(papermill.PapermillExecutionError, match=r"unknown parameter 'stepz' \(did you mean 'steps'\?\)"):
+        papermill.execute_notebook(str(STAGES_DIR / "mae.ipynb"), str(tmp_path / "out.ipynb"), progress_bar=False,
+                                   parameters={"stepz": 3, "out_dir": str(tmp_path / "run")}, kernel_name="python3")
+    assert not (tmp_path / "run").exists()                                   # stopped before the trainer made its folder
+
+
+def test_stage_parameters_are_typed_for_papermill_help():
+    import subprocess
+    import sys
+    res = subprocess.run([str(Path(sys.executable).parent / "papermill"), "--help-notebook", str(STAGES_DIR / "mae.ipynb")],
+                         capture_output=True, text=True, timeout=120)
+    assert "steps: int (default 20)" in res.stdout and "optimizer steps" in res.stdout, res.stdout
+    assert "Unknown type" not in res.stdout
+    for kind in sorted(p.stem for p in STAGES_DIR.glob("*.ipynb")):
+        params = notebook_parameters(STAGES_DIR / f"{kind}.ipynb")
+        assert all(p.type for p in params.values()), (kind, [p.name for p in params.values() if not p.type])
