@@ -69,6 +69,11 @@ def pool_tokens(tokens: torch.Tensor, pool: str = "cls") -> torch.Tensor:
     if pool == "avg": return tokens[:, 1:].mean(dim=1)
     raise UserError(f"probe.pool={pool!r}: use 'cls' or 'avg'")
 
+def _scalar_logit_scale_to_1d(state_dict: dict, prefix: str, *args) -> None:
+    "Load-time upgrade: a 0-dim `logit_scale` (written before it became shape (1,)) is reshaped in place."
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].ndim == 0: state_dict[key] = state_dict[key].reshape(1)
+
 class LiTModel(nn.Module):
     "A locked ViT image tower with a linear head, and a CLIP text tower, meeting in one normalised space."
     def __init__(self, image: ViT, embed_dim: int = 512, text_width: int = 512, text_layers: int = 12,
@@ -81,7 +86,9 @@ class LiTModel(nn.Module):
         nn.init.normal_(self.image_proj.weight, std=image.embed_dim ** -0.5)   # as CLIP's projections
         self.text = TextTransformer(context_length=context_length, vocab_size=vocab_size, width=text_width,
                                     heads=text_heads, layers=text_layers, output_dim=embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # shape (1,), not a 0-dim scalar: FSDP2's fully_shard refuses scalar parameters
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
+        self._register_load_state_dict_pre_hook(_scalar_logit_scale_to_1d)    # files written with the 0-dim scalar
         self.pool, self.context_length, self.embed_dim = pool, context_length, embed_dim
         pool_tokens(torch.zeros(1, 2, 1), pool)                  # an unknown pool fails here
 
@@ -110,7 +117,7 @@ class LiTModel(nn.Module):
 
     def forward(self, imgs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         "imgs (N, C, H, W), tokens (N, T) -> image embeddings (N, E), text embeddings (N, E), scale s."
-        return self.encode_image(imgs), self.encode_text(tokens), logit_scale_of(self.logit_scale)
+        return self.encode_image(imgs), self.encode_text(tokens), logit_scale_of(self.logit_scale)[0]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         "Recompute the text blocks' activations in backward (the locked image tower keeps none)."
@@ -144,6 +151,7 @@ def load_lit(cfg: RunConfig, path: str | os.PathLike) -> LiTModel:
     "A trained LiT model: the architecture of `cfg`, every weight from `path` (a LiT `model.pt` or checkpoint)."
     model = lit_from_config(cfg, load_checkpoint=False)
     state = load_state_dict_file(path)
+    _scalar_logit_scale_to_1d(state, "")                       # a model.pt written before logit_scale was (1,)
     check_state_dict(model, state, source=str(path))
     model.load_state_dict(state)
     return model
@@ -218,11 +226,13 @@ def zeroshot_accuracy(model: LiTModel, cfg: RunConfig, device: torch.device | st
 
 def zeroshot_evaluate(cfg: RunConfig, out_dir: str | os.PathLike, progress: bool = True, nprocs: int = 1) -> dict:
     """Train LiT on `cfg.data` into `out_dir` (in `nprocs` processes), then classify `cfg.eval.dataset` zero-shot
-    in this one; writes and returns the `results.json` document."""
-    from prepretrain_lit.transfer import train_stage, write_results
+    in this one (rank 0 of a job whose every task runs it: the others return no records); writes and returns the
+    `results.json` document."""
+    from prepretrain_lit.transfer import is_main_process, train_stage, write_results
     manifest = eval_manifest(cfg)                                  # fail before training, not after
     out = Path(out_dir)
     train_stage("lit", cfg, out, progress, nprocs)
+    if not is_main_process(): return {"records": []}
     device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
     metrics = zeroshot_accuracy(load_lit(cfg, out / "model.pt"), cfg, device)
     records = [{"metric": name, "value": value, "seed": cfg.seed, "shots": None, "step": cfg.train.steps}

@@ -5,10 +5,13 @@
 # %% ../nbs/07_transfer.ipynb #8504045e
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -27,11 +30,11 @@ from .vit import ViT, vit_from_config
 # %% auto #0
 __all__ = ['RESULTS_SCHEMA_VERSION', 'KINDS', 'EVALUATIONS', 'EVAL_STAGES', 'summarize_records', 'write_results', 'read_results',
            'topk_correct', 'accuracy_records', 'FeatureSet', 'pooled_features', 'eval_loader', 'labelled_manifest',
-           'extract_features', 'gather_features', 'trunk_from_config', 'feature_cache_path', 'load_features',
-           'extract_to_cache', 'features_worker', 'cached_features', 'LinearProbe', 'LinearProbeObjective',
-           'FeatureBatches', 'probe_data', 'linear_probe_objective', 'lowshot_indices', 'lowshot_evaluate',
-           'knn_scores', 'knn_evaluate', 'evaluate_classifier', 'load_classifier', 'train_stage', 'check_evaluation',
-           'evaluate']
+           'extract_features', 'autocast_on_gpu', 'gather_features', 'trunk_from_config', 'feature_cache_path',
+           'unique_suffix', 'load_features', 'extract_to_cache', 'features_worker', 'cached_features', 'LinearProbe',
+           'LinearProbeObjective', 'FeatureBatches', 'probe_data', 'linear_probe_objective', 'lowshot_indices',
+           'lowshot_evaluate', 'knn_scores', 'knn_evaluate', 'evaluate_classifier', 'load_classifier',
+           'is_main_process', 'train_stage', 'check_evaluation', 'join_job_group', 'evaluate']
 
 # %% ../nbs/07_transfer.ipynb #ace8b6cb
 RESULTS_SCHEMA_VERSION = 1
@@ -126,7 +129,8 @@ def extract_features(trunk: ViT, dataset: str, img_size: int, pool: str = "cls",
     feats, labels, keys = [], [], []
     bar = tqdm(total=m.num_samples // world_size, desc=f"features {m.name}", unit="img", disable=not progress, leave=False)
     for batch in eval_loader(dataset, img_size, batch_size, num_workers, rank=rank, world_size=world_size):
-        feats.append(pooled_features(trunk, batch["image"].to(device), pool).float().cpu())
+        with autocast_on_gpu(device):             # bf16 on a GPU: half the memory and time; features kept in fp32
+            feats.append(pooled_features(trunk, batch["image"].to(device, non_blocking=True), pool).float().cpu())
         labels.append(batch["label"])
         keys.extend(batch["key"])
         bar.update(len(batch["label"]))
@@ -136,6 +140,12 @@ def extract_features(trunk: ViT, dataset: str, img_size: int, pool: str = "cls",
     part = FeatureSet(torch.cat(feats) if feats else torch.zeros(0, dim), torch.cat(labels) if labels else
                       torch.zeros(0, dtype=torch.long), m.name, keys)
     return gather_features([part])
+
+def autocast_on_gpu(device: str | torch.device):
+    "bf16 autocast on a CUDA device with bf16, nothing elsewhere (CPUs keep fp32 features)."
+    device = torch.device(device)
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled) if enabled else contextlib.nullcontext()
 
 def gather_features(parts: Sequence[FeatureSet]) -> FeatureSet:
     "One `FeatureSet` from the ranks' shares, in key order: the same whatever the number of ranks and workers."
@@ -168,10 +178,14 @@ def feature_cache_path(cfg: RunConfig, dataset: str, out_dir: str | os.PathLike)
     key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
     return folder / f"{Path(dataset).stem}-{key}.pt"
 
+def unique_suffix() -> str:
+    "A temporary-file suffix no other process writes, on this node or another: host, pid and a random part."
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
 def _save_features(fs: FeatureSet, path: Path, keys: bool = False) -> None:
     "Write `fs` to `path` atomically (a reader never sees half a file); its keys only with `keys` (the parts)."
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{unique_suffix()}")     # several nodes may write beside each other
     torch.save({"features": fs.features, "labels": fs.labels, "dataset": fs.dataset, "keys": fs.keys if keys else None}, tmp)
     os.replace(tmp, path)
 
@@ -186,9 +200,10 @@ def extract_to_cache(cfg: RunConfig, dataset: str, path: Path, rank: int = 0, wo
     """Extract rank `rank`'s share of `dataset` into a part file beside `path`; the last rank to finish (every rank
     waits at a barrier when there are several) joins the parts into `path`. With one rank: extract and save."""
     device = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world_size > 1: device = f"cuda:{rank % torch.cuda.device_count()}"
+    if device == "cuda" and world_size > 1: device = f"cuda:{torch.cuda.current_device()}"   # the GPU setup_distributed chose
     fs = extract_features(trunk_from_config(cfg), dataset, cfg.model.img_size, cfg.probe.pool, cfg.eval.batch_size,
                           cfg.eval.num_workers, device, progress and rank == 0, rank, world_size)
+    if device != "cpu": torch.cuda.empty_cache()        # the trunk's cached blocks go back before training starts
     if world_size == 1: return _save_features(fs, path)
     parts = [path.with_name(f"{path.stem}.part-{r:05d}-of-{world_size:05d}.pt") for r in range(world_size)]
     _save_features(fs, parts[rank], keys=True)
@@ -211,8 +226,11 @@ def cached_features(cfg: RunConfig, dataset: str, out_dir: str | os.PathLike, pr
     """The features of `dataset` under `cfg`'s trunk: read from the cache (memory-mapped), or extracted and cached
     first: by this process, by `nprocs` processes it launches, or, inside a process group, by all its ranks."""
     path = feature_cache_path(cfg, dataset, out_dir)
-    if not path.is_file():
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    cached = [path.is_file()]
+    if dist and torch.distributed.get_world_size() > 1:     # rank 0 decides: a lagging filesystem does not split the ranks
+        torch.distributed.broadcast_object_list(cached, src=0)
+    if not cached[0]:
         if dist and torch.distributed.get_world_size() > 1:
             extract_to_cache(cfg, dataset, path, torch.distributed.get_rank(), torch.distributed.get_world_size(), progress)
         elif nprocs > 1:
@@ -355,6 +373,10 @@ def load_classifier(cfg: RunConfig, path: str | os.PathLike) -> ViTClassifier:
     return model
 
 # %% ../nbs/07_transfer.ipynb #dc32213c
+def is_main_process() -> bool:
+    "Rank 0 of the process group, or the only process: the one that runs test passes and writes `results.json`."
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
 def _device(cfg: RunConfig) -> str:
     return "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
 
@@ -371,33 +393,39 @@ def train_stage(stage: str, cfg: RunConfig, out: Path, progress: bool = True, np
 
 def _finetune(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
     train_stage("finetune", cfg, out, progress, nprocs)
+    if not is_main_process(): return []                     # rank 0 runs the test pass
     model = load_classifier(cfg, out / "model.pt")
     correct, total = evaluate_classifier(model, cfg.eval.dataset, cfg.model.img_size, cfg.eval.batch_size,
                                          cfg.eval.num_workers, _device(cfg))
     return accuracy_records(correct, total, seed=cfg.seed, step=cfg.train.steps)
 
 def _linear_probe(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
-    cached_features(cfg, cfg.data.dataset, out, progress)      # extract once, before the (possibly parallel) training
-    test = cached_features(cfg, cfg.eval.dataset, out, progress)
+    cached_features(cfg, cfg.data.dataset, out, progress, nprocs)   # extract once, before the (possibly parallel) training,
+    test = cached_features(cfg, cfg.eval.dataset, out, progress, nprocs)   # in the ranks: this process keeps no GPU
     train_stage("linear_probe", cfg, out, progress, nprocs)
+    if not is_main_process(): return []
     from prepretrain_lit.vit import load_state_dict_file
     probe = LinearProbe(test.features.shape[1], int(linear_probe_objective(cfg).model.head.out_features))
     probe.load_state_dict(load_state_dict_file(out / "model.pt"))
     with torch.no_grad(): scores = probe.eval()(test.features)
     return accuracy_records(topk_correct(scores, test.labels), len(test), seed=cfg.seed, step=cfg.train.steps)
 
+def _frozen_features(cfg: RunConfig, out: Path, progress: bool, nprocs: int) -> tuple[FeatureSet, FeatureSet]:
+    "The run folder (by rank 0) and the train and test features (extracted by every rank, or `nprocs` processes)."
+    if is_main_process():
+        init_run_folder(cfg, out)
+        write_provenance(out, cfg)
+    return (cached_features(cfg, cfg.data.dataset, out, progress, nprocs),
+            cached_features(cfg, cfg.eval.dataset, out, progress, nprocs))
+
 def _lowshot(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
-    init_run_folder(cfg, out)
-    write_provenance(out, cfg)
-    train_fs = cached_features(cfg, cfg.data.dataset, out, progress)
-    test_fs = cached_features(cfg, cfg.eval.dataset, out, progress)
+    train_fs, test_fs = _frozen_features(cfg, out, progress, nprocs)
+    if not is_main_process(): return []
     return lowshot_evaluate(train_fs, test_fs, cfg.probe.shots, cfg.probe.splits, cfg.probe.lowshot_c)
 
 def _knn(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
-    init_run_folder(cfg, out)
-    write_provenance(out, cfg)
-    train_fs = cached_features(cfg, cfg.data.dataset, out, progress)
-    test_fs = cached_features(cfg, cfg.eval.dataset, out, progress)
+    train_fs, test_fs = _frozen_features(cfg, out, progress, nprocs)
+    if not is_main_process(): return []
     return knn_evaluate(train_fs, test_fs, cfg.probe.knn_k, cfg.probe.knn_temperature, seed=cfg.seed)
 
 def _zeroshot(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
@@ -421,19 +449,48 @@ def check_evaluation(kind: str, cfg: RunConfig) -> None:
     if cfg.init.checkpoint is not None and not Path(cfg.init.checkpoint).is_file():
         raise UserError(f"init.checkpoint={cfg.init.checkpoint}: no such file (has the stage that writes it finished?)")
 
+def join_job_group(cfg: RunConfig) -> DistInfo | None:
+    """The process group of a job whose every task runs this evaluation (SLURM tasks on several nodes, torchrun):
+    joined here, for the whole evaluation, so the ranks share the feature extraction and only rank 0 evaluates and
+    writes. None in one process, or when a group is already set up."""
+    from prepretrain_lit.trainer import process_placement, setup_distributed
+    if torch.distributed.is_available() and torch.distributed.is_initialized(): return None
+    if process_placement(os.environ)[1] <= 1: return None
+    return setup_distributed(cfg.train.device)
+
+def _group_info() -> DistInfo:
+    "Where this process stands in a process group someone else set up (one process without one)."
+    d = torch.distributed
+    if not (d.is_available() and d.is_initialized()): return DistInfo()
+    control = d.new_group(backend="gloo") if d.get_backend() != "gloo" else None
+    return DistInfo(rank=d.get_rank(), world_size=d.get_world_size(), control=control)
+
 def evaluate(kind: str, cfg: RunConfig, out_dir: str | os.PathLike, progress: bool = True, nprocs: int = 1) -> dict:
     """Run evaluation `kind` with `cfg` into `out_dir`; write and return its `results.json` document. Training
-    (finetune, linear probe, LiT) runs in `nprocs` processes; features and test passes in this one."""
+    (finetune, linear probe, LiT) runs in `nprocs` processes, or in every task of the job; so does the feature
+    extraction; the test pass and the writing in one process (rank 0)."""
+    from prepretrain_lit.trainer import agree, broadcast_from_main, cleanup_distributed
     check_evaluation(kind, cfg)
-    out = Path(out_dir)
-    done = out / "results.json"
-    if done.is_file():
-        doc = read_results(done)
-        if doc["config_hash"] == config_hash(cfg): return doc
-    records = EVALUATIONS[kind](cfg, out, progress, nprocs)
-    test_name = labelled_manifest(cfg.eval.dataset, "eval.dataset").name
-    train_name = None if kind == "zeroshot" else labelled_manifest(cfg.data.dataset, "data.dataset").name
-    path = write_results(out, kind, test_name, records, cfg.init.checkpoint, train_name, cfg)
-    if kind in ("lowshot", "knn"):                   # no trainer ran: say the stage is done
-        atomic_write_text(out / "status.json", json.dumps({"state": "complete", "step": 0, "message": ""}) + "\n")
-    return read_results(path)
+    info = join_job_group(cfg)
+    group = info or _group_info()
+    try:
+        out = Path(out_dir)
+        done = out / "results.json"
+        doc = read_results(done) if group.is_main and done.is_file() else None
+        doc = broadcast_from_main(doc if doc is not None and doc["config_hash"] == config_hash(cfg) else None, group)
+        if doc is not None: return doc
+        records = EVALUATIONS[kind](cfg, out, progress, nprocs)
+        error, doc = None, None
+        if group.is_main:
+            try:
+                test_name = labelled_manifest(cfg.eval.dataset, "eval.dataset").name
+                train_name = None if kind == "zeroshot" else labelled_manifest(cfg.data.dataset, "data.dataset").name
+                path = write_results(out, kind, test_name, records, cfg.init.checkpoint, train_name, cfg)
+                if kind in ("lowshot", "knn"):                   # no trainer ran: say the stage is done
+                    atomic_write_text(out / "status.json", json.dumps({"state": "complete", "step": 0, "message": ""}) + "\n")
+                doc = read_results(path)
+            except Exception as e: error = e
+        agree(error, f"writing {out / 'results.json'}", group)
+        return broadcast_from_main(doc, group)
+    finally:
+        if info is not None: cleanup_distributed(info)
