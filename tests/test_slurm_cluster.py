@@ -124,6 +124,14 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def damaged_copy(manifest: Path, folder: Path) -> Path:
+    """`manifest` and its shards copied to `folder`, every shard's bytes overwritten: a stage on it passes the dry-run
+    (the files are there, the config is valid) and fails at run time, when every sample it reads is bad."""
+    shutil.copytree(manifest.parent, folder)
+    for shard in folder.glob("*.tar"): shard.write_bytes(b"\0damaged" * (shard.stat().st_size // 8))
+    return folder / manifest.name
+
+
 def mae_stage(dataset: Path, steps: int, **params) -> dict:
     return {"notebook": "mae", "params": {"dataset": str(dataset), "steps": steps, **params}}
 
@@ -136,7 +144,7 @@ def test_dag_with_afterok_a_failed_stage_cancels_only_its_dependants_and_queued_
     path = write_experiment(tmp_path / "dag.yaml", "dag", {
         "mae": mae_stage(shapes_manifest, 6),
         "wsp": {"notebook": "wsp", "params": {"dataset": str(shapes_manifest), "steps": 4}, "inputs": {"init_checkpoint": "mae/model.pt"}},
-        "bad": mae_stage(shapes_manifest, 4, overrides=["optim.no_such_key=1"]),   # refused by the config: the stage fails
+        "bad": mae_stage(damaged_copy(shapes_manifest, tmp_path / "damaged"), 4),   # passes every check, fails reading its data
         "after_bad": {"notebook": "wsp", "params": {"dataset": str(shapes_manifest), "steps": 4}, "inputs": {"init_checkpoint": "bad/model.pt"}}})
     out = tmp_path / "runs"
     root = out / "dag"
