@@ -12,7 +12,7 @@ __all__ = ['DIST_TIMEOUT_ENV', 'DIST_TIMEOUT_S', 'OBJECTIVES', 'STAGE_TRANSFORMS
            'rng_state', 'set_rng_state', 'CheckpointIOError', 'io_error', 'HashingWriter', 'file_sha256', 'sidecar',
            'save_file_atomic', 'verify_checkpoint_file', 'remove_checkpoint', 'remove_stale_temporaries',
            'TrainingDiverged', 'RankFailed', 'agree', 'write_status', 'read_status', 'Preempted', 'catch_signals',
-           'threading_is_main', 'requeues_on', 'request_requeue', 'cpu_has_bf16', 'resolve_precision',
+           'threading_is_main', 'requeues_on', 'request_requeue', 'grad_norm_', 'cpu_has_bf16', 'resolve_precision',
            'resolve_compile', 'fsdp_policies', 'load_full_state_from_rank0', 'Trainer', 'memory_mb', 'is_terminal',
            'format_duration', 'StepClock', 'progress_line', 'resume_message', 'with_steps', 'extension_records',
            'extended_from', 'refuse_longer_without_extend', 'extend_run', 'build_data', 'build_objective',
@@ -490,6 +490,14 @@ def request_requeue() -> None:
     try: subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e: warnings.warn(f"could not requeue SLURM job {job}: {e}")
 
+# %% ../nbs/06_trainer.ipynb #b7a071ab
+def grad_norm_(parameters, clip: float | None = None) -> torch.Tensor:
+    """The gradients' total 2-norm (a DTensor under FSDP2, as `clip_grad_norm_` returns), clipped in place to `clip`
+    when given. Without clipping only `get_total_norm` runs (the norm `clip_grad_norm_` computes first), skipping its
+    multiply-by-one pass over every gradient."""
+    if clip is not None: return torch.nn.utils.clip_grad_norm_(parameters, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
 # %% ../nbs/06_trainer.ipynb #dd60c142
 def cpu_has_bf16() -> bool:
     "Whether this CPU multiplies bf16 matrices natively (oneDNN's check); False when torch cannot tell."
@@ -785,8 +793,7 @@ class Trainer:
             for k, v in parts.items(): logs[k] = logs.get(k, 0) + v.detach().float() / t.accum_steps
         set_lr(self.optimizer, lr_at(step, t.steps, self.warmup, self.peak_lr, self.cfg.optim.min_lr))
         self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), clip)   # also the norm we log
+        norm = grad_norm_(self.objective.parameters(), self.cfg.optim.clip_grad)   # also the norm we log
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.scaler.step(self.optimizer)
         self.scaler.update()

@@ -14,7 +14,7 @@ import torch
 from prepretrain_lit.config import UserError, derive_seed, load_config
 from prepretrain_lit.data import build_shards, shapes_source
 from prepretrain_lit.trainer import (EXIT_PREEMPTED, MODEL_INIT_STREAM, MAEObjective, SyntheticImages, Trainer, TrainingDiverged,
-                                     complete_checkpoints, first_slurm_host, launch, lr_at, mae_objective,
+                                     complete_checkpoints, first_slurm_host, grad_norm_, launch, lr_at, mae_objective,
                                      param_groups, save_file_atomic, train, train_worker)
 
 PRETRAIN = Path(sys.executable).parent / "prepretrain"
@@ -281,6 +281,34 @@ def test_a_nan_gradient_with_a_finite_loss_is_caught_before_its_checkpoint(tmp_p
 def test_grad_norm_is_logged(tmp_path):
     last = train("mae", tiny("train.steps=2"), tmp_path, progress=False)
     assert last["grad_norm"] > 0 and "finite" not in last
+
+
+def test_grad_norm_without_clipping_is_the_reference_norm_and_leaves_gradients_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3, bias=False))
+    model(torch.randn(4, 5)).pow(2).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    reference = torch.linalg.vector_norm(torch.cat([g.flatten() for g in before]))
+    norm = grad_norm_(model.parameters(), None)
+    assert torch.allclose(norm, reference, rtol=1e-6) and all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+    assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))   # the old path's norm
+    clipped = grad_norm_(model.parameters(), 0.5 * reference.item())                            # clipping: scaled in place
+    assert torch.allclose(clipped, reference, rtol=1e-6)
+    assert all(torch.allclose(p.grad, 0.5 * g, rtol=1e-5) for p, g in zip(model.parameters(), before))
+
+
+def test_training_without_clipping_is_unchanged_by_the_norm_only_path(tmp_path, monkeypatch):
+    cfg = tiny("train.steps=3", "optim.clip_grad=null")
+    assert cfg.optim.clip_grad is None
+    train("mae", cfg, tmp_path / "new", progress=False)
+    import prepretrain_lit.trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "grad_norm_",   # what the trainer did before: clip at infinity to get the norm
+                        lambda params, clip: torch.nn.utils.clip_grad_norm_(params, float("inf") if clip is None else clip))
+    train("mae", cfg, tmp_path / "old", progress=False)
+    norms = [[json.loads(l)["grad_norm"] for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("new", "old")]
+    assert len(norms[0]) == 3 and norms[0] == pytest.approx(norms[1], rel=1e-6)
+    new, old = weights(tmp_path / "new"), weights(tmp_path / "old")
+    assert all(torch.equal(new[k], old[k]) for k in new)
 
 
 def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
