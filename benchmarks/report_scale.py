@@ -9,7 +9,8 @@ per 10 of them into a temporary folder, then reads them in a fresh subprocess pe
 - `columnar-full`: the columnar gather with every point kept (`max_points=None`): the same rows as `plain`;
 - `columnar`: the default: columnar, each curve thinned to 500 points as it is read, `results.parquet` (the CSV
   only when asked);
-- `report`: all of `build_report` (what `prepretrain report` runs): the default gather and save, every figure, the
+- `report`: all of `build_report` (what `prepretrain report` runs): the default gather and save, every figure (a band
+  per recipe, not a line per run), the
   summary; its time is in the `gather s` column.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/report_scale.py                 # N = 100 (all three) and 1000 (columnar ways)
@@ -70,9 +71,12 @@ def worker(way: str, exp: Path, out: Path) -> dict:
     from prepretrain_lit.report import build_report, gather, save_table
     opts = WAYS[way]
     if opts.get("report"):
+        import matplotlib
+        matplotlib.use("Agg")
         import pyarrow.parquet as pq
         start = time.perf_counter()
         paths = build_report(exp, out, max_reconstructions=0, max_points=opts["max_points"], verbose=False, csv=opts["csv"])
+        if paths["skipped"]: print(json.dumps({"skipped": paths["skipped"]}), file=sys.stderr)
         files = [p for p in (paths["csv"], paths["parquet"]) if p is not None]
         return {"way": way, "rows": pq.ParquetFile(paths["parquet"]).metadata.num_rows, "gather_s": time.perf_counter() - start,
                 "save_s": float("nan"), "table_mb": float("nan"),
@@ -105,6 +109,7 @@ def main(argv=None) -> None:
     parser.add_argument("--plain-max-runs", type=int, default=100, help="the plain (old) way only up to this many runs")
     parser.add_argument("--quick", action="store_true", help="all ways at every size (a smoke test)")
     parser.add_argument("--ways", nargs="+", choices=tuple(WAYS), default=list(WAYS), help="which ways to run (default: all)")
+    parser.add_argument("--figures-to", type=Path, help="copy the report way's figures here (<dir>/<runs>/), to look at them")
     parser.add_argument("--worker", choices=tuple(WAYS), help=argparse.SUPPRESS)
     parser.add_argument("--exp", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -124,6 +129,9 @@ def main(argv=None) -> None:
             ways = [w for w in args.ways if w != "plain" or args.quick or n <= args.plain_max_runs]
             for way in ways:
                 r = run_way(way, exp, Path(tmp) / f"out-{way}")
+                if way == "report" and args.figures_to:
+                    import shutil
+                    shutil.copytree(Path(tmp) / f"out-{way}" / "figures", args.figures_to / str(n), dirs_exist_ok=True)
                 files = ", ".join(f"{k} {v:.1f}" for k, v in r["files"].items())
                 print(f"{n:>6} {args.lines:>6} {way:>14} {r['rows']:>10,} {r['gather_s']:>9.1f} {r['save_s']:>7.1f} "
                       f"{r['peak_rss_mb']:>12.0f} {r['table_mb']:>9.0f}  {files}", flush=True)

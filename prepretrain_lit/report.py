@@ -33,9 +33,10 @@ __all__ = ['STAGE_FILES', 'SKIP_DIRS', 'OBJECTIVE_KINDS', 'SCRATCH', 'SAFE_LOADE
            'write_stage', 'tiny_mae_config', 'write_tiny_mae', 'example_runs', 'pretty', 'is_scratch', 'recipe_label',
            'with_recipe', 'fmt', 'spread', 'mean_std', 'in_setting_order', 'verdict', 'claim_verdict', 'settled',
            'compare_evals', 'final_values', 'compare_convergence', 'eval_numbers', 'comparison_lines', 'number_lines',
-           'summarize', 'summary_markdown', 'MissingData', 'main_setting', 'plot_convergence', 'scaling_metric',
-           'plot_scaling', 'plot_lowshot', 'plot_mae_length', 'plot_training_curves', 'held_out_images',
-           'load_stage_mae', 'plot_reconstructions', 'mae_stage_dirs', 'save_figure', 'make_figures', 'build_report']
+           'summarize', 'summary_markdown', 'MissingData', 'main_setting', 'curve_bands', 'draw_bands',
+           'plot_convergence', 'scaling_metric', 'plot_scaling', 'plot_lowshot', 'plot_mae_length',
+           'plot_training_curves', 'held_out_images', 'load_stage_mae', 'plot_reconstructions', 'mae_stage_dirs',
+           'save_figure', 'make_figures', 'build_report']
 
 # %% ../nbs/09_report.ipynb #77205a74
 STAGE_FILES = ("stage.json", "config.yaml", "metrics.jsonl", "results.json")
@@ -874,6 +875,45 @@ def _same(column: pd.Series, value) -> pd.Series:
     missing = value is None or (not isinstance(value, str) and pd.isna(value))
     return column.isna() if missing else column.eq(value).fillna(False).astype(bool)
 
+def curve_bands(curves: pd.DataFrame, by: Sequence[str] = ("recipe",), points: int = 200) -> pd.DataFrame:
+    """Mean and sd over runs of curve rows (`run`, `step`, `value`) per group `by`: each run's curve is interpolated onto
+    its group's step grid (the group's own steps when at most `points` distinct, else `points` evenly spaced) and
+    counts only inside its own step range. Columns: *by, step, mean, sd (ddof 1, as seaborn's "sd"; 0 for one run), n.
+    One band per group, however many runs: what the figures draw instead of a line per run."""
+    by, out = list(by), []
+    for key, g in curves.groupby(by, sort=True, dropna=False):
+        step, value, run = g.step.to_numpy(float), g.value.to_numpy(float), g.run.to_numpy()
+        steps = np.unique(step)
+        grid = steps if len(steps) <= points else np.linspace(steps[0], steps[-1], points)
+        order = np.lexsort((step, pd.factorize(run)[0]))
+        step, value, codes = step[order], value[order], pd.factorize(run[order])[0]
+        bounds = np.flatnonzero(np.diff(codes)) + 1
+        m = np.full((codes.max() + 1 if len(codes) else 0, len(grid)), np.nan)
+        for i, (x, y) in enumerate(zip(np.split(step, bounds), np.split(value, bounds))):
+            inside = (grid >= x[0]) & (grid <= x[-1])
+            m[i, inside] = np.interp(grid[inside], x, y)
+        n = np.isfinite(m).sum(0)
+        keep = n > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            total = np.nansum(m, 0)
+            mean = total / np.maximum(n, 1)
+            sd = np.sqrt(np.nansum((m - mean) ** 2, 0) / np.maximum(n - 1, 1))
+        key = key if isinstance(key, tuple) else (key,)
+        frame = pd.DataFrame({"step": grid[keep], "mean": mean[keep], "sd": np.where(n > 1, sd, 0.0)[keep], "n": n[keep]})
+        for k, v in zip(by, key): frame.insert(len(frame.columns) - 4, k, v)
+        out.append(frame)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=[*by, "step", "mean", "sd", "n"])
+
+def draw_bands(ax, bands: pd.DataFrame, by: str, order: Sequence, colors: dict | None = None, label_n: bool = False) -> None:
+    "One line (the mean) and one shaded band (± 1 sd) per group of `curve_bands`, in `order`: two artists a group."
+    for i, name in enumerate(order):
+        b = bands[bands[by] == name]
+        if b.empty: continue
+        color = (colors or {}).get(name, f"C{i % 10}")
+        ax.fill_between(b.step, b["mean"] - b.sd, b["mean"] + b.sd, color=color, alpha=0.2, linewidth=0)
+        ax.plot(b.step, b["mean"], color=color, label=f"{name} (n={b.n.max()})" if label_n else str(name))
+    ax.legend(fontsize=8, loc="best")
+
 def plot_convergence(table: pd.DataFrame, objective: str = "wsp") -> "matplotlib.figure.Figure":
     "The paper's central figure: `objective` training loss against step per init (left), transfer top1 per init (right)."
     plt, sns = _plt()
@@ -892,7 +932,8 @@ def plot_convergence(table: pd.DataFrame, objective: str = "wsp") -> "matplotlib
     hue = dict(hue="recipe", hue_order=[r for r in order], palette=colors)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw=dict(width_ratios=[3, 2]))
     with sns.axes_style("whitegrid"):
-        sns.lineplot(curves, x="step", y="value", errorbar="sd", ax=axes[0], **{**hue, "hue_order": [r for r in order if r in set(curves.recipe)]})
+        draw_bands(axes[0], curve_bands(curves, ["recipe"]), "recipe", [r for r in order if r in set(curves.recipe)], colors)   # a band per recipe, not a line per run
+        axes[0].set(xlabel="step")
         axes[0].set(title=f"{pretty(objective)} training loss{f' ({setting})' if setting else ''}: "
                           f"≥{curves.groupby('recipe').run.nunique().min()} runs per line, band ±1 sd", ylabel="loss")
         if evals.empty:
@@ -999,7 +1040,8 @@ def plot_mae_length(table: pd.DataFrame) -> "matplotlib.figure.Figure":
 
 def plot_training_curves(table: pd.DataFrame, metrics: Sequence[str] = ("loss", "lr", "images_per_s"),
                          stages: Sequence[str] | None = None) -> "matplotlib.figure.Figure":
-    "One row per stage, one column per metric (loss, lr, throughput), one line per run of the stage."
+    """One row per stage, one column per metric (loss, lr, throughput): a line per run of a stage with up to 8 runs, else
+    a band per recipe (mean ± sd over its runs, `curve_bands`)."""
     plt, sns = _plt()
     rows = table[(table.record == "curve") & table.metric.isin(metrics)]
     if stages is not None: rows = rows[rows.stage.isin(stages)]
@@ -1018,9 +1060,15 @@ def plot_training_curves(table: pd.DataFrame, metrics: Sequence[str] = ("loss", 
             for j, metric in enumerate(present):
                 ax = axes[i, j]
                 d = data[data.metric == metric]
-                sns.lineplot(d, x="step", y="value", hue="variant", errorbar=None, ax=ax, legend=(j == len(present) - 1) and data.variant.nunique() <= 8)
+                if data.variant.nunique() <= 8:   # a few runs: a line each (plain matplotlib, one artist a run)
+                    for variant, r in d.groupby("variant", sort=True): ax.plot(r.step, r.value, label=variant)
+                    if j == len(present) - 1 and len(d): ax.legend(fontsize=7, loc="best")
+                else:                             # many: a band per recipe (mean ± sd over its runs)
+                    d = with_recipe(d)
+                    draw_bands(ax, curve_bands(d, ["recipe"]), "recipe", sorted(d.recipe.unique()), label_n=True)
+                    if j != len(present) - 1: ax.get_legend().remove()
+                ax.set(xlabel="step")
                 ax.set(title=f"{name}: {label.get(metric, metric)}", ylabel=label.get(metric, metric))
-                if ax.get_legend() is not None: ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 

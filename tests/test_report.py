@@ -3,6 +3,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -389,3 +390,36 @@ def test_save_table_writes_a_csv_when_asked_or_small(tmp_path, monkeypatch):
     csv, _ = report.save_table(table, tmp_path / "c", csv=True)          # ... unless asked
     pd.testing.assert_frame_equal(load_table(csv), table)
     pd.testing.assert_frame_equal(load_table(parquet), table)
+
+
+def test_curve_bands_are_the_mean_and_sd_over_runs():
+    from prepretrain_lit.report import curve_bands, plot_training_curves
+    rng = np.random.default_rng(0)
+    steps = np.array([10, 20, 30, 40])
+    rows = [dict(run=f"{recipe}/s{seed}", recipe=recipe, step=s, value=v)
+            for recipe, offset in (("MAE→WSP", 1.0), ("WSP", 3.0)) for seed in range(3)
+            for s, v in zip(steps, offset + rng.normal(size=len(steps)))]
+    curves = pd.DataFrame(rows).sample(frac=1, random_state=1)            # row order must not matter
+    bands = curve_bands(curves, ["recipe"])
+    direct = pd.DataFrame(rows).groupby(["recipe", "step"]).value.agg(["mean", "std", "size"]).reset_index()
+    assert bands[["recipe", "step"]].values.tolist() == direct[["recipe", "step"]].values.tolist()
+    assert np.allclose(bands["mean"], direct["mean"]) and np.allclose(bands.sd, direct["std"]) and (bands.n == 3).all()
+    # a run with other steps is interpolated onto the grid, and counts only inside its own range
+    extra = pd.DataFrame(dict(run="WSP/s9", recipe="WSP", step=[15, 25], value=[0.0, 1.0]))
+    b = curve_bands(pd.concat([curves, extra]), ["recipe"])
+    at20 = b[(b.recipe == "WSP") & (b.step == 20)].iloc[0]
+    vals = np.r_[[r["value"] for r in rows if r["recipe"] == "WSP" and r["step"] == 20], 0.5]
+    assert at20.n == 4 and np.isclose(at20["mean"], vals.mean()) and np.isclose(at20.sd, vals.std(ddof=1))
+    assert b[(b.recipe == "WSP") & (b.step == 10)].iloc[0].n == 3
+
+
+def test_training_curves_draw_a_band_per_recipe_not_a_line_per_run(tmp_path):
+    from prepretrain_lit.report import plot_training_curves
+    table = gather(example_runs(tmp_path / "ex", seeds=tuple(range(5)), mae_model=False))
+    curves = table[table.record == "curve"]
+    stage = curves.groupby("stage").run.nunique().idxmax()
+    runs = curves[curves.stage == stage].run.nunique()
+    assert runs > 8
+    fig = plot_training_curves(table, stages=[stage])
+    recipes = with_recipe(curves[curves.stage == stage]).recipe.nunique()
+    assert all(len(ax.lines) == recipes and len(ax.collections) == recipes for ax in fig.axes)   # a mean and a band each
