@@ -148,6 +148,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be complete)")
     p.add_argument("--dry-run", action="store_true", help="print the DAG of stage runs and stop")
     p.add_argument("--force", action="store_true", help="re-run runs made with other parameters, finished or not (deletes them)")
+    p.add_argument("--extend", action="store_true", help="lengthen finished runs whose only change is a larger steps or "
+                   "epochs (resumed from their last checkpoint) and re-run the runs that read them")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -155,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     resources = {"partition": args.partition, "account": args.account, "qos": args.qos, "nodes": args.nodes,
                  "gpus_per_node": args.gpus_per_node, "cpus_per_node": args.cpus_per_node, "time_min": args.time_min}
     outcomes = run_experiment(args.experiment, out=args.out, overrides=args.overrides, executor=args.executor,
-                              only=args.only, dry_run=args.dry_run, force=args.force, cli_resources=resources,
+                              only=args.only, dry_run=args.dry_run, force=args.force, extend=args.extend, cli_resources=resources,
                               progress=not args.quiet)
     return 0 if all(o.state in ("complete", "skipped", "submitted") for o in outcomes) else 1
 

@@ -4,20 +4,20 @@
 
 # %% auto #0
 __all__ = ['PACKAGE', 'REPO', 'SHIPPED', 'STAGES_DIR', 'EXPERIMENTS_DIR', 'EXPERIMENT_KEYS', 'STAGE_KEYS', 'VARIANT_KEYS',
-           'RESOURCE_KEYS', 'RESOURCE_DEFAULTS', 'AXIS_KEYS', 'TEMPLATE', 'REQUEUE_SIGNALS', 'STOP_SIGNALS',
-           'EXIT_REQUEUED', 'LIVE_JOB_STATES', 'ENDED_JOB_STATES', 'ENDED_BADLY', 'RUN_FILES', 'SKIP_DIRS',
-           'STAGE_OF_KIND', 'TRAINING_KINDS', 'EVAL_KINDS', 'TRAINED_FILES', 'EVAL_FILES', 'Param', 'unknown_parameter',
-           'parameters_cell', 'notebook_parameters', 'write_stage_notebook', 'StageSpec', 'Experiment',
-           'parse_experiment', 'load_experiment', 'apply_overrides', 'StageRun', 'variant_name', 'fill_template',
-           'parse_ref', 'stage_order', 'available_kinds', 'expand', 'read_json', 'live_state', 'run_state',
-           'format_dag', 'dag_depths', 'draw_dag', 'now', 'stage_record', 'write_stage_json', 'venv_kernel',
-           'execute_run', 'Outcome', 'plan', 'run_local', 'format_summary', 'signal_delay', 'slurm_parameters',
-           'slurm_job_params', 'recorded_signals', 'requeue_job', 'StageJob', 'queued_job', 'slurm_job_states',
-           'ended_before_start', 'submit_slurm', 'show_papermill_log', 'run_folders', 'last_record', 'planned_steps',
-           'last_update', 'folder_row', 'status_rows', 'format_age', 'format_status', 'run_experiment', 'world_size',
-           'stage_config', 'train_stage', 'plot_metrics', 'param_type', 'check_value', 'injected_names',
-           'stage_parameters', 'kind_config', 'notebook_defaults', 'run_outputs', 'check_run', 'synthetic_runs',
-           'check_runs']
+           'RESOURCE_KEYS', 'RESOURCE_DEFAULTS', 'AXIS_KEYS', 'TEMPLATE', 'EXTENDABLE_PARAMS', 'REQUEUE_SIGNALS',
+           'STOP_SIGNALS', 'EXIT_REQUEUED', 'LIVE_JOB_STATES', 'ENDED_JOB_STATES', 'ENDED_BADLY', 'RUN_FILES',
+           'SKIP_DIRS', 'STAGE_OF_KIND', 'TRAINING_KINDS', 'EVAL_KINDS', 'TRAINED_FILES', 'EVAL_FILES', 'Param',
+           'unknown_parameter', 'parameters_cell', 'notebook_parameters', 'write_stage_notebook', 'StageSpec',
+           'Experiment', 'parse_experiment', 'load_experiment', 'apply_overrides', 'StageRun', 'variant_name',
+           'fill_template', 'parse_ref', 'stage_order', 'available_kinds', 'expand', 'read_json', 'live_state',
+           'run_state', 'format_dag', 'dag_depths', 'draw_dag', 'now', 'stage_record', 'write_stage_json',
+           'venv_kernel', 'extend_env', 'execute_run', 'param_changes', 'ChangePlan', 'change_plan', 'refuse_changes',
+           'Outcome', 'plan', 'run_local', 'format_summary', 'signal_delay', 'slurm_parameters', 'slurm_job_params',
+           'recorded_signals', 'requeue_job', 'StageJob', 'queued_job', 'slurm_job_states', 'ended_before_start',
+           'submit_slurm', 'show_papermill_log', 'run_folders', 'last_record', 'planned_steps', 'last_update',
+           'folder_row', 'status_rows', 'format_age', 'format_status', 'run_experiment', 'world_size', 'stage_config',
+           'train_stage', 'plot_metrics', 'param_type', 'check_value', 'injected_names', 'stage_parameters',
+           'kind_config', 'notebook_defaults', 'run_outputs', 'check_run', 'synthetic_runs', 'check_runs']
 
 # %% ../nbs/08_pipeline.ipynb #677cfb21
 import ast
@@ -32,6 +32,7 @@ import tempfile
 import time
 import typing
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -257,6 +258,7 @@ class StageRun:
     cwd: str = "."
     sources: dict[str, str] = field(default_factory=dict)       # param -> where the experiment set it (for errors)
     input_runs: dict[str, tuple[str, str | None]] = field(default_factory=dict)   # param -> (run id, file in its folder)
+    extend: dict[str, tuple] = field(default_factory=dict)     # `--extend`: {param: (old, new)} to lengthen in place
 
     @property
     def id(self) -> str: return f"{self.stage}/{self.variant}"
@@ -526,7 +528,7 @@ def _config_hash(folder: Path) -> str | None:
 
 def write_stage_json(run: StageRun, state: str, **extra) -> dict:
     old = read_json(run.folder / "stage.json") or {}
-    record = stage_record(run, state, **{k: old[k] for k in ("started", "job_id") if k in old and k not in extra}, **extra)
+    record = stage_record(run, state, **{k: old[k] for k in ("started", "job_id", "extended") if k in old and k not in extra}, **extra)
     run.folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.folder / "stage.json", json.dumps(record, indent=2, default=str) + "\n")
     return record
@@ -548,6 +550,17 @@ def venv_kernel():
         if old is None: os.environ.pop("JUPYTER_PATH", None)
         else: os.environ["JUPYTER_PATH"] = old
 
+@contextmanager
+def extend_env(on: bool):
+    "With `on`, `PREPRETRAIN_EXTEND=1` for the kernels started inside (the stage's `train` may lengthen its run)."
+    from prepretrain_lit.trainer import EXTEND_ENV
+    old = os.environ.get(EXTEND_ENV)
+    if on: os.environ[EXTEND_ENV] = "1"
+    try: yield
+    finally:
+        if on and old is None: os.environ.pop(EXTEND_ENV, None)
+        elif on: os.environ[EXTEND_ENV] = old
+
 def execute_run(run: StageRun, progress: bool = False, log_output: bool = False) -> str:
     """Execute `run`'s notebook with papermill into its folder, holding the folder's lock (`RunFolderBusy` names the
     process that has it); record and return its state: complete, failed, preempted, diverged or killed (kernel died)."""
@@ -562,11 +575,12 @@ def _execute_locked(run: StageRun, progress: bool, log_output: bool) -> str:
     if missing:
         write_stage_json(run, "failed", started=now(), finished=now(), error=f"missing inputs: {', '.join(missing)}")
         return "failed"
+    if run.extend: write_stage_json(run, "running", extended={k: list(v) for k, v in run.extend.items()})
     write_stage_json(run, "running", started=now(), finished=None, error=None, pid=os.getpid(), host=socket.gethostname())
     state, error = "complete", None
     if log_output: show_papermill_log()
     try:
-        with venv_kernel():
+        with venv_kernel(), extend_env(bool(run.extend)):
             papermill.execute_notebook(str(run.notebook), str(run.folder / "executed.ipynb"), parameters=run.params,
                                        cwd=run.cwd, kernel_name="python3", progress_bar=progress, log_output=log_output)
     except Exception as e:  # papermill's PapermillExecutionError, a dead kernel, ...
@@ -581,6 +595,61 @@ def _execute_locked(run: StageRun, progress: bool, log_output: bool) -> str:
     write_stage_json(run, state, finished=now(), error=error)
     return state
 
+# %% ../nbs/08_pipeline.ipynb #0bdaf10e
+EXTENDABLE_PARAMS = ("steps", "epochs")     # stage parameters whose growth `--extend` may take in place
+
+def param_changes(run: StageRun) -> dict[str, tuple]:
+    "{param: (old, new)} between a run's stage.json and the experiment now (out_dir and input paths left out)."
+    old = (read_json(run.folder / "stage.json") or {}).get("params", {})
+    skip = {"out_dir", *run.inputs}
+    keys = sorted((set(old) | set(run.params)) - skip)
+    return {k: (old.get(k), run.params.get(k)) for k in keys if old.get(k) != run.params.get(k)}
+
+def _grows(old, new) -> bool:
+    "A numeric parameter that is larger now (None -> a number does not count: the length was set another way)."
+    return isinstance(old, (int, float)) and isinstance(new, (int, float)) and new > old
+
+@dataclass
+class ChangePlan:
+    "The changed runs of a plan, sorted: lengthened in place, re-run because an input changes, or refused."
+    extend: dict[str, dict] = field(default_factory=dict)      # run id -> {param: (old, new)}
+    stale: dict[str, list] = field(default_factory=dict)       # run id -> the changed runs it reads
+    other: dict[str, dict] = field(default_factory=dict)       # run id -> {param: (old, new)} ({} : its inputs changed)
+
+    def lines(self) -> list[str]:
+        "One line a run, for the dry-run and errors."
+        fmt = lambda ch: ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in ch.items())
+        return ([f"  extend  {i}: {fmt(ch)} (resumes from its last checkpoint)" for i, ch in self.extend.items()]
+                + [f"  re-run  {i}: its input {', '.join(s)} changes" for i, s in self.stale.items()]
+                + [f"  refuse  {i}: " + (fmt(ch) or "its inputs changed") for i, ch in self.other.items()])
+
+def change_plan(runs: Sequence[StageRun]) -> ChangePlan:
+    "Sort the `changed` runs of `runs` (in DAG order) into extend / stale / other (see the prose above)."
+    out, moved = ChangePlan(), set()          # moved: ids whose result changes (extended or stale)
+    for r in runs:
+        if run_state(r) != "changed": continue
+        changes = param_changes(r)
+        upstream = [d for d in r.deps if d in moved]
+        if changes and not upstream and all(k in EXTENDABLE_PARAMS and _grows(o, n) for k, (o, n) in changes.items()):
+            out.extend[r.id] = changes
+        elif not changes and upstream: out.stale[r.id] = upstream
+        else: out.other[r.id] = changes; continue
+        moved.add(r.id)
+    return out
+
+def refuse_changes(changes: ChangePlan, runs: Sequence[StageRun], extend: bool) -> None:
+    "`UserError` listing the changed runs `extend` cannot take (all of them without `extend`), with the fixes."
+    if extend and not changes.other: return
+    folders = {r.id: r.folder for r in runs}
+    refused = changes.other if extend else {**changes.extend, **changes.stale, **changes.other}
+    if not refused: return
+    detail = ChangePlan(other=changes.other) if extend else changes
+    hint = ("; or pass --extend: it lengthens the runs marked 'extend' in place and re-runs the ones that read them"
+            if changes.extend and not extend else "")
+    raise UserError("these runs completed with other parameters (or other inputs) than the experiment now gives; delete "
+                    "them, choose another --out, or pass --force to re-run them from scratch" + hint + ":\n"
+                    + "\n".join(detail.lines()) + "\nin " + ", ".join(str(folders[i]) for i in refused))
+
 # %% ../nbs/08_pipeline.ipynb #a42767a1
 @dataclass
 class Outcome:
@@ -590,8 +659,10 @@ class Outcome:
     seconds: float = 0.0
     note: str = ""
 
-def plan(runs: Sequence[StageRun], only: str | None = None, force: bool = False) -> list[StageRun]:
-    "The runs to consider (all, or stage `only`); `UserError` for changed runs (unless `force`) or `only`'s missing inputs."
+def plan(runs: Sequence[StageRun], only: str | None = None, force: bool = False, extend: bool = False) -> list[StageRun]:
+    """The runs to consider (all, or stage `only`); `UserError` for changed runs (unless `force`, or `extend` for those
+    `change_plan` can lengthen) or `only`'s missing inputs. With `extend`, the lengthened runs come back marked, and
+    the runs that read them are deleted (they re-run)."""
     if only is not None:
         stages = list(dict.fromkeys(r.stage for r in runs))
         if only not in stages: raise UserError(f"--only {only}: unknown stage; stages: {', '.join(stages)}")
@@ -600,21 +671,25 @@ def plan(runs: Sequence[StageRun], only: str | None = None, force: bool = False)
         missing = sorted({d for r in chosen for d in r.deps if run_state(by_id[d]) != "complete"})
         if missing: raise UserError(f"--only {only}: its inputs are not complete: {', '.join(missing)}; run them first")
         runs = chosen
-    changed = [r for r in runs if run_state(r) == "changed"]
-    if changed and not force:
-        raise UserError("these runs completed with other parameters (or other inputs) than the experiment now gives: "
-                        + ", ".join(str(r.folder) for r in changed) + ". Delete them, choose another --out, or pass --force to re-run them")
-    if force:                 # every run made with other parameters, finished or not (a failed start included)
-        import shutil
-        from prepretrain_lit.config import RunFolderBusy
+    if not force:
+        changes = change_plan(runs)
+        refuse_changes(changes, runs, extend)
         for r in runs:
-            record = read_json(r.folder / "stage.json")
-            if record is None or record.get("hash") == r.hash: continue
-            if (holder := lock_holder(r.folder)) is not None:
-                raise RunFolderBusy(f"--force: {r.folder} is in use by pid {holder.get('pid')} on {holder.get('host')}; "
-                                    "wait for it to end or stop it")
-            shutil.rmtree(r.folder)
+            if r.id in changes.stale: _delete_run_folder(r, "--extend")
+        return [dataclasses.replace(r, extend=changes.extend[r.id]) if r.id in changes.extend else r for r in runs]
+    for r in runs:            # --force: every run made with other parameters, finished or not (a failed start included)
+        record = read_json(r.folder / "stage.json")
+        if record is not None and record.get("hash") != r.hash: _delete_run_folder(r, "--force")
     return list(runs)
+
+def _delete_run_folder(run: StageRun, why: str) -> None:
+    "Delete `run`'s folder so it runs anew; `RunFolderBusy` if a process holds it."
+    import shutil
+    from prepretrain_lit.config import RunFolderBusy
+    if (holder := lock_holder(run.folder)) is not None:
+        raise RunFolderBusy(f"{why}: {run.folder} is in use by pid {holder.get('pid')} on {holder.get('host')}; "
+                            "wait for it to end or stop it")
+    shutil.rmtree(run.folder)
 
 def run_local(runs: Sequence[StageRun], progress: bool = True, echo: Callable[[str], None] = print) -> list[Outcome]:
     "Execute `runs` in order in this process (papermill starts one kernel per run)."
@@ -953,7 +1028,7 @@ def format_status(rows: Sequence[dict]) -> str:
 
 # %% ../nbs/08_pipeline.ipynb #7fcebab5
 def run_experiment(path: str | os.PathLike, out: str | os.PathLike = "runs", overrides: Sequence[str] = (),
-                   executor: str = "local", only: str | None = None, dry_run: bool = False, force: bool = False,
+                   executor: str = "local", only: str | None = None, dry_run: bool = False, force: bool = False, extend: bool = False,
                    cli_resources: dict | None = None, stages_dir: str | os.PathLike | None = None,
                    progress: bool = True, echo: Callable[[str], None] = print) -> list[Outcome]:
     "Expand experiment `path` and execute (or, `dry_run`, print) its DAG; returns what happened to each run."
@@ -966,9 +1041,12 @@ def run_experiment(path: str | os.PathLike, out: str | os.PathLike = "runs", ove
         echo(f"WARNING: {len(noise)} run(s) train on dataset='synthetic', random noise images, so their numbers mean nothing: "
              + ", ".join(noise[:6]) + (", ..." if len(noise) > 6 else "") + "; give them a manifest (`inputs: {dataset: ...}`)")
     if dry_run:
+        if (changes := change_plan(runs).lines()) and not force:
+            echo("== runs that completed with other parameters" + (" (what --extend does):" if extend else ":"))
+            echo("\n".join(changes))
         echo(f"== checked: the parameters, configs, manifests and inputs of all {len(runs)} stage runs")
         return []
-    chosen = plan(runs, only, force)
+    chosen = plan(runs, only, force, extend)
     if executor == "local": outcomes = run_local(chosen, progress=progress, echo=echo)
     elif executor == "slurm": outcomes = submit_slurm(chosen, cli_resources, echo=echo)
     else: raise UserError(f"--executor {executor}: valid executors: local, slurm")

@@ -481,3 +481,74 @@ def test_stage_parameters_are_typed_for_papermill_help():
     for kind in sorted(p.stem for p in STAGES_DIR.glob("*.ipynb")):
         params = notebook_parameters(STAGES_DIR / f"{kind}.ipynb")
         assert all(p.type for p in params.values()), (kind, [p.name for p in params.values() if not p.type])
+
+
+# -- --extend: lengthening finished runs ------------------------------------------------------------------------
+
+@pytest.fixture
+def env_stages(tmp_path) -> Path:
+    "A `train` that records its steps and whether the kernel was told to extend, and leaves a file from its first run."
+    d = tmp_path / "stages"
+    write_stage_notebook(d / "train.ipynb", OUT + "seed = 0  # seed\nmodel = 'b'  # size\nsteps = 10  # steps", [
+        "import os, pathlib\nout = pathlib.Path(out_dir)\n"
+        "(out / 'first.txt').exists() or (out / 'first.txt').write_text(str(steps))\n"
+        "(out / 'model.pt').write_text(f\"{model} {steps} extend={os.environ.get('PREPRETRAIN_EXTEND')}\")"])
+    write_stage_notebook(d / "evaluate.ipynb", OUT + "checkpoint = None  # a model.pt",
+                         ["import pathlib; pathlib.Path(out_dir, 'results.json').write_text(pathlib.Path(checkpoint).read_text())"])
+    write_stage_notebook(d / "report.ipynb", OUT + "runs = None  # the experiment folder",
+                         ["import pathlib; pathlib.Path(out_dir, 'summary.md').write_text('ok')"])
+    return d
+
+
+def test_extend_lengthens_in_place_and_reruns_what_reads_it(env_stages, tmp_path):
+    data = experiment(grid={"model": ["b"], "seed": [0]})
+    path = write_yaml(tmp_path / "toy.yaml", data)
+    runs = tmp_path / "runs"
+    assert {o.state for o in run_experiment(path, out=runs, stages_dir=env_stages, progress=False)} == {"complete"}
+    (runs / "toy/eval/model=b,seed=0/old.txt").write_text("from the first run")
+    data["defaults"]["steps"] = 12
+    write_yaml(path, data)
+    with pytest.raises(UserError, match=r"(?s)pass --extend.*extend +train/model=b,seed=0: steps 5 -> 12"):
+        run_experiment(path, out=runs, stages_dir=env_stages, progress=False)
+    lines = []
+    run_experiment(path, out=runs, stages_dir=env_stages, dry_run=True, extend=True, echo=lines.append)
+    assert "  re-run  eval/model=b,seed=0: its input train/model=b,seed=0 changes" in "\n".join(lines)
+    outcomes = run_experiment(path, out=runs, stages_dir=env_stages, progress=False, extend=True)
+    assert {o.run.id: o.state for o in outcomes} == {"train/model=b,seed=0": "complete", "eval/model=b,seed=0": "complete",
+                                                     "report/main": "complete"}
+    train = runs / "toy/train/model=b,seed=0"
+    assert (train / "first.txt").read_text() == "5"                      # the folder was kept: resumed, not restarted
+    assert (train / "model.pt").read_text() == "b 12 extend=1"          # the kernel was told to extend
+    assert stage_json(train)["extended"] == {"steps": [5, 12]}
+    assert not (runs / "toy/eval/model=b,seed=0/old.txt").exists()        # the dependant ran anew on the new input
+    assert (runs / "toy/eval/model=b,seed=0/results.json").read_text() == "b 12 extend=1"
+    again = run_experiment(path, out=runs, stages_dir=env_stages, progress=False, extend=True)
+    assert {o.state for o in again} == {"skipped"}
+
+
+def test_extend_refuses_other_changes_naming_them(env_stages, tmp_path):
+    data = experiment(grid={"model": ["b"], "seed": [0]})
+    path = write_yaml(tmp_path / "toy.yaml", data)
+    run_experiment(path, out=tmp_path / "runs", stages_dir=env_stages, progress=False)
+    data["stages"]["train"]["params"]["model"] = "l"     # a change of what the run is, not of its length
+    data["defaults"]["steps"] = 3                        # and a shorter run
+    write_yaml(path, data)
+    with pytest.raises(UserError, match=r"refuse  train/model=b,seed=0: model 'b' -> 'l', steps 5 -> 3") as e:
+        run_experiment(path, out=tmp_path / "runs", stages_dir=env_stages, progress=False, extend=True)
+    assert "pass --extend" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_extend_resumes_a_real_training_stage(tmp_path):
+    "An MAE stage of 4 steps lengthened to 8: the trainer resumes at step 4 and records the extension."
+    spec = {"name": "ext", "defaults": {"preset": "tiny"}, "stages": {"mae": {"notebook": "mae", "params": {"steps": 4, "batch_size": 8}}}}
+    path = write_yaml(tmp_path / "ext.yaml", spec)
+    assert [o.state for o in run_experiment(path, out=tmp_path, progress=False)] == ["complete"]
+    spec["stages"]["mae"]["params"]["steps"] = 8
+    write_yaml(path, spec)
+    assert [o.state for o in run_experiment(path, out=tmp_path, progress=False, extend=True)] == ["complete"]
+    folder = tmp_path / "ext/mae/main"
+    assert json.loads((folder / "status.json").read_text())["step"] == 8
+    [record] = json.loads((folder / "extensions.json").read_text())
+    assert (record["from_steps"], record["to_steps"], record["from_step"]) == (4, 8, 4)
+    assert "resumed from step 4 of 8" in (folder / "executed.ipynb").read_text()
