@@ -229,7 +229,7 @@ def tiny_form(command: str, tmp: Path, example: Path) -> list[str] | None:
 @pytest.mark.slow
 def test_the_documented_commands_run(tmp_path, monkeypatch, capsys):
     "Every `prepretrain` command of README.md and experiments/README.md, in order, dry or tiny: rc 0 (2 where shown failing)."
-    from prepretrain_lit.report import example_runs
+    from prepretrain_lit._fixtures import example_runs
     monkeypatch.chdir(ROOT)
     example = example_runs(tmp_path / "example")
     commands = documented_commands(ROOT / "README.md") + documented_commands(ROOT / "experiments" / "README.md")

@@ -242,7 +242,7 @@ def test_a_slurm_job_output_shows_the_step_lines(tmp_path, capfd):
 
 
 def test_report_prints_a_compact_results_table(tmp_path):
-    from prepretrain_lit.report import example_runs
+    from prepretrain_lit._fixtures import example_runs
     exp = example_runs(tmp_path / "runs", mae_model=False)
     rc, text, err = cli("report", str(exp), "--out", str(tmp_path / "report"))
     assert rc == 0, err

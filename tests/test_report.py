@@ -1,4 +1,5 @@
-"""The report: run folders -> one tidy table -> figures and an honest summary (nbs/09_report.ipynb)."""
+"""The report: run folders -> one tidy table -> figures and an honest summary (nbs/09a_report_table, 09b_report_summary,
+09c_report_figures, 09d_report; the example run folders of nbs/09_fixtures)."""
 import json
 import math
 from pathlib import Path
@@ -10,9 +11,10 @@ import torch
 
 from prepretrain_lit.config import UserError, load_config, save_config
 from prepretrain_lit.mae import mae_from_config
-from prepretrain_lit.report import (COLUMNS, build_report, compare_convergence, compare_evals, example_runs, gather,
+from prepretrain_lit._fixtures import example_runs, write_stage
+from prepretrain_lit.report import (COLUMNS, build_report, compare_convergence, compare_evals, gather,
                                     held_out_images, load_stage_mae, load_table, make_figures, plot_convergence,
-                                    MissingData, summarize, with_recipe, write_stage)
+                                    MissingData, summarize, with_recipe)
 
 torch.set_num_threads(1)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -380,11 +382,12 @@ def test_dead_and_unfinished_stages_never_enter_a_verdict(tmp_path):
 
 
 def test_save_table_writes_a_csv_when_asked_or_small(tmp_path, monkeypatch):
-    from prepretrain_lit import report
+    from prepretrain_lit import report, report_table
+    assert report.save_table is report_table.save_table                  # re-exported by the report module
     table = gather(example_runs(tmp_path, mae_model=False))
     csv, parquet = report.save_table(table, tmp_path / "a")
     assert csv == tmp_path / "a/results.csv" and csv.is_file()          # a demo-sized table: both
-    monkeypatch.setattr(report, "CSV_MAX_ROWS", 10)
+    monkeypatch.setattr(report_table, "CSV_MAX_ROWS", 10)                # the module save_table reads it from
     csv, parquet = report.save_table(table, tmp_path / "b")
     assert csv is None and not (tmp_path / "b/results.csv").exists()    # a big one: parquet only ...
     csv, _ = report.save_table(table, tmp_path / "c", csv=True)          # ... unless asked
