@@ -170,7 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     try: from prepretrain_lit.report import build_report
-    except ImportError as e: raise UserError(f"the report module is not available ({e}); see nbs/09_report.ipynb") from None
+    except ImportError as e: raise UserError(f"the report module is not available ({e}); see nbs/09d_report.ipynb") from None
     out = build_report(args.run_dirs, out_dir=args.out)
     from prepretrain_lit.report import load_table
     print(results_table(load_table(out["parquet"])))
