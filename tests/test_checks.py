@@ -29,7 +29,7 @@ def check(repo: Path, *steps: str) -> subprocess.CompletedProcess:
 
 
 def first_notebook(repo: Path) -> Path:
-    return repo / "nbs" / "00_config.ipynb"
+    return repo / "nbs" / "00c_config.ipynb"
 
 
 def test_a_clean_copy_passes_sync_and_clean(repo):
@@ -73,7 +73,7 @@ def test_a_notebook_with_outputs_metadata_fails_clean_and_is_left_alone(repo):
     nb_path.write_text(dirty)
     res = check(repo, "clean")
     assert res.returncode == 1
-    assert "FAILED clean" in res.stdout and "nbs/00_config.ipynb" in res.stdout and "make clean-nbs" in res.stdout
+    assert "FAILED clean" in res.stdout and "nbs/00c_config.ipynb" in res.stdout and "make clean-nbs" in res.stdout
     assert nb_path.read_text() == dirty
 
 

@@ -1,4 +1,5 @@
-"""Configs, overrides, YAML, presets, seeding, run folders and provenance: the promises of 00_config."""
+"""Configs, overrides, YAML, presets, seeding, run folders and provenance: the promises of 00a_schema, 00b_presets
+and 00c_config (all importable from `prepretrain_lit.config`)."""
 import json
 import subprocess
 import textwrap
@@ -286,3 +287,11 @@ def test_stage_recipe_survives_a_save_and_reload(tmp_path):
 def test_unknown_stage_lists_the_stages():
     with pytest.raises(ConfigError, match=r"unknown stage 'wps' \(did you mean 'wsp'\?\); valid stages: mae, splitmask, wsp"):
         load_config(stage="wps")
+
+
+def test_config_reexports_every_public_name_of_the_config_chapters():
+    "`prepretrain_lit.config` is the config layer's one import: the chapters before it add to it, they do not move names away."
+    from prepretrain_lit import config, presets, schema
+    for chapter in (schema, presets):
+        for name in chapter.__all__:
+            assert name in config.__all__ and getattr(config, name) is getattr(chapter, name), (chapter.__name__, name)

@@ -358,3 +358,11 @@ def test_cli_build_skips_a_truncated_jpeg_and_reshard_writes_prefix_subsets(tmp_
     assert new.shard_samples == [2, 2, 2, 1] and new.subset_shards("half") == 2 and verify_manifest(new) == []
     assert new.subsets["half"]["threshold"] == built.subsets["half"]["threshold"]
     assert main(["shards", "reshard", str(tmp_path / "re" / "folder.yaml"), "--out", str(tmp_path / "re")]) == 2
+
+
+def test_data_reexports_every_public_name_of_the_data_chapters():
+    "`prepretrain_lit.data` keeps every name of the manifest, built-in dataset and subset chapters it was split into."
+    from prepretrain_lit import data, manifest, render, subsets
+    for chapter in (manifest, render, subsets):
+        for name in chapter.__all__:
+            assert name in data.__all__ and getattr(data, name) is getattr(chapter, name), (chapter.__name__, name)

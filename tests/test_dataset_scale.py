@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 import prepretrain_lit.data as data
+import prepretrain_lit.manifest as manifest_module
 from prepretrain_lit.config import DataConfig, UserError, load_config
 from prepretrain_lit.data import (ManifestError, build_shards, imagefolder_source, in_subset, load_manifest,
                                   nested_subsets, parse_manifest, shapes_source, subset_score, table_source,
@@ -29,12 +30,12 @@ def shapes(tmp_path: Path, n=120, shard_size=30, **kw) -> Path:
 
 
 def count_parses(monkeypatch) -> Counter:
-    "Count `parse_manifest` calls per manifest file (the YAML's resolved path)."
-    counts, real = Counter(), data.parse_manifest
+    "Count `parse_manifest` calls per manifest file (the YAML's resolved path), where `load_manifest` calls it."
+    counts, real = Counter(), manifest_module.parse_manifest
     def counting(fields, path="<manifest>"):
         counts[str(Path(path).resolve())] += 1
         return real(fields, path)
-    monkeypatch.setattr(data, "parse_manifest", counting)
+    monkeypatch.setattr(manifest_module, "parse_manifest", counting)
     return counts
 
 

@@ -16,7 +16,7 @@ def test_layout():
     for folder in ("nbs", "nbs/stages", "prepretrain_lit", "data_manifests", "tests", "experiments", "benchmarks", "tools"):
         assert (ROOT / folder).is_dir(), folder
     for file in ("settings.ini", "setup.py", "environment.yml", "requirements.lock", "Makefile", ".ci/run",
-                 "README.md", "nbs/index.ipynb", "nbs/00_config.ipynb", "LICENSE"):
+                 "README.md", "nbs/index.ipynb", "nbs/00c_config.ipynb", "LICENSE"):
         assert (ROOT / file).is_file(), file
 
 
