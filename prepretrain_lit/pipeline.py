@@ -20,7 +20,7 @@ from .pipeline_spec import check_runs, expand, load_experiment, synthetic_runs
 from .pipeline_plan import change_plan, format_dag, live_state, plan, read_json
 from .pipeline_exec import (Outcome, ended_before_start, format_summary, now, run_local, slurm_job_states,
                                            submit_slurm)
-# and every public name of the chapters before: `prepretrain_lit.pipeline.X` is where users (and the stage notebooks) find them of the chapters before: `prepretrain_lit.pipeline.X` is where users (and the stage notebooks) find them
+# and every public name of the chapters before: `prepretrain_lit.pipeline.X` is where users (and the stage notebooks) find them
 from .pipeline_stage import *
 from .pipeline_spec import *
 from .pipeline_plan import *
