@@ -1,5 +1,5 @@
 """Shipped experiments that are meant to be run on CPU: cpu_study validates (dry-run) and has the shape its
-claims need -- three seeds a point, four sub-studies, every transfer judge (nbs/08_pipeline.ipynb)."""
+claims need -- three seeds a point, four sub-studies, every transfer judge (nbs/08b_pipeline_spec.ipynb)."""
 from collections import Counter
 from pathlib import Path
 
