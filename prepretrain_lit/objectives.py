@@ -13,14 +13,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import trunc_normal_
 
 from .config import InitConfig, ModelConfig, RunConfig, UserError
-from .lit import LiTModel, clip_loss, lit_from_config
+from .lit import clip_loss, lit_from_config
 from .mae import mae_from_config
 from .splitmask import SplitMaskViT, splitmask_from_config
-from .vit import (LayerNorm6, ViT, check_state_dict, init_state_dict, load_init, load_state_dict_file,
-                                 trunk_state_dict)
+from .vit import LayerNorm6, ViT, init_state_dict, load_init   # load_init: re-exported (02_vit)
 
 # %% auto #0
 __all__ = ['OBJECTIVES', 'STAGE_TRANSFORMS', 'DATA_FROM', 'Objective', 'MAEObjective', 'mae_objective', 'SplitMaskObjective',
