@@ -6,7 +6,18 @@
 __all__ = ['MODEL_INIT_STREAM', 'DataBuilder', 'SyntheticImages', 'grad_norm_', 'TrainingDiverged', 'cpu_has_bf16',
            'resolve_precision', 'resolve_compile', 'Trainer', 'memory_mb', 'is_terminal', 'format_duration',
            'StepClock', 'progress_line', 'resume_message', 'build_data', 'build_objective', 'check_data', 'train',
-           'train_worker', 'train_stage']
+           'train_worker', 'train_stage', 'Objective', 'MAEObjective', 'mae_objective', 'splitmask_objective',
+           'OBJECTIVES', 'STAGE_TRANSFORMS', 'DIST_TIMEOUT_ENV', 'DIST_TIMEOUT_S', 'DistInfo', 'first_slurm_host',
+           'slurm_master_port', 'dist_timeout', 'process_placement', 'select_device', 'shared_devices',
+           'check_distinct_gpus', 'setup_distributed', 'cleanup_distributed', 'RankFailed', 'agree',
+           'broadcast_from_main', 'fsdp_policies', 'load_full_state_from_rank0', 'threading_is_main', 'free_port',
+           'omp_threads', 'launch', 'steps_for', 'lr_at', 'param_groups', 'build_optimizer', 'set_lr', 'CKPT',
+           'SHARD_SUMS', 'TEMPORARY', 'EXIT_PREEMPTED', 'EXTEND_ENV', 'EXTENSIONS', 'checkpoint_path',
+           'complete_checkpoints', 'rng_state', 'set_rng_state', 'CheckpointIOError', 'io_error', 'HashingWriter',
+           'file_sha256', 'sidecar', 'save_file_atomic', 'verify_checkpoint_file', 'remove_checkpoint',
+           'remove_stale_temporaries', 'write_status', 'read_status', 'Preempted', 'catch_signals', 'requeues_on',
+           'request_requeue', 'with_steps', 'extension_records', 'extended_from', 'refuse_longer_without_extend',
+           'extend_run']
 
 # %% ../nbs/06d_trainer.ipynb #1b0e6966
 import contextlib
@@ -34,6 +45,19 @@ from .objectives import (DATA_FROM, OBJECTIVES, STAGE_TRANSFORMS, MAEObjective, 
 from .distributed import *
 from .optim import *
 from .checkpoint import *
+# ... and in `from prepretrain_lit.trainer import *`, as before the split
+_all_ = ['Objective', 'MAEObjective', 'mae_objective', 'splitmask_objective', 'OBJECTIVES', 'STAGE_TRANSFORMS',
+          'DIST_TIMEOUT_ENV', 'DIST_TIMEOUT_S', 'DistInfo', 'first_slurm_host', 'slurm_master_port', 'dist_timeout',
+          'process_placement', 'select_device', 'shared_devices', 'check_distinct_gpus', 'setup_distributed',
+          'cleanup_distributed', 'RankFailed', 'agree', 'broadcast_from_main', 'fsdp_policies',
+          'load_full_state_from_rank0', 'threading_is_main', 'free_port', 'omp_threads', 'launch', 'steps_for',
+          'lr_at', 'param_groups', 'build_optimizer', 'set_lr', 'CKPT', 'SHARD_SUMS', 'TEMPORARY', 'EXIT_PREEMPTED',
+          'EXTEND_ENV', 'EXTENSIONS', 'checkpoint_path', 'complete_checkpoints', 'rng_state', 'set_rng_state',
+          'CheckpointIOError', 'io_error', 'HashingWriter', 'file_sha256', 'sidecar', 'save_file_atomic',
+          'verify_checkpoint_file', 'remove_checkpoint', 'remove_stale_temporaries', 'write_status', 'read_status',
+          'Preempted', 'catch_signals', 'requeues_on', 'request_requeue', 'with_steps', 'extension_records',
+          'extended_from', 'refuse_longer_without_extend', 'extend_run']
+
 
 # %% ../nbs/06d_trainer.ipynb #76ad5491
 class SyntheticImages:
