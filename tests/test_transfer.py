@@ -292,3 +292,16 @@ def test_one_finetune_evaluation_loads_each_manifest_once_in_the_evaluation(tmp_
     counts = count_manifest_loads(monkeypatch)
     evaluate("finetune", cfg, tmp_path / "run", progress=False)
     assert counts == {str(test_m.resolve()): 1, str(train_m.resolve()): 3}, counts
+
+
+@pytest.mark.multiproc
+def test_the_linear_probe_trains_in_two_processes_with_its_data_builder(tmp_path, digits_manifests):
+    "`train_stage(..., nprocs=2, data=probe_data)`: the data builder is sent to the launched processes (it pickles)."
+    train_m, test_m = digits_manifests
+    ckpt = _wsp_checkpoint(tmp_path)
+    cfg = load_config(preset="tiny", stage="linear_probe", overrides=TINY_MODEL + [
+        f"init.checkpoint={ckpt}", f"data.dataset={train_m}", f"eval.dataset={test_m}", "data.num_workers=0",
+        "eval.num_workers=0", "train.steps=4", "data.batch_size=32", "train.log_every=2", "train.checkpoint_every=4"])
+    doc = evaluate("linear_probe", cfg, tmp_path / "probe", progress=False, nprocs=2)
+    assert {r["metric"] for r in doc["records"]} == {"top1", "top5"}
+    assert json.loads((tmp_path / "probe" / "status.json").read_text())["state"] == "complete"
