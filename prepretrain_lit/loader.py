@@ -402,10 +402,11 @@ def resolve_manifest(dataset: str, key: str = "data.dataset") -> Path:
 
 def make_loader(data: DataConfig, transform: Callable | None, seed: int = 0, rank: int | None = None,
                 world_size: int | None = None, infinite: bool = False, drop_last: bool = True,
-                pin_memory: bool | None = None) -> StreamLoader:
+                pin_memory: bool | None = None, manifest: Manifest | None = None) -> StreamLoader:
     """A `StreamLoader` for `data` (manifest, subset, batch, workers, shuffle buffer, skip limit, checksums, each
-    rank verifying its share); `pin_memory` defaults to whether CUDA is available."""
-    manifest = load_manifest(resolve_manifest(data.dataset))
+    rank verifying its share); `pin_memory` defaults to whether CUDA is available. `manifest`: `data.dataset`'s
+    manifest when the caller has loaded it already (one load per process), else it is loaded here."""
+    if manifest is None: manifest = load_manifest(resolve_manifest(data.dataset))
     if data.verify_checksums and (problems := verify_across_ranks(manifest, rank, world_size)):
         raise DataQualityError(f"{manifest.path}: {len(problems)} shard(s) fail verification:\n  " + "\n  ".join(problems))
     stream = ShardStream(manifest, transform, data.subset, seed, data.shuffle_buffer, rank, world_size, infinite,

@@ -8,21 +8,104 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import trunc_normal_
 
 from .config import InitConfig, ModelConfig, RunConfig, UserError
-from .trainer import Objective
-from .vit import (LayerNorm6, ViT, check_state_dict, load_state_dict_file, trunk_state_dict)
+from .lit import clip_loss, lit_from_config
+from .mae import mae_from_config
+from .splitmask import SplitMaskViT, splitmask_from_config
+from .vit import LayerNorm6, ViT, init_state_dict, load_init   # load_init: re-exported (02_vit)
 
 # %% auto #0
-__all__ = ['ViTClassifier', 'classifier_from_config', 'init_state_dict', 'load_init', 'multi_hot', 'hashtag_targets',
-           'soft_cross_entropy', 'sparse_wsp_loss', 'wsp_loss', 'hashtag_top1', 'ClassificationObjective',
-           'manifest_of', 'num_outputs', 'classification_objective', 'wsp_objective', 'supervised_objective',
-           'finetune_objective']
+__all__ = ['OBJECTIVES', 'STAGE_TRANSFORMS', 'DATA_FROM', 'Objective', 'MAEObjective', 'mae_objective', 'SplitMaskObjective',
+           'splitmask_objective', 'LiTObjective', 'lit_objective', 'ViTClassifier', 'classifier_from_config',
+           'multi_hot', 'hashtag_targets', 'soft_cross_entropy', 'sparse_wsp_loss', 'wsp_loss', 'hashtag_top1',
+           'ClassificationObjective', 'manifest_of', 'num_outputs', 'classification_objective', 'wsp_objective',
+           'supervised_objective', 'finetune_objective', 'LinearProbe', 'LinearProbeObjective',
+           'linear_probe_objective']
+
+# %% ../nbs/05_objectives.ipynb #4c9ac8c0
+class Objective(nn.Module):
+    "What a stage learns: `forward(batch) -> (loss, logs)`, with the model as `self.model`."
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def no_weight_decay(self) -> set[str]:
+        inner = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        return {f"model.{n}" for n in inner}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        matcher = self.model.group_matcher(coarse)
+        prefix = lambda pattern: pattern.replace("^", r"^model\.")
+        return {k: prefix(v) if isinstance(v, str) else [(prefix(p), o) for p, o in v] for k, v in matcher.items()}
+
+    def blocks(self) -> list[nn.Module]:
+        "The transformer blocks (FSDP shards each one)."
+        return [b for name in ("blocks", "decoder_blocks") for b in getattr(self.model, name, [])]
+
+
+# %% ../nbs/05_objectives.ipynb #60aad133
+class MAEObjective(Objective):
+    "MAE: reconstruct the hidden patches of `batch['image']`."
+    def __init__(self, model: nn.Module, mask_ratio: float = 0.75):
+        super().__init__(model)
+        self.mask_ratio = mask_ratio
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, _, _ = self.model(batch["image"], mask_ratio=self.mask_ratio, noise=batch.get("noise"))
+        return loss, {}
+
+def mae_objective(cfg: RunConfig) -> MAEObjective:
+    return MAEObjective(mae_from_config(cfg.model, cfg.mae), cfg.mae.mask_ratio)
+
+
+# %% ../nbs/05_objectives.ipynb #82e90f51
+class SplitMaskObjective(Objective):
+    "SplitMask as a trainer objective: `forward(batch) -> (loss, logs)`; a batch's `noise` (N, L) fixes the split."
+    def __init__(self, model: SplitMaskViT, tokenizer_images: int = 1024):
+        super().__init__(model)
+        self.tokenizer_images = tokenizer_images
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, parts = self.model(batch["image"], noise=batch.get("noise"))
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    def prepare(self, batches) -> None:
+        "Before training (target=kmeans): fit the tokenizer on the first `tokenizer_images` images of `batches`."
+        if self.model.target != "kmeans": return
+        images, count = [], 0
+        for batch in batches:
+            images.append(batch["image"]); count += len(batch["image"])
+            if count >= self.tokenizer_images: break
+        self.model.fit_tokenizer(torch.cat(images)[:self.tokenizer_images])
+
+def splitmask_objective(cfg: RunConfig) -> SplitMaskObjective:
+    "The `splitmask` stage's objective: `splitmask_from_config`, its tokenizer fitted on `splitmask.kmeans_samples` images."
+    return SplitMaskObjective(splitmask_from_config(cfg.model, cfg.splitmask), cfg.splitmask.kmeans_samples)
+
+
+# %% ../nbs/05_objectives.ipynb #d899b98c
+class LiTObjective(Objective):
+    "LiT as a trainer objective: `forward(batch)` with `image` (N, C, H, W) and `caption` (N strings)."
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        tokens = self.model.tokenize(batch["caption"]).to(batch["image"].device)
+        image_emb, text_emb, scale = self.model(batch["image"], tokens)
+        loss, accuracy = clip_loss(image_emb.float(), text_emb.float(), scale)
+        return loss, {"logit_scale": scale.detach(), "match_accuracy": accuracy.detach()}
+
+    def blocks(self) -> list[nn.Module]:
+        "The text tower's blocks and the locked trunk's (FSDP shards each one)."
+        return list(self.model.text.transformer.resblocks) + list(self.model.image.blocks)
+
+def lit_objective(cfg: RunConfig) -> LiTObjective:
+    "The `lit` stage's objective (`OBJECTIVES['lit']`): `lit_from_config(cfg)` to train."
+    return LiTObjective(lit_from_config(cfg))
 
 # %% ../nbs/05_objectives.ipynb #ae5b6fc0
 class ViTClassifier(ViT):
@@ -58,33 +141,6 @@ def classifier_from_config(m: ModelConfig, num_classes: int, global_pool: bool =
     return ViTClassifier(num_classes, global_pool, head_init_std, img_size=m.img_size, patch_size=m.patch_size,
                          in_chans=m.in_chans, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
                          mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate)
-
-# %% ../nbs/05_objectives.ipynb #9331af89
-def init_state_dict(model: ViT, checkpoint: str | os.PathLike, interpolate_pos_embed: bool = True) -> dict:
-    "The trunk entries of `checkpoint`, adapted to `model`'s pooling and grid (not yet loaded)."
-    raw = load_state_dict_file(checkpoint)
-    sd = trunk_state_dict(raw)
-    has_final_norm = not isinstance(model.norm, nn.Identity)
-    if not has_final_norm: sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
-    elif "norm.weight" not in sd and "fc_norm.weight" in raw:  # trained with average pooling: its norm is fc_norm
-        sd.update({"norm.weight": raw["fc_norm.weight"], "norm.bias": raw["fc_norm.bias"]})
-    pos = sd.get("pos_embed")
-    if pos is not None and pos.shape != model.pos_embed.shape:
-        if not interpolate_pos_embed:
-            raise UserError(f"{checkpoint}: position table {tuple(pos.shape)} does not fit the model's "
-                            f"{tuple(model.pos_embed.shape)} (another image or patch size); set "
-                            "init.interpolate_pos_embed=true to resample it")
-        sd["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=[model.grid_size] * 2, num_prefix_tokens=1)
-    return sd
-
-def load_init(model: ViT, init: InitConfig) -> ViT:
-    "Load `init.checkpoint`'s trunk into `model` (heads, decoders and `fc_norm` keep their own init); returns `model`."
-    if init.checkpoint is None: return model
-    sd = init_state_dict(model, init.checkpoint, init.interpolate_pos_embed)
-    new_parts = ("head.", "fc_norm.", "decoder_", "mask_token", "projector.", "centroids")
-    check_state_dict(model, sd, ignore_missing=new_parts, source=str(init.checkpoint))
-    model.load_state_dict(sd, strict=False)   # every trunk key checked above
-    return model
 
 # %% ../nbs/05_objectives.ipynb #26d80b52
 def multi_hot(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -206,3 +262,51 @@ def supervised_objective(cfg: RunConfig) -> ClassificationObjective:
 def finetune_objective(cfg: RunConfig) -> ClassificationObjective:
     "Full finetuning (MAE's recipe comes from the `finetune` stage recipe: layer decay, drop path, mixup, cutmix)."
     return classification_objective(cfg, "label")
+
+# %% ../nbs/05_objectives.ipynb #bf88cf20
+class LinearProbe(nn.Module):
+    "features (N, D) -> logits (N, C): BatchNorm without affine (MAE's probe), then a linear layer."
+    def __init__(self, dim: int, num_classes: int, init_std: float = 0.01):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(features))
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^bn", blocks=[(r"^head", (0,))])
+
+class LinearProbeObjective(Objective):
+    "Cross-entropy of the probe on `batch['feature']` against `batch['label']`."
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = self.model(batch["feature"])
+        labels = batch["label"]
+        return F.cross_entropy(logits.float(), labels), {"train_top1": (logits.argmax(1) == labels).float().mean() * 100}
+
+def linear_probe_objective(cfg: RunConfig) -> LinearProbeObjective:
+    "The `linear_probe` stage's objective: a probe sized by the trunk width and the training manifest's classes."
+    return LinearProbeObjective(LinearProbe(cfg.model.embed_dim, num_outputs(cfg, "label"), cfg.head.init_std))
+
+
+# %% ../nbs/05_objectives.ipynb #b46fad97
+OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {
+    "mae": mae_objective,
+    "splitmask": splitmask_objective,
+    "wsp": wsp_objective,
+    "supervised": supervised_objective,
+    "finetune": finetune_objective,
+    "linear_probe": linear_probe_objective,
+    "lit": lit_objective,
+}
+STAGE_TRANSFORMS: dict[str, str] = {"mae": "mae", "splitmask": "mae", "wsp": "mae", "supervised": "mae",
+                                    "finetune": "finetune", "lit": "eval"}
+# Stages whose data are not the manifest's images: the trainer needs a data builder for them (`train(..., data=)`),
+# and says where it comes from when none is given.
+DATA_FROM: dict[str, str] = {
+    "linear_probe": "the linear probe trains on the trunk's cached features, not on images: run it as an evaluation, "
+                    "transfer.evaluate('linear_probe', cfg, out_dir) or `prepretrain evaluate linear_probe ...`, which "
+                    "extracts the features and passes them to the trainer (data=transfer.probe_data)"}
+

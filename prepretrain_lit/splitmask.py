@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['split_patches', 'gather_tokens', 'all_gather_with_grad', 'info_nce', 'normalise_patches', 'fit_kmeans',
-           'SplitMaskViT', 'init_linear', 'splitmask_from_config', 'SplitMaskObjective']
+           'SplitMaskViT', 'init_linear', 'splitmask_from_config']
 
 # %% ../nbs/04_splitmask.ipynb #1aa6f7ca
 import torch
@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from .config import ModelConfig, SplitMaskConfig
 from .mae import MaskedAutoencoderViT, patchify
-from .trainer import Objective
 
 # %% ../nbs/04_splitmask.ipynb #f5c9d6bf
 def split_patches(noise: torch.Tensor, ratio: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,23 +141,3 @@ def splitmask_from_config(m: ModelConfig, s: SplitMaskConfig) -> SplitMaskViT:
                         decoder_depth=s.decoder_depth, decoder_num_heads=m.decoder_num_heads, mlp_ratio=m.mlp_ratio,
                         split_ratio=s.split_ratio, target=s.target, kmeans_clusters=s.kmeans_clusters,
                         temperature=s.temperature, infonce_weight=s.infonce_weight, projection_dim=s.projection_dim)
-
-# %% ../nbs/04_splitmask.ipynb #82e90f51
-class SplitMaskObjective(Objective):
-    "SplitMask as a trainer objective: `forward(batch) -> (loss, logs)`; a batch's `noise` (N, L) fixes the split."
-    def __init__(self, model: SplitMaskViT, tokenizer_images: int = 1024):
-        super().__init__(model)
-        self.tokenizer_images = tokenizer_images
-
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        loss, parts = self.model(batch["image"], noise=batch.get("noise"))
-        return loss, {k: v.detach() for k, v in parts.items()}
-
-    def prepare(self, batches) -> None:
-        "Before training (target=kmeans): fit the tokenizer on the first `tokenizer_images` images of `batches`."
-        if self.model.target != "kmeans": return
-        images, count = [], 0
-        for batch in batches:
-            images.append(batch["image"]); count += len(batch["image"])
-            if count >= self.tokenizer_images: break
-        self.model.fit_tokenizer(torch.cat(images)[:self.tokenizer_images])

@@ -23,18 +23,22 @@ import torch.nn.functional as F
 
 from .config import (DataConfig, RunConfig, UserError, atomic_write_text, config_hash, derive_seed,
                                     init_run_folder, write_provenance)
-from .objectives import ViTClassifier, classifier_from_config, load_init
-from .trainer import DistInfo, Objective, complete_checkpoints, train
+from .objectives import (LinearProbe, LinearProbeObjective, ViTClassifier, classifier_from_config,
+                                        linear_probe_objective, load_init)
+from .data import Manifest
+from .lit import LiTModel, load_lit, zeroshot_classifier, zeroshot_scores
+from .trainer import (DistInfo, agree, broadcast_from_main, cleanup_distributed, complete_checkpoints,
+                                     launch, process_placement, setup_distributed, train, train_stage)
 from .vit import ViT, vit_from_config
 
 # %% auto #0
 __all__ = ['RESULTS_SCHEMA_VERSION', 'KINDS', 'EVALUATIONS', 'EVAL_STAGES', 'summarize_records', 'write_results', 'read_results',
            'topk_correct', 'accuracy_records', 'FeatureSet', 'pooled_features', 'eval_loader', 'labelled_manifest',
            'extract_features', 'autocast_on_gpu', 'gather_features', 'trunk_from_config', 'feature_cache_path',
-           'unique_suffix', 'load_features', 'extract_to_cache', 'features_worker', 'cached_features', 'LinearProbe',
-           'LinearProbeObjective', 'FeatureBatches', 'probe_data', 'linear_probe_objective', 'lowshot_indices',
-           'lowshot_evaluate', 'knn_scores', 'knn_evaluate', 'evaluate_classifier', 'load_classifier',
-           'is_main_process', 'train_stage', 'check_evaluation', 'join_job_group', 'evaluate']
+           'unique_suffix', 'load_features', 'extract_to_cache', 'features_worker', 'cached_features', 'FeatureBatches',
+           'probe_data', 'lowshot_indices', 'lowshot_evaluate', 'knn_scores', 'knn_evaluate', 'count_correct',
+           'evaluate_classifier', 'load_classifier', 'zeroshot_manifest', 'zeroshot_accuracy', 'zeroshot_evaluate',
+           'is_main_process', 'check_evaluation', 'join_job_group', 'evaluate']
 
 # %% ../nbs/07_transfer.ipynb #ace8b6cb
 RESULTS_SCHEMA_VERSION = 1
@@ -100,19 +104,21 @@ def pooled_features(trunk: ViT, imgs: torch.Tensor, pool: str = "cls") -> torch.
     return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
 
 def eval_loader(dataset: str, img_size: int, batch_size: int, num_workers: int, seed: int = 0, rank: int = 0,
-                world_size: int = 1):
-    "One pass over rank `rank`'s shards of a labelled manifest with the evaluation transform (every sample, no shuffle)."
+                world_size: int = 1, manifest: Manifest | None = None):
+    """One pass over rank `rank`'s shards of a labelled manifest with the evaluation transform (every sample, no
+    shuffle); `manifest`: `dataset`'s, when the caller has loaded it."""
     from prepretrain_lit.loader import eval_transform, make_loader
     data = DataConfig(dataset=dataset, batch_size=batch_size, num_workers=num_workers, shuffle_buffer=1)
     return make_loader(data, eval_transform(img_size), seed=seed, rank=rank, world_size=world_size, infinite=False,
-                       drop_last=False)
+                       drop_last=False, manifest=manifest)
 
-def labelled_manifest(dataset: str | None, key: str):
-    "The manifest `dataset` names, which must have labels; `key` is the config key, for the error."
+def labelled_manifest(dataset: str | None, key: str, manifest: Manifest | None = None) -> Manifest:
+    """The manifest `dataset` names, which must have labels; `key` is the config key, for the error. `manifest`:
+    the one already loaded (checked, not read again)."""
     from prepretrain_lit.data import load_manifest
     from prepretrain_lit.loader import resolve_manifest
     if dataset is None: raise UserError(f"{key} is not set: name a labelled manifest (e.g. data/digits-test/digits-test.yaml)")
-    m = load_manifest(resolve_manifest(dataset, key))
+    m = manifest if manifest is not None else load_manifest(resolve_manifest(dataset, key))
     if m.label_field is None or not (m.classes or m.num_classes):
         raise UserError(f"{key}={dataset}: the manifest has no labels (label_field and classes), which this evaluation needs")
     return m
@@ -120,15 +126,15 @@ def labelled_manifest(dataset: str | None, key: str):
 @torch.no_grad()
 def extract_features(trunk: ViT, dataset: str, img_size: int, pool: str = "cls", batch_size: int = 256,
                      num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = True, rank: int = 0,
-                     world_size: int = 1) -> FeatureSet:
+                     world_size: int = 1, manifest: Manifest | None = None) -> FeatureSet:
     """Features of rank `rank`'s share of manifest `dataset` (its shards, dealt by rank; all of it with one rank)
     under the frozen `trunk` (eval mode), in key order, keys kept: `gather_features` joins the shares."""
     from tqdm.auto import tqdm
-    m = labelled_manifest(dataset, "dataset")
+    m = labelled_manifest(dataset, "dataset", manifest)
     trunk = trunk.to(device).eval()
     feats, labels, keys = [], [], []
     bar = tqdm(total=m.num_samples // world_size, desc=f"features {m.name}", unit="img", disable=not progress, leave=False)
-    for batch in eval_loader(dataset, img_size, batch_size, num_workers, rank=rank, world_size=world_size):
+    for batch in eval_loader(dataset, img_size, batch_size, num_workers, rank=rank, world_size=world_size, manifest=m):
         with autocast_on_gpu(device):             # bf16 on a GPU: half the memory and time; features kept in fp32
             feats.append(pooled_features(trunk, batch["image"].to(device, non_blocking=True), pool).float().cpu())
         labels.append(batch["label"])
@@ -196,13 +202,13 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
     return FeatureSet(d["features"], d["labels"], d["dataset"], d.get("keys"))
 
 def extract_to_cache(cfg: RunConfig, dataset: str, path: Path, rank: int = 0, world_size: int = 1,
-                     progress: bool = True) -> None:
+                     progress: bool = True, manifest: Manifest | None = None) -> None:
     """Extract rank `rank`'s share of `dataset` into a part file beside `path`; the last rank to finish (every rank
     waits at a barrier when there are several) joins the parts into `path`. With one rank: extract and save."""
     device = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
     if device == "cuda" and world_size > 1: device = f"cuda:{torch.cuda.current_device()}"   # the GPU setup_distributed chose
     fs = extract_features(trunk_from_config(cfg), dataset, cfg.model.img_size, cfg.probe.pool, cfg.eval.batch_size,
-                          cfg.eval.num_workers, device, progress and rank == 0, rank, world_size)
+                          cfg.eval.num_workers, device, progress and rank == 0, rank, world_size, manifest)
     if device != "cpu": torch.cuda.empty_cache()        # the trunk's cached blocks go back before training starts
     if world_size == 1: return _save_features(fs, path)
     parts = [path.with_name(f"{path.stem}.part-{r:05d}-of-{world_size:05d}.pt") for r in range(world_size)]
@@ -215,14 +221,13 @@ def extract_to_cache(cfg: RunConfig, dataset: str, path: Path, rank: int = 0, wo
 
 def features_worker(cfg: RunConfig, dataset: str, path: str) -> str:
     "`extract_to_cache` in each process `launch` starts (gloo on CPU, NCCL on GPUs); returns the cache path."
-    from prepretrain_lit.trainer import cleanup_distributed, setup_distributed
     info = setup_distributed(cfg.train.device)
     try: extract_to_cache(cfg, dataset, Path(path), info.rank, info.world_size, progress=False)
     finally: cleanup_distributed(info)
     return path
 
 def cached_features(cfg: RunConfig, dataset: str, out_dir: str | os.PathLike, progress: bool = True,
-                    nprocs: int = 1) -> FeatureSet:
+                    nprocs: int = 1, manifest: Manifest | None = None) -> FeatureSet:
     """The features of `dataset` under `cfg`'s trunk: read from the cache (memory-mapped), or extracted and cached
     first: by this process, by `nprocs` processes it launches, or, inside a process group, by all its ranks."""
     path = feature_cache_path(cfg, dataset, out_dir)
@@ -232,36 +237,14 @@ def cached_features(cfg: RunConfig, dataset: str, out_dir: str | os.PathLike, pr
         torch.distributed.broadcast_object_list(cached, src=0)
     if not cached[0]:
         if dist and torch.distributed.get_world_size() > 1:
-            extract_to_cache(cfg, dataset, path, torch.distributed.get_rank(), torch.distributed.get_world_size(), progress)
+            extract_to_cache(cfg, dataset, path, torch.distributed.get_rank(), torch.distributed.get_world_size(), progress,
+                             manifest)
         elif nprocs > 1:
-            from prepretrain_lit.trainer import launch
             launch(features_worker, cfg, dataset, str(path), nprocs=nprocs)
-        else: extract_to_cache(cfg, dataset, path, progress=progress)
+        else: extract_to_cache(cfg, dataset, path, progress=progress, manifest=manifest)
     return load_features(path)
 
 # %% ../nbs/07_transfer.ipynb #1a4c8026
-class LinearProbe(nn.Module):
-    "features (N, D) -> logits (N, C): BatchNorm without affine (MAE's probe), then a linear layer."
-    def __init__(self, dim: int, num_classes: int, init_std: float = 0.01):
-        super().__init__()
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=init_std)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.bn(features))
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^bn", blocks=[(r"^head", (0,))])
-
-class LinearProbeObjective(Objective):
-    "Cross-entropy of the probe on `batch['feature']` against `batch['label']`."
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = self.model(batch["feature"])
-        labels = batch["label"]
-        return F.cross_entropy(logits.float(), labels), {"train_top1": (logits.argmax(1) == labels).float().mean() * 100}
-
 class FeatureBatches:
     "Shuffled batches of cached features, a new seeded order each epoch; `batches(start)` resumes exactly."
     def __init__(self, fs: FeatureSet, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -295,11 +278,6 @@ def probe_data(cfg: RunConfig, info: DistInfo, out_dir: str | os.PathLike) -> Fe
     return FeatureBatches(cached_features(cfg, cfg.data.dataset, out_dir, progress=False),
                           cfg.data.batch_size, cfg.seed, info.rank, info.world_size)
 
-def linear_probe_objective(cfg: RunConfig) -> LinearProbeObjective:
-    "The `linear_probe` stage's objective: a probe sized by the trunk width and the training manifest's classes."
-    m = labelled_manifest(cfg.data.dataset, "data.dataset")
-    return LinearProbeObjective(LinearProbe(cfg.model.embed_dim, len(m.classes) if m.classes else m.num_classes,
-                                            cfg.head.init_std))
 
 # %% ../nbs/07_transfer.ipynb #2b7ea68f
 def lowshot_indices(labels: np.ndarray | torch.Tensor, k: int, seed: int) -> np.ndarray:
@@ -350,27 +328,76 @@ def knn_evaluate(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: 
 
 # %% ../nbs/07_transfer.ipynb #fe8692bc
 @torch.no_grad()
-def evaluate_classifier(model: ViTClassifier, dataset: str, img_size: int, batch_size: int = 256,
-                        num_workers: int = 0, device: str | torch.device = "cpu") -> tuple[dict[int, int], int]:
-    "({k: correct}, total) of `model` over every image of manifest `dataset`."
-    model = model.to(device).eval()
+def count_correct(score_fn, loader, device: str | torch.device = "cpu") -> tuple[dict[int, int], int]:
+    """({k: images whose label is in the top k}, images) of `score_fn` (images (N, C, H, W) on `device` -> scores
+    (N, classes)) over every batch of `loader`: the one counting loop of every image-level evaluation."""
     correct: dict[int, int] = {}
     total = 0
-    for batch in eval_loader(dataset, img_size, batch_size, num_workers):
-        scores = model(batch["image"].to(device)).float().cpu()
+    for batch in loader:
+        scores = score_fn(batch["image"].to(device)).float().cpu()
         for k, c in topk_correct(scores, batch["label"]).items(): correct[k] = correct.get(k, 0) + c
         total += len(batch["label"])
     return correct, total
 
-def load_classifier(cfg: RunConfig, path: str | os.PathLike) -> ViTClassifier:
-    "The finetuned classifier of run config `cfg` from `path` (its `model.pt`)."
+def evaluate_classifier(model: ViTClassifier, dataset: str, img_size: int, batch_size: int = 256,
+                        num_workers: int = 0, device: str | torch.device = "cpu",
+                        manifest: Manifest | None = None) -> tuple[dict[int, int], int]:
+    "({k: correct}, total) of `model` over every image of manifest `dataset` (`manifest`, when loaded already)."
+    model = model.to(device).eval()
+    return count_correct(model, eval_loader(dataset, img_size, batch_size, num_workers, manifest=manifest), device)
+
+def load_classifier(cfg: RunConfig, path: str | os.PathLike, manifest: Manifest | None = None) -> ViTClassifier:
+    "The finetuned classifier of run config `cfg` from `path` (its `model.pt`); `manifest`: `data.dataset`'s, if loaded."
     from prepretrain_lit.vit import check_state_dict, load_state_dict_file
-    m = labelled_manifest(cfg.data.dataset, "data.dataset")
+    m = labelled_manifest(cfg.data.dataset, "data.dataset", manifest)
     model = classifier_from_config(cfg.model, len(m.classes) if m.classes else m.num_classes, cfg.head.global_pool)
     sd = load_state_dict_file(path)
     check_state_dict(model, sd, source=str(path))
     model.load_state_dict(sd)
     return model
+
+# %% ../nbs/07_transfer.ipynb #75555d72
+def zeroshot_manifest(cfg: RunConfig):
+    "The labelled test manifest `cfg.eval.dataset`, which must name its classes (the prompts are made of them)."
+    if cfg.eval.dataset is None:
+        raise UserError("eval.dataset is not set: the zero-shot evaluation needs a labelled test manifest "
+                        "(e.g. eval.dataset=data/digits-test/digits-test.yaml)")
+    manifest = labelled_manifest(cfg.eval.dataset, "eval.dataset")
+    if not manifest.classes:
+        raise UserError(f"{manifest.path}: the manifest names no 'classes'; zero-shot classification needs the class "
+                        "names to build its prompts")
+    return manifest
+
+@torch.no_grad()
+def zeroshot_accuracy(model: LiTModel, cfg: RunConfig, device: torch.device | str = "cpu",
+                      manifest: Manifest | None = None) -> dict[str, float]:
+    """Top-1 (and top-5 when there are more than 5 classes) zero-shot accuracy in percent on `cfg.eval.dataset`
+    (`manifest`, when the caller has it)."""
+    manifest = manifest or zeroshot_manifest(cfg)
+    model = model.to(device).eval()
+    classifier = zeroshot_classifier(model, manifest.classes, cfg.lit.templates)
+    loader = eval_loader(cfg.eval.dataset, cfg.model.img_size, cfg.eval.batch_size, cfg.eval.num_workers, cfg.seed,
+                         manifest=manifest)
+    correct, seen = count_correct(lambda images: zeroshot_scores(model, images, classifier), loader, device)
+    if not seen: raise UserError(f"{cfg.eval.dataset}: no images to evaluate")
+    return {f"top{k}": 100.0 * c / seen for k, c in sorted(correct.items())}
+
+def zeroshot_evaluate(cfg: RunConfig, out_dir: str | os.PathLike, progress: bool = True, nprocs: int = 1,
+                      manifest: Manifest | None = None) -> dict:
+    """Train LiT on `cfg.data` into `out_dir` (in `nprocs` processes), then classify `cfg.eval.dataset` zero-shot
+    in this one (rank 0 of a job whose every task runs it: the others return no records); writes and returns the
+    `results.json` document."""
+    manifest = manifest or zeroshot_manifest(cfg)                  # fail before training, not after
+    out = Path(out_dir)
+    train_stage("lit", cfg, out, progress, nprocs)
+    if not is_main_process(): return {"records": []}
+    metrics = zeroshot_accuracy(load_lit(cfg, out / "model.pt"), cfg, _device(cfg), manifest)
+    records = [{"metric": name, "value": value, "seed": cfg.seed, "shots": None, "step": cfg.train.steps}
+               for name, value in metrics.items()]
+    write_results(out, kind="zeroshot", dataset=manifest.name, records=records, init=cfg.init.checkpoint,
+                  train_dataset=None, cfg=cfg)
+    return json.loads((out / "results.json").read_text())
+
 
 # %% ../nbs/07_transfer.ipynb #dc32213c
 def is_main_process() -> bool:
@@ -384,76 +411,73 @@ def _last_step(out: Path) -> int | None:
     found = complete_checkpoints(out / "checkpoints")
     return found[-1][0] if found else None
 
-def train_stage(stage: str, cfg: RunConfig, out: Path, progress: bool = True, nprocs: int = 1) -> None:
-    "`trainer.train` in this process, or in `nprocs` processes through `launch` (all GPUs of a node)."
-    if nprocs > 1:
-        from prepretrain_lit.trainer import launch, train_worker
-        launch(train_worker, stage, cfg, str(out), nprocs=nprocs)
-    else: train(stage, cfg, out, progress=progress)
-
-def _finetune(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
+def _finetune(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
+    m = manifests or check_evaluation("finetune", cfg)
     train_stage("finetune", cfg, out, progress, nprocs)
     if not is_main_process(): return []                     # rank 0 runs the test pass
-    model = load_classifier(cfg, out / "model.pt")
+    model = load_classifier(cfg, out / "model.pt", m["data"])
     correct, total = evaluate_classifier(model, cfg.eval.dataset, cfg.model.img_size, cfg.eval.batch_size,
-                                         cfg.eval.num_workers, _device(cfg))
+                                         cfg.eval.num_workers, _device(cfg), m["eval"])
     return accuracy_records(correct, total, seed=cfg.seed, step=cfg.train.steps)
 
-def _linear_probe(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
-    cached_features(cfg, cfg.data.dataset, out, progress, nprocs)   # extract once, before the (possibly parallel) training,
-    test = cached_features(cfg, cfg.eval.dataset, out, progress, nprocs)   # in the ranks: this process keeps no GPU
-    train_stage("linear_probe", cfg, out, progress, nprocs)
+def _linear_probe(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
+    m = manifests or check_evaluation("linear_probe", cfg)
+    cached_features(cfg, cfg.data.dataset, out, progress, nprocs, m["data"])   # extract once, before the (possibly
+    test = cached_features(cfg, cfg.eval.dataset, out, progress, nprocs, m["eval"])   # parallel) training, in the ranks
+    train_stage("linear_probe", cfg, out, progress, nprocs, data=probe_data)   # the probe trains on the cached features
     if not is_main_process(): return []
     from prepretrain_lit.vit import load_state_dict_file
-    probe = LinearProbe(test.features.shape[1], int(linear_probe_objective(cfg).model.head.out_features))
+    probe = LinearProbe(test.features.shape[1], len(m["data"].classes) if m["data"].classes else m["data"].num_classes)
     probe.load_state_dict(load_state_dict_file(out / "model.pt"))
     with torch.no_grad(): scores = probe.eval()(test.features)
     return accuracy_records(topk_correct(scores, test.labels), len(test), seed=cfg.seed, step=cfg.train.steps)
 
-def _frozen_features(cfg: RunConfig, out: Path, progress: bool, nprocs: int) -> tuple[FeatureSet, FeatureSet]:
+def _frozen_features(cfg: RunConfig, out: Path, progress: bool, nprocs: int,
+                     manifests: dict | None = None) -> tuple[FeatureSet, FeatureSet]:
     "The run folder (by rank 0) and the train and test features (extracted by every rank, or `nprocs` processes)."
+    m = manifests or {"data": None, "eval": None}
     if is_main_process():
         init_run_folder(cfg, out)
         write_provenance(out, cfg)
-    return (cached_features(cfg, cfg.data.dataset, out, progress, nprocs),
-            cached_features(cfg, cfg.eval.dataset, out, progress, nprocs))
+    return (cached_features(cfg, cfg.data.dataset, out, progress, nprocs, m["data"]),
+            cached_features(cfg, cfg.eval.dataset, out, progress, nprocs, m["eval"]))
 
-def _lowshot(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
-    train_fs, test_fs = _frozen_features(cfg, out, progress, nprocs)
+def _lowshot(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
+    train_fs, test_fs = _frozen_features(cfg, out, progress, nprocs, manifests)
     if not is_main_process(): return []
     return lowshot_evaluate(train_fs, test_fs, cfg.probe.shots, cfg.probe.splits, cfg.probe.lowshot_c)
 
-def _knn(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
-    train_fs, test_fs = _frozen_features(cfg, out, progress, nprocs)
+def _knn(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
+    train_fs, test_fs = _frozen_features(cfg, out, progress, nprocs, manifests)
     if not is_main_process(): return []
     return knn_evaluate(train_fs, test_fs, cfg.probe.knn_k, cfg.probe.knn_temperature, seed=cfg.seed)
 
-def _zeroshot(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1) -> list[dict]:
-    from prepretrain_lit.lit import zeroshot_evaluate
-    return zeroshot_evaluate(cfg, out, progress=progress, nprocs=nprocs)["records"]
+def _zeroshot(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
+    return zeroshot_evaluate(cfg, out, progress, nprocs, (manifests or {}).get("eval"))["records"]
 
 EVALUATIONS = {"finetune": _finetune, "linear_probe": _linear_probe, "lowshot": _lowshot, "knn": _knn,
                "zeroshot": _zeroshot}
 EVAL_STAGES = {"finetune": "finetune", "linear_probe": "linear_probe", "lowshot": "lowshot", "knn": "knn",
                "zeroshot": "lit"}
 
-def check_evaluation(kind: str, cfg: RunConfig) -> None:
-    "Refuse, before any compute, an evaluation that cannot run: unknown kind, missing or unlabelled sets, no trunk file."
+def check_evaluation(kind: str, cfg: RunConfig) -> dict[str, Manifest | None]:
+    """Refuse, before any compute, an evaluation that cannot run: unknown kind, missing or unlabelled sets, no trunk
+    file. Returns the manifests it loaded, {'eval': ..., 'data': ... (None for zero-shot)}: the evaluation's only loads."""
     if kind not in EVALUATIONS: raise UserError(f"unknown evaluation '{kind}'; evaluations: {', '.join(EVALUATIONS)}")
     if cfg.stage is not None and cfg.stage != EVAL_STAGES[kind]:
         raise UserError(f"the config was made for stage '{cfg.stage}', evaluation '{kind}' needs stage "
                         f"'{EVAL_STAGES[kind]}': load_config(..., stage='{EVAL_STAGES[kind]}')")
     cfg.check()
-    labelled_manifest(cfg.eval.dataset, "eval.dataset")
-    if kind != "zeroshot": labelled_manifest(cfg.data.dataset, "data.dataset")
+    manifests = {"eval": zeroshot_manifest(cfg) if kind == "zeroshot" else labelled_manifest(cfg.eval.dataset, "eval.dataset"),
+                 "data": None if kind == "zeroshot" else labelled_manifest(cfg.data.dataset, "data.dataset")}
     if cfg.init.checkpoint is not None and not Path(cfg.init.checkpoint).is_file():
         raise UserError(f"init.checkpoint={cfg.init.checkpoint}: no such file (has the stage that writes it finished?)")
+    return manifests
 
 def join_job_group(cfg: RunConfig) -> DistInfo | None:
     """The process group of a job whose every task runs this evaluation (SLURM tasks on several nodes, torchrun):
     joined here, for the whole evaluation, so the ranks share the feature extraction and only rank 0 evaluates and
     writes. None in one process, or when a group is already set up."""
-    from prepretrain_lit.trainer import process_placement, setup_distributed
     if torch.distributed.is_available() and torch.distributed.is_initialized(): return None
     if process_placement(os.environ)[1] <= 1: return None
     return setup_distributed(cfg.train.device)
@@ -469,8 +493,7 @@ def evaluate(kind: str, cfg: RunConfig, out_dir: str | os.PathLike, progress: bo
     """Run evaluation `kind` with `cfg` into `out_dir`; write and return its `results.json` document. Training
     (finetune, linear probe, LiT) runs in `nprocs` processes, or in every task of the job; so does the feature
     extraction; the test pass and the writing in one process (rank 0)."""
-    from prepretrain_lit.trainer import agree, broadcast_from_main, cleanup_distributed
-    check_evaluation(kind, cfg)
+    manifests = check_evaluation(kind, cfg)      # loaded once, passed down
     info = join_job_group(cfg)
     group = info or _group_info()
     try:
@@ -479,12 +502,12 @@ def evaluate(kind: str, cfg: RunConfig, out_dir: str | os.PathLike, progress: bo
         doc = read_results(done) if group.is_main and done.is_file() else None
         doc = broadcast_from_main(doc if doc is not None and doc["config_hash"] == config_hash(cfg) else None, group)
         if doc is not None: return doc
-        records = EVALUATIONS[kind](cfg, out, progress, nprocs)
+        records = EVALUATIONS[kind](cfg, out, progress, nprocs, manifests)
         error, doc = None, None
         if group.is_main:
             try:
-                test_name = labelled_manifest(cfg.eval.dataset, "eval.dataset").name
-                train_name = None if kind == "zeroshot" else labelled_manifest(cfg.data.dataset, "data.dataset").name
+                test_name = manifests["eval"].name
+                train_name = None if manifests["data"] is None else manifests["data"].name
                 path = write_results(out, kind, test_name, records, cfg.init.checkpoint, train_name, cfg)
                 if kind in ("lowshot", "knn"):                   # no trainer ran: say the stage is done
                     atomic_write_text(out / "status.json", json.dumps({"state": "complete", "step": 0, "message": ""}) + "\n")

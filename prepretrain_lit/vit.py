@@ -7,10 +7,11 @@ __all__ = ['LayerNorm6', 'VIT_SIZES', 'vit_tiny_patch16', 'vit_small_patch16', '
            'vit_huge_patch14', 'vit_2b_patch14', 'vit_6_5b_patch14', 'DECODER_PREFIXES', 'HEAD_PREFIXES', 'sincos_1d',
            'sincos_pos_embed_2d', 'init_linear_and_norm', 'init_patch_embed', 'run_blocks', 'ViT', 'vit_from_config',
            'CheckpointMismatchError', 'load_state_dict_file', 'check_state_dict', 'trunk_state_dict', 'load_trunk',
-           'save_trunk']
+           'save_trunk', 'init_state_dict', 'load_init']
 
 # %% ../nbs/02_vit.ipynb #4aeac87f
 import argparse
+import os
 import pickle
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ from timm.layers import resample_abs_pos_embed
 from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block, PatchEmbed
 
-from .config import ModelConfig, UserError
+from .config import InitConfig, ModelConfig, UserError
 
 # %% ../nbs/02_vit.ipynb #55676f31
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -236,3 +237,30 @@ def save_trunk(model: nn.Module, path: str | Path, metadata: Mapping[str, str] |
     sd = {k: v.detach().cpu().contiguous() for k, v in trunk_state_dict(model.state_dict()).items()}
     save_file(sd, str(path), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
     return path
+
+# %% ../nbs/02_vit.ipynb #9331af89
+def init_state_dict(model: ViT, checkpoint: str | os.PathLike, interpolate_pos_embed: bool = True) -> dict:
+    "The trunk entries of `checkpoint`, adapted to `model`'s pooling and grid (not yet loaded)."
+    raw = load_state_dict_file(checkpoint)
+    sd = trunk_state_dict(raw)
+    has_final_norm = not isinstance(model.norm, nn.Identity)
+    if not has_final_norm: sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+    elif "norm.weight" not in sd and "fc_norm.weight" in raw:  # trained with average pooling: its norm is fc_norm
+        sd.update({"norm.weight": raw["fc_norm.weight"], "norm.bias": raw["fc_norm.bias"]})
+    pos = sd.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape:
+        if not interpolate_pos_embed:
+            raise UserError(f"{checkpoint}: position table {tuple(pos.shape)} does not fit the model's "
+                            f"{tuple(model.pos_embed.shape)} (another image or patch size); set "
+                            "init.interpolate_pos_embed=true to resample it")
+        sd["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=[model.grid_size] * 2, num_prefix_tokens=1)
+    return sd
+
+def load_init(model: ViT, init: InitConfig) -> ViT:
+    "Load `init.checkpoint`'s trunk into `model` (heads, decoders and `fc_norm` keep their own init); returns `model`."
+    if init.checkpoint is None: return model
+    sd = init_state_dict(model, init.checkpoint, init.interpolate_pos_embed)
+    new_parts = ("head.", "fc_norm.", "decoder_", "mask_token", "projector.", "centroids")
+    check_state_dict(model, sd, ignore_missing=new_parts, source=str(init.checkpoint))
+    model.load_state_dict(sd, strict=False)   # every trunk key checked above
+    return model

@@ -223,7 +223,9 @@ def test_fsdp_bf16_computes_targets_noise_and_losses_in_fp32(tmp_path):
 def stages_worker(jobs: list) -> list:
     "Train each (stage, cfg, out_dir) of `jobs` in one process group (set up here and kept across the runs)."
     info = T.setup_distributed("cpu")
-    try: return [T.train(stage, cfg, out, progress=False)["loss"] for stage, cfg, out in jobs]
+    from prepretrain_lit.transfer import probe_data        # the linear probe trains on cached features
+    try: return [T.train(stage, cfg, out, progress=False, data=probe_data if stage == "linear_probe" else None)["loss"]
+                 for stage, cfg, out in jobs]
     finally: T.cleanup_distributed(info)
 
 

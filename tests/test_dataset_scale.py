@@ -53,7 +53,7 @@ def test_a_whole_training_parses_its_manifest_once(tmp_path, monkeypatch):
 
 
 def test_a_whole_zero_shot_evaluation_parses_each_manifest_once(tmp_path, monkeypatch):
-    from prepretrain_lit import lit
+    from prepretrain_lit import transfer
     train_m = shapes(tmp_path / "train", n=64, shard_size=32)
     test_m = build_shards(shapes_source(40, seed=1, size=16), tmp_path / "test", shard_size=40, fmt="png", progress=False)
     counts = count_parses(monkeypatch)
@@ -63,7 +63,7 @@ def test_a_whole_zero_shot_evaluation_parses_each_manifest_once(tmp_path, monkey
         "data.batch_size=8", "train.steps=2", "train.checkpoint_every=2", "train.log_every=1"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lit.zeroshot_evaluate(cfg, tmp_path / "run", progress=False)
+        transfer.zeroshot_evaluate(cfg, tmp_path / "run", progress=False)
     assert counts == {str(train_m.resolve()): 1, str(test_m.resolve()): 1}
 
 

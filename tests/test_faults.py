@@ -266,8 +266,8 @@ def rank1_fails_at_batch(out_dir: str, fail_at: int) -> dict:
             for i, batch in enumerate(self.data.batches(start)):
                 if i == fail_at: raise DataQualityError("3 of 4 samples of shard 7 are bad (limit 1%)")
                 yield batch
-    def build(stage, cfg, info, out=None):
-        data = real(stage, cfg, info, out)
+    def build(stage, cfg, info, out=None, data=None):
+        data = real(stage, cfg, info, out, data)
         return RottenOnRank1(data) if info.rank == 1 and info.world_size == 2 else data
     T.build_data = build
     return T.train_worker("mae", tiny("train.steps=6", "data.batch_size=4", "train.log_every=2"), out_dir)

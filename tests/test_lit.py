@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prepretrain_lit import lit
+from prepretrain_lit import lit, transfer
 from prepretrain_lit.config import UserError, load_config
+from prepretrain_lit.objectives import lit_objective
 from prepretrain_lit.data import COLORS, Source, build_shards, render_shapes, shapes_source
 from prepretrain_lit.trainer import build_optimizer, launch
 from prepretrain_lit.vit import CheckpointMismatchError, ViT, vit_from_config
@@ -112,7 +113,7 @@ def test_the_text_feature_is_read_at_the_end_token():
 
 def test_the_image_tower_stays_locked_through_an_optimizer_step():
     cfg = tiny_cfg("optim.lr=1e-2", "model.img_size=16", "model.patch_size=8")
-    objective = lit.lit_objective(cfg).train()
+    objective = lit_objective(cfg).train()
     model = objective.model
     assert not model.image.training and model.text.training      # .train() keeps the locked tower in eval mode
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -133,7 +134,7 @@ def test_the_image_tower_stays_locked_through_an_optimizer_step():
 
 def test_no_weight_decay_on_the_scale_positions_and_1d_parameters():
     cfg = tiny_cfg("model.img_size=16", "model.patch_size=8")
-    objective = lit.lit_objective(cfg)
+    objective = lit_objective(cfg)
     optimizer = build_optimizer(objective, cfg, 1e-3, torch.device("cpu"))
     names = {id(p): n for n, p in objective.named_parameters()}
     no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -194,7 +195,7 @@ def test_the_avg_pool_reads_the_patch_tokens():
 
 def test_zeroshot_needs_a_labelled_eval_dataset(tmp_path):
     with pytest.raises(UserError, match="eval.dataset"):
-        lit.zeroshot_evaluate(tiny_cfg(), tmp_path / "run")
+        transfer.zeroshot_evaluate(tiny_cfg(), tmp_path / "run")
     assert not (tmp_path / "run").exists()                        # it failed before training
 
 
@@ -216,7 +217,7 @@ def test_a_tiny_lit_run_names_colours_zero_shot(tmp_path):
         f"eval.dataset={test_manifest}", "data.num_workers=0", "eval.num_workers=0", "train.steps=120",
         "train.checkpoint_every=120", "train.log_every=10", "optim.lr=2e-3", "lit.templates=['a large {}.']"])
     with pytest.warns(UserWarning, match="random locked image tower"):
-        results = lit.zeroshot_evaluate(cfg, tmp_path / "run", progress=False)
+        results = transfer.zeroshot_evaluate(cfg, tmp_path / "run", progress=False)
     curve = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert curve[-1]["loss"] < curve[0]["loss"] - 0.5
     assert results == json.loads((tmp_path / "run" / "results.json").read_text())
@@ -229,4 +230,4 @@ def test_a_tiny_lit_run_names_colours_zero_shot(tmp_path):
     assert top1 > 2 * 100 / 8, f"zero-shot colour accuracy {top1:.1f}% is not clearly above chance (12.5%)"
     # the trained model.pt reloads into the same numbers
     model = lit.load_lit(cfg, tmp_path / "run" / "model.pt")
-    assert lit.zeroshot_accuracy(model, cfg)["top1"] == pytest.approx(top1)
+    assert transfer.zeroshot_accuracy(model, cfg)["top1"] == pytest.approx(top1)

@@ -355,3 +355,14 @@ def test_fsdp_resumes_exactly_from_its_sharded_checkpoint(tmp_path):
     assert losses(tmp_path) == pytest.approx(curve, rel=1e-6)
     for name, value in weights(tmp_path).items():
         torch.testing.assert_close(value, whole[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_the_linear_probe_without_a_data_builder_is_refused_naming_the_evaluation(tmp_path):
+    "The trainer knows no stage by name: the linear probe's data (cached features) come from `data=`, or it says where."
+    from prepretrain_lit.config import UserError, load_config
+    from prepretrain_lit.trainer import train, train_stage
+    cfg = load_config(preset="tiny", stage="linear_probe")
+    for run in (lambda: train("linear_probe", cfg, tmp_path / "a"), lambda: train_stage("linear_probe", cfg, tmp_path / "b", nprocs=2)):
+        with pytest.raises(UserError, match=r"cached features.*evaluate\('linear_probe'.*prepretrain evaluate linear_probe"):
+            run()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()      # refused before anything is written

@@ -1,6 +1,7 @@
 """Transfer evaluations: the results schema, accuracy, the linear probe, low-shot splits, feature caching, and
 each evaluation loading a WSP checkpoint by path and writing results.json."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,3 +248,60 @@ def test_light_transform_never_mirrors_and_is_chosen_by_data_transform():
     assert load_config(preset="tiny", stage="finetune", overrides=["data.transform=light"]).data.transform == "light"
     with pytest.raises(ConfigError, match="unknown data.transform 'heavy'"):
         load_config(preset="tiny", overrides=["data.transform=heavy"])
+
+
+def count_manifest_loads(monkeypatch) -> dict:
+    "Count `load_manifest` calls by manifest path, wherever they are made (data's own name and the loader's import)."
+    import collections
+    import prepretrain_lit.data as data
+    import prepretrain_lit.loader as loader
+    counts, real = collections.Counter(), data.load_manifest
+    def counting(path, *args, **kwargs):
+        counts[str(Path(path).resolve())] += 1
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(data, "load_manifest", counting)
+    monkeypatch.setattr(loader, "load_manifest", counting)
+    return counts
+
+
+def test_one_zeroshot_evaluation_loads_its_test_manifest_once(tmp_path, monkeypatch):
+    "The zero-shot evaluation loaded its test manifest five times (check, eval_manifest twice, loader, results)."
+    import warnings
+    from prepretrain_lit.data import build_shards, shapes_source
+    train_m = build_shards(shapes_source(32, size=16), tmp_path / "train", shard_size=32, progress=False)
+    test_m = build_shards(shapes_source(16, seed=1, size=16), tmp_path / "test", shard_size=16, progress=False)
+    cfg = load_config(preset="tiny", stage="lit", overrides=TINY_MODEL + [
+        "lit.embed_dim=16", "lit.text_width=16", "lit.text_layers=1", "lit.text_heads=2", "lit.context_length=16",
+        f"data.dataset={train_m}", f"eval.dataset={test_m}", "data.num_workers=0", "eval.num_workers=0",
+        "data.batch_size=8", "train.steps=1", "train.checkpoint_every=1", "train.log_every=1"])
+    counts = count_manifest_loads(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # the random locked tower
+        evaluate("zeroshot", cfg, tmp_path / "run", progress=False)
+    assert counts == {str(test_m.resolve()): 1, str(train_m.resolve()): 1}, counts   # the trainer's loader: 1
+
+
+def test_one_finetune_evaluation_loads_each_manifest_once_in_the_evaluation(tmp_path, digits_manifests, monkeypatch):
+    """The evaluation loads its test and training manifests once and passes them down (it loaded the test set 3 times,
+    the training set 5); the trainer's stage, which may run in other processes, reads the training set for itself:
+    the head's size (the objective) and the loader."""
+    train_m, test_m = digits_manifests
+    cfg = load_config(preset="tiny", stage="finetune", overrides=TINY_MODEL + [
+        f"data.dataset={train_m}", f"eval.dataset={test_m}", "data.num_workers=0", "eval.num_workers=0",
+        "data.batch_size=16", "eval.batch_size=256", "train.steps=1", "train.checkpoint_every=1", "train.log_every=1"])
+    counts = count_manifest_loads(monkeypatch)
+    evaluate("finetune", cfg, tmp_path / "run", progress=False)
+    assert counts == {str(test_m.resolve()): 1, str(train_m.resolve()): 3}, counts
+
+
+@pytest.mark.multiproc
+def test_the_linear_probe_trains_in_two_processes_with_its_data_builder(tmp_path, digits_manifests):
+    "`train_stage(..., nprocs=2, data=probe_data)`: the data builder is sent to the launched processes (it pickles)."
+    train_m, test_m = digits_manifests
+    ckpt = _wsp_checkpoint(tmp_path)
+    cfg = load_config(preset="tiny", stage="linear_probe", overrides=TINY_MODEL + [
+        f"init.checkpoint={ckpt}", f"data.dataset={train_m}", f"eval.dataset={test_m}", "data.num_workers=0",
+        "eval.num_workers=0", "train.steps=4", "data.batch_size=32", "train.log_every=2", "train.checkpoint_every=4"])
+    doc = evaluate("linear_probe", cfg, tmp_path / "probe", progress=False, nprocs=2)
+    assert {r["metric"] for r in doc["records"]} == {"top1", "top5"}
+    assert json.loads((tmp_path / "probe" / "status.json").read_text())["state"] == "complete"
