@@ -8,7 +8,7 @@ __all__ = ['CKPT', 'SHARD_SUMS', 'TEMPORARY', 'EXIT_PREEMPTED', 'EXTEND_ENV', 'E
            'file_sha256', 'sidecar', 'save_file_atomic', 'verify_checkpoint_file', 'remove_checkpoint',
            'remove_stale_temporaries', 'write_status', 'read_status', 'Preempted', 'catch_signals', 'requeues_on',
            'request_requeue', 'with_steps', 'extension_records', 'extended_from', 'refuse_longer_without_extend',
-           'extend_run']
+           'extend_run', 'is_terminal', 'format_duration', 'StepClock', 'progress_line', 'resume_message']
 
 # %% ../nbs/06b_checkpoint.ipynb #84ceb924
 import contextlib
@@ -256,4 +256,40 @@ def extend_run(cfg: RunConfig, out: Path) -> dict | None:
     save_config(cfg, out / "config.yaml")
     print(f"extending {out}: train.steps {old.train.steps} -> {cfg.train.steps}, from step {record['from_step']}", flush=True)
     return record
+
+
+# %% ../nbs/06b_checkpoint.ipynb #f0110a02
+import math
+import sys
+
+def is_terminal() -> bool:
+    "Whether a person watches this process's stderr on a terminal (where a tqdm bar redraws in place)."
+    try: return sys.stderr.isatty()
+    except (AttributeError, ValueError): return False
+
+def format_duration(seconds: float) -> str:
+    "`3725.2` -> `'1:02:05'`."
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+class StepClock:
+    "Wall time per step since `start_step` (this invocation), for the time left to `total`."
+    def __init__(self, start_step: int, total: int):
+        self.start_step, self.total, self.tic = start_step, total, time.perf_counter()
+    def eta(self, step: int) -> float:
+        done = step - self.start_step
+        return (time.perf_counter() - self.tic) / done * (self.total - step) if done > 0 else float("nan")
+
+def progress_line(last: dict, total: int, eta_s: float) -> str:
+    "One log line of a metrics record: `step 20/30  loss 0.8713  lr 1.500e-04  412.3 img/s  ETA 0:00:04`."
+    eta = format_duration(eta_s) if math.isfinite(eta_s) else "?"
+    return (f"step {last['step']}/{total}  loss {last['loss']:.4f}  lr {last['lr']:.3e}  "
+            f"{last['images_per_s']:.1f} img/s  ETA {eta}")
+
+def resume_message(state: dict, total: int) -> str:
+    "What a resume prints: `resumed from step 12 of 24 (extended from 12 steps)`."
+    step, planned = state["step"], state.get("schedule", {}).get("total", total)
+    extended = f" (extended from {planned} steps)" if planned != total else ""
+    done = ": the run is complete" if step >= total else ""
+    return f"resumed from step {step} of {total}{extended}{done}"
 

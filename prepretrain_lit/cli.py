@@ -115,9 +115,11 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 # %% ../nbs/10_cli.ipynb #155afe77
 def cmd_train(args: argparse.Namespace) -> int:
     from prepretrain_lit.config import unknown_choice
+    from prepretrain_lit.objectives import DATA_FROM
     from prepretrain_lit.trainer import EXIT_PREEMPTED, OBJECTIVES, Preempted, train
     from prepretrain_lit.transfer import EVAL_STAGES
-    if args.stage not in OBJECTIVES:        # the stages `train` runs, not every recipe (lowshot and knn train nothing)
+    # the stages `train` runs, not every recipe: lowshot and knn train nothing, the probe trains on cached features
+    if args.stage not in OBJECTIVES or args.stage in DATA_FROM:
         if args.stage in EVAL_STAGES:
             raise UserError(f"'{args.stage}' is an evaluation: run `prepretrain evaluate {args.stage} ...`")
         raise UserError(f"{unknown_choice('stage', args.stage, OBJECTIVES)}; evaluations (knn, lowshot, ...) run with "

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PACKAGE', 'REPO', 'SHIPPED', 'STAGES_DIR', 'STAGE_OF_KIND', 'TRAINING_KINDS', 'EVAL_KINDS', 'Param',
            'unknown_parameter', 'parameters_cell', 'notebook_parameters', 'write_stage_notebook', 'world_size',
-           'stage_config', 'train_stage', 'plot_metrics', 'param_type', 'check_value', 'injected_names',
-           'stage_parameters', 'kind_config', 'notebook_defaults']
+           'stage_config', 'plot_metrics', 'param_type', 'check_value', 'injected_names', 'stage_parameters',
+           'kind_config', 'notebook_defaults', 'train_stage']
 
 # %% ../nbs/08a_pipeline_stage.ipynb #677cfb21
 import ast
@@ -113,11 +113,8 @@ def stage_config(stage: str, preset: str | None = None, dataset: str | None = No
         cfg = load_config(preset=preset, overrides=items + [f"train.steps={steps_for(epochs, n, batch)}"], stage=stage)
     return cfg
 
-def train_stage(stage: str, cfg, out_dir: str | os.PathLike, nprocs: int = 1) -> dict:
-    "Train `stage` into `out_dir`: in this process, or `nprocs` processes on this node (one per GPU)."
-    from prepretrain_lit.trainer import launch, train, train_worker
-    if nprocs <= 1: return train(stage, cfg, out_dir)
-    return launch(train_worker, stage, cfg, str(out_dir), nprocs=nprocs)[0]
+from .trainer import train_stage   # the one launcher (06d_trainer): this process, or `nprocs` on this node
+_all_ = ['train_stage']
 
 def plot_metrics(out_dir: str | os.PathLike, keys: Sequence[str] = ("loss",)):
     "The curves of `keys` against the step, from the run's `metrics.jsonl`; returns the figure."

@@ -4,12 +4,11 @@
 
 # %% auto #0
 __all__ = ['MODEL_INIT_STREAM', 'DataBuilder', 'SyntheticImages', 'grad_norm_', 'TrainingDiverged', 'cpu_has_bf16',
-           'resolve_precision', 'resolve_compile', 'Trainer', 'memory_mb', 'is_terminal', 'format_duration',
-           'StepClock', 'progress_line', 'resume_message', 'build_data', 'build_objective', 'check_data', 'train',
-           'train_worker', 'train_stage', 'Objective', 'MAEObjective', 'mae_objective', 'splitmask_objective',
-           'OBJECTIVES', 'STAGE_TRANSFORMS', 'DIST_TIMEOUT_ENV', 'DIST_TIMEOUT_S', 'DistInfo', 'first_slurm_host',
-           'slurm_master_port', 'dist_timeout', 'process_placement', 'select_device', 'shared_devices',
-           'check_distinct_gpus', 'setup_distributed', 'cleanup_distributed', 'RankFailed', 'agree',
+           'resolve_precision', 'resolve_compile', 'Trainer', 'memory_mb', 'build_data', 'build_objective',
+           'check_data', 'train', 'train_worker', 'train_stage', 'Objective', 'MAEObjective', 'mae_objective',
+           'splitmask_objective', 'OBJECTIVES', 'STAGE_TRANSFORMS', 'DIST_TIMEOUT_ENV', 'DIST_TIMEOUT_S', 'DistInfo',
+           'first_slurm_host', 'slurm_master_port', 'dist_timeout', 'process_placement', 'select_device',
+           'shared_devices', 'check_distinct_gpus', 'setup_distributed', 'cleanup_distributed', 'RankFailed', 'agree',
            'broadcast_from_main', 'fsdp_policies', 'load_full_state_from_rank0', 'threading_is_main', 'free_port',
            'omp_threads', 'launch', 'steps_for', 'lr_at', 'param_groups', 'build_optimizer', 'set_lr', 'CKPT',
            'SHARD_SUMS', 'TEMPORARY', 'EXIT_PREEMPTED', 'EXTEND_ENV', 'EXTENSIONS', 'checkpoint_path',
@@ -17,7 +16,7 @@ __all__ = ['MODEL_INIT_STREAM', 'DataBuilder', 'SyntheticImages', 'grad_norm_', 
            'file_sha256', 'sidecar', 'save_file_atomic', 'verify_checkpoint_file', 'remove_checkpoint',
            'remove_stale_temporaries', 'write_status', 'read_status', 'Preempted', 'catch_signals', 'requeues_on',
            'request_requeue', 'with_steps', 'extension_records', 'extended_from', 'refuse_longer_without_extend',
-           'extend_run']
+           'extend_run', 'is_terminal', 'format_duration', 'StepClock', 'progress_line', 'resume_message']
 
 # %% ../nbs/06d_trainer.ipynb #1b0e6966
 import contextlib
@@ -56,7 +55,8 @@ _all_ = ['Objective', 'MAEObjective', 'mae_objective', 'splitmask_objective', 'O
           'CheckpointIOError', 'io_error', 'HashingWriter', 'file_sha256', 'sidecar', 'save_file_atomic',
           'verify_checkpoint_file', 'remove_checkpoint', 'remove_stale_temporaries', 'write_status', 'read_status',
           'Preempted', 'catch_signals', 'requeues_on', 'request_requeue', 'with_steps', 'extension_records',
-          'extended_from', 'refuse_longer_without_extend', 'extend_run']
+          'extended_from', 'refuse_longer_without_extend', 'extend_run',
+          'is_terminal', 'format_duration', 'StepClock', 'progress_line', 'resume_message']
 
 
 # %% ../nbs/06d_trainer.ipynb #76ad5491
@@ -522,41 +522,6 @@ def memory_mb(device: torch.device) -> float:
     "Peak memory of this process: CUDA allocations on a GPU, resident set size on the CPU."
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-# %% ../nbs/06d_trainer.ipynb #f0110a02
-import sys
-
-def is_terminal() -> bool:
-    "Whether a person watches this process's stderr on a terminal (where a tqdm bar redraws in place)."
-    try: return sys.stderr.isatty()
-    except (AttributeError, ValueError): return False
-
-def format_duration(seconds: float) -> str:
-    "`3725.2` -> `'1:02:05'`."
-    s = max(0, int(round(seconds)))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-class StepClock:
-    "Wall time per step since `start_step` (this invocation), for the time left to `total`."
-    def __init__(self, start_step: int, total: int):
-        self.start_step, self.total, self.tic = start_step, total, time.perf_counter()
-    def eta(self, step: int) -> float:
-        done = step - self.start_step
-        return (time.perf_counter() - self.tic) / done * (self.total - step) if done > 0 else float("nan")
-
-def progress_line(last: dict, total: int, eta_s: float) -> str:
-    "One log line of a metrics record: `step 20/30  loss 0.8713  lr 1.500e-04  412.3 img/s  ETA 0:00:04`."
-    eta = format_duration(eta_s) if math.isfinite(eta_s) else "?"
-    return (f"step {last['step']}/{total}  loss {last['loss']:.4f}  lr {last['lr']:.3e}  "
-            f"{last['images_per_s']:.1f} img/s  ETA {eta}")
-
-def resume_message(state: dict, total: int) -> str:
-    "What a resume prints: `resumed from step 12 of 24 (extended from 12 steps)`."
-    step, planned = state["step"], state.get("schedule", {}).get("total", total)
-    extended = f" (extended from {planned} steps)" if planned != total else ""
-    done = ": the run is complete" if step >= total else ""
-    return f"resumed from step {step} of {total}{extended}{done}"
-
 
 # %% ../nbs/06d_trainer.ipynb #1cfbf037
 MODEL_INIT_STREAM = 2 ** 31 - 1   # the seed stream of the initial weights: one for all ranks (FSDP shards must agree)
