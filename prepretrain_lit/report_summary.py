@@ -17,10 +17,11 @@ import pandas as pd
 from .report_table import SCRATCH, preset_params
 
 # %% auto #0
-__all__ = ['PRETTY', 'EVAL_KEYS', 'VERDICT_MIN_N', 'VERDICT_ALPHA', 'NO_COMPARISON', 'pretty', 'is_scratch', 'recipe_label',
-           'with_recipe', 'fmt', 'spread', 'mean_std', 'in_setting_order', 'verdict', 'claim_verdict', 'settled',
-           'compare_evals', 'final_values', 'compare_convergence', 'eval_numbers', 'comparison_lines', 'number_lines',
-           'summarize', 'summary_markdown']
+__all__ = ['PRETTY', 'RANDOM_INIT', 'EVAL_KEYS', 'VERDICT_MIN_N', 'VERDICT_ALPHA', 'NO_COMPARISON', 'pretty', 'is_scratch',
+           'recipe_label', 'with_recipe', 'fmt', 'spread', 'mean_std', 'in_setting_order', 'verdict', 'claim_verdict',
+           'settled', 'comparison_row', 'against_scratch', 'against_random', 'across_subsets', 'compare_evals',
+           'final_values', 'compare_convergence', 'eval_numbers', 'comparison_lines', 'number_lines', 'summarize',
+           'summary_markdown']
 
 # %% ../nbs/09b_report_summary.ipynb #9e6b8bf9
 PRETTY = {"mae": "MAE", "splitmask": "SplitMask", "wsp": "WSP", "supervised": "supervised", "lit": "LiT",
@@ -35,9 +36,13 @@ def is_scratch(init) -> bool:
     "True when `init` names no pretrained trunk."
     return init is None or (isinstance(init, float) and math.isnan(init)) or str(init).lower() in SCRATCH
 
+RANDOM_INIT = "random init"    # the recipe of a trunk no objective trained (an evaluation without a checkpoint)
+
 def recipe_label(objective, init, mae_length=None) -> str:
-    "How a trunk was made, as the papers write it: `WSP`, `MAE→WSP`, `MAE(0.1 ep)→WSP`."
-    obj = pretty(objective) if objective is not None and not pd.isna(objective) else "?"
+    "How a trunk was made, as the papers write it: `WSP`, `MAE→WSP`, `MAE(0.1 ep)→WSP`, `random init`."
+    no_objective = objective is None or pd.isna(objective)
+    if no_objective and is_scratch(init): return RANDOM_INIT
+    obj = "?" if no_objective else pretty(objective)
     if is_scratch(init): return obj
     first = pretty(init)
     if mae_length is not None and not pd.isna(mae_length) and float(mae_length) != 1.0: first += f"({float(mae_length):g} ep)"
@@ -135,29 +140,72 @@ def settled(table: pd.DataFrame) -> pd.Series:
     "Rows of stages that finished (`complete`, or a folder that records no state): the only ones a comparison uses."
     return table.state.isna() | table.state.eq("complete")
 
-def compare_evals(table: pd.DataFrame, metrics: Sequence[str] = ("top1",)) -> pd.DataFrame:
-    """Each pretrained init against the same objective from scratch, per evaluation and setting: one row per comparison.
-    Only `settled` rows: a stage still running or preempted is shown in the table and figures, never judged."""
-    t = with_recipe(table[(table.record == "eval") & table.metric.isin(metrics) & settled(table)])
+
+def _key(names: Sequence[str], values) -> dict:
+    "A groupby key as a dict, NaN and None alike as None."
+    return {k: (None if v is None or (not isinstance(v, str) and pd.isna(v)) else v) for k, v in zip(names, values)}
+
+def comparison_row(key: dict, recipe: str, treated: pd.DataFrame, base: str, baseline: pd.DataFrame, against: str) -> dict:
+    "One comparison (a row, and its sentence): the `value`s of `treated` (named `recipe`) against those of `baseline` (`base`)."
+    m_t, s_t, n_t = spread(treated.value)
+    m_b, s_b, n_b = spread(baseline.value)
+    diff = m_t - m_b
+    text = (f"{_where(key)}: {recipe} {mean_std(m_t, s_t, n_t, key['metric'])} vs {base} "
+            f"{mean_std(m_b, s_b, n_b, key['metric'])}: {verdict(recipe, base, diff, s_t, s_b, key['metric'])}")
+    claim = claim_verdict(m_t, s_t, n_t, m_b, s_b, n_b)
+    if min(n_t, n_b) >= VERDICT_MIN_N: text += f"; the claim '{recipe} beats {base}': {claim}"
+    return {**key, "against": against, "treatment": recipe, "baseline": base, "mean": m_t, "std": s_t, "n": n_t,
+            "base_mean": m_b, "base_std": s_b, "base_n": n_b, "diff": diff, "verdict": claim, "text": text}
+
+def against_scratch(t: pd.DataFrame) -> list[dict]:
+    "Each pretrained init against the same objective from scratch (MAE→WSP vs WSP), per evaluation and setting."
     rows = []
-    if t.empty: return pd.DataFrame(rows)
-    for key, group in t.groupby(EVAL_KEYS, dropna=False, sort=True):
-        key = dict(zip(EVAL_KEYS, key))
-        key = {k: (None if v is None or (not isinstance(v, str) and pd.isna(v)) else v) for k, v in key.items()}
+    for values, group in t[t.objective.notna()].groupby(EVAL_KEYS, dropna=False, sort=True):
+        key = _key(EVAL_KEYS, values)
         scratch = group[[is_scratch(i) for i in group.init]]
         if scratch.empty: continue
-        base = scratch.recipe.iloc[0]
-        m_b, s_b, n_b = spread(scratch.value)
         for recipe, treated in group[[not is_scratch(i) for i in group.init]].groupby("recipe", sort=True):
-            m_t, s_t, n_t = spread(treated.value)
-            diff = m_t - m_b
-            text = (f"{_where(key)}: {recipe} {mean_std(m_t, s_t, n_t, key['metric'])} vs {base} "
-                    f"{mean_std(m_b, s_b, n_b, key['metric'])}: {verdict(recipe, base, diff, s_t, s_b, key['metric'])}")
-            claim = claim_verdict(m_t, s_t, n_t, m_b, s_b, n_b)
-            if min(n_t, n_b) >= VERDICT_MIN_N: text += f"; the claim '{recipe} beats {base}': {claim}"
-            rows.append({**key, "treatment": recipe, "baseline": base, "mean": m_t, "std": s_t, "n": n_t,
-                         "base_mean": m_b, "base_std": s_b, "base_n": n_b, "diff": diff, "verdict": claim, "text": text})
-    return in_setting_order(pd.DataFrame(rows))
+            rows.append(comparison_row(key, recipe, treated, scratch.recipe.iloc[0], scratch, "scratch"))
+    return rows
+
+def against_random(t: pd.DataFrame) -> list[dict]:
+    """Each pretrained trunk (any objective) against a random-init trunk evaluated the same way (MAE vs random init),
+    per evaluation and setting; only where the table has random-init evaluations (no trunk checkpoint)."""
+    keys = [k for k in EVAL_KEYS if k != "objective"]
+    rows = []
+    for values, group in t.groupby(keys, dropna=False, sort=True):
+        key = {**_key(keys, values), "objective": None}
+        random = group[group.objective.isna() & group.init.map(is_scratch)]
+        if random.empty: continue
+        for recipe, treated in group[group.objective.notna()].groupby("recipe", sort=True):
+            rows.append(comparison_row(key, recipe, treated, RANDOM_INIT, random, "random init"))
+    return rows
+
+def across_subsets(t: pd.DataFrame) -> list[dict]:
+    """Each recipe pretrained on a larger data subset against the same recipe on the smallest (MAE on 20k vs MAE on
+    1k: Lu et al.'s data scaling), per evaluation and model; the full set (no subset) counts as the largest."""
+    keys = [k for k in EVAL_KEYS if k != "subset"] + ["recipe"]
+    rows = []
+    for values, group in t[t.subset.notna()].groupby(keys, dropna=False, sort=True):
+        key = _key(keys, values)
+        sizes = sorted(group.subset.unique(), key=_size_of)
+        if len(sizes) < 2: continue
+        smallest = group[group.subset == sizes[0]]
+        for subset in sizes[1:]:
+            where = {**{k: key[k] for k in EVAL_KEYS if k != "subset"}, "subset": None}
+            row = comparison_row(where, f"{key['recipe']} on {subset}", group[group.subset == subset],
+                                 f"{key['recipe']} on {sizes[0]}", smallest, "smallest subset")
+            rows.append({**row, "subset": subset})
+    return rows
+
+def compare_evals(table: pd.DataFrame, metrics: Sequence[str] = ("top1",)) -> pd.DataFrame:
+    """Every comparison the summary judges, one row (and sentence) each; the `against` column says which:
+    `scratch` (each pretrained init against the same objective from scratch), `random init` (each trunk against a
+    random-init trunk, where there is one) and `smallest subset` (each larger pretraining subset against the smallest).
+    Only `settled` rows: a stage still running or preempted is shown in the table and figures, never judged."""
+    t = with_recipe(table[(table.record == "eval") & table.metric.isin(metrics) & settled(table)])
+    if t.empty: return pd.DataFrame([])
+    return in_setting_order(pd.DataFrame(against_scratch(t) + against_random(t) + across_subsets(t)))
 
 # %% ../nbs/09b_report_summary.ipynb #f084068b
 def final_values(table: pd.DataFrame, metric: str = "loss") -> pd.DataFrame:

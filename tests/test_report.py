@@ -123,7 +123,7 @@ def test_summary_numbers_equal_the_table(tmp_path):
     lines = summarize(table)
     recipes = with_recipe(table).recipe
     assert {"MAE→WSP", "MAE(0.1 ep)→WSP", "MAE(0.5 ep)→WSP"} <= set(comparisons.treatment)
-    for c in comparisons.itertuples():
+    for c in comparisons[comparisons.against.eq("scratch")].itertuples():
         same = ((table.record == "eval") & (table.kind == c.kind) & (table.metric == c.metric) & (table.objective == c.objective)
                 & (table.model == c.model) & (table.subset.isna() if pd.isna(c.subset) else table.subset.eq(c.subset))
                 & (table.shots.isna() if c.shots is None or pd.isna(c.shots) else table.shots.eq(c.shots)).fillna(False))
@@ -134,6 +134,15 @@ def test_summary_numbers_equal_the_table(tmp_path):
         assert math.isclose(c.diff, treated.mean() - base.mean())
         assert f"{treated.mean():.1f}" in c.text and f"{base.mean():.1f}" in c.text and f"(n={len(treated)}" in c.text
         assert c.text in lines
+    for c in comparisons[comparisons.against.eq("smallest subset")].itertuples():   # the fixture's WSP arms on 1k and 5k
+        recipe, larger = c.treatment.rsplit(" on ", 1)
+        same = ((table.record == "eval") & (table.kind == c.kind) & (table.metric == c.metric) & (recipes == recipe)
+                & (table.model == c.model) & (table.objective == c.objective)
+                & (table.shots.isna() if c.shots is None or pd.isna(c.shots) else table.shots.eq(c.shots)).fillna(False))
+        assert (c.subset, c.baseline) == (larger, f"{recipe} on 1k")
+        assert (c.mean, c.base_mean) == (table[same & table.subset.eq(larger)].value.mean(), table[same & table.subset.eq("1k")].value.mean())
+        assert c.text in lines
+    assert set(comparisons.against) == {"scratch", "smallest subset"}   # no random-init trunk in the fixture
     probe = comparisons[(comparisons.kind == "linear_probe") & comparisons.subset.isna() & (comparisons.treatment == "MAE→WSP")].iloc[0]
     rows = table[(table.stage == "linear_probe") & (table.metric == "top1")]
     mae = rows[(rows.init == "mae") & (rows.mae_length == 1.0)].value
