@@ -87,7 +87,8 @@ def draw_bands(ax, bands: pd.DataFrame, by: str, order: Sequence, colors: dict |
     ax.legend(fontsize=8, loc="best")
 
 def plot_convergence(table: pd.DataFrame, objective: str = "wsp") -> "matplotlib.figure.Figure":
-    "The paper's central figure: `objective` training loss against step per init (left), transfer top1 per init (right)."
+    """The paper's central figure: `objective` training loss against step per init (left), transfer top1 per init (right),
+    with every other arm evaluated in the same setting (MAE alone, random init) beside them."""
     plt, sns = _plt()
     curves = with_recipe(table[(table.record == "curve") & (table.metric == "loss") & (table.objective == objective)
                                & (table.kind == objective)])   # not the curves of evaluations of its trunks
@@ -96,10 +97,11 @@ def plot_convergence(table: pd.DataFrame, objective: str = "wsp") -> "matplotlib
     curves = curves[_same(curves.model, model) & _same(curves.subset, subset)]
     evals = with_recipe(table[(table.record == "eval") & (table.metric == "top1") & table.shots.isna()])
     evals = evals[_same(evals.model, model) & _same(evals.subset, subset)]
-    if (evals.objective == objective).any(): evals = evals[evals.objective == objective]
+    # every arm evaluated in this setting: the objective's trunks and, beside them, MAE alone and random init
     setting = ", ".join(x for x in (None if model is None or pd.isna(model) else str(model),
                                      None if subset is None or pd.isna(subset) else f"subset {subset}") if x)
-    order = sorted(set(curves.recipe) | set(evals.recipe), key=lambda r: (r != pretty(objective), r))   # from scratch first
+    trained = set(curves.recipe)   # from scratch first, then the other inits of the objective, then the other arms
+    order = sorted(trained | set(evals.recipe), key=lambda r: (r != pretty(objective), r not in trained, r))
     colors = dict(zip(order, sns.color_palette(n_colors=len(order))))   # one colour per recipe in both panels
     hue = dict(hue="recipe", hue_order=[r for r in order], palette=colors)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw=dict(width_ratios=[3, 2]))

@@ -332,11 +332,15 @@ def test_shipped_experiments_validate():
     demo = {r.id: r for r in expand(load_experiment(EXPERIMENTS_DIR / "demo.yaml"), "/nonexistent/runs")}
     assert demo["wsp/from_mae,seed=1"].params["init_checkpoint"].endswith("demo/mae/seed=1/model.pt")
     assert "init_checkpoint" not in demo["wsp/scratch,seed=1"].params
-    assert {k for k in demo if k.startswith(("knn", "linear_probe", "lowshot"))} == {   # 3 pretraining seeds an arm
+    assert {k for k in demo if k.split("/")[0] in ("knn", "linear_probe", "lowshot")} == {   # 3 pretraining seeds an arm
         f"{s}/seed={seed},init={i}" for s in ("knn", "linear_probe", "lowshot") for seed in (0, 1, 2) for i in ("scratch", "mae")}
     assert {k for k in demo if k.startswith(("finetune", "zeroshot"))} == {
         f"{s}/seed=0,init={i}" for s in ("finetune", "zeroshot") for i in ("scratch", "mae")}
-    assert len(demo["report/main"].deps) == 22
+    for seed in (0, 1, 2):                           # the MAE-only and random-init arms, on k-NN
+        assert demo[f"knn_mae/seed={seed}"].params["init_checkpoint"].endswith(f"demo/mae/seed={seed}/model.pt")
+        assert "init_checkpoint" not in demo[f"knn_random/seed={seed}"].params
+        assert demo[f"knn_random/seed={seed}"].params["seed"] == seed
+    assert len(demo["report/main"].deps) == 28
 
 
 def test_demo_dry_run_prints_the_dag(tmp_path, capsys):
@@ -346,7 +350,7 @@ def test_demo_dry_run_prints_the_dag(tmp_path, capsys):
     assert not (tmp_path / "demo").exists()
 
 
-TINY = ["seed=[0]", "steps=3", "shapes.num_samples=64", "shapes_test.num_samples=64", "batch_size=8", "lowshot.shots=[1]",
+TINY = ["seed=[0]", "steps=3", "shapes.num_samples=64", "batch_size=8", "lowshot.shots=[1]",
         "lowshot.splits=1", "overrides=[data.num_workers=0, eval.num_workers=0, train.log_every=1]"]
 
 
@@ -361,6 +365,9 @@ def test_every_stage_notebook_executes_with_tiny_parameters(tmp_path):
         for init in ("scratch", "mae"):
             results = json.loads((root / kind / f"seed=0,init={init}" / "results.json").read_text())
             assert results["kind"] == kind and results["records"], (kind, init)
+    for arm in ("knn_mae", "knn_random"):
+        results = json.loads((root / arm / "seed=0" / "results.json").read_text())
+        assert results["kind"] == "knn" and results["records"], arm
     status = json.loads((root / "wsp/from_mae,seed=0/status.json").read_text())
     assert {k: status[k] for k in ("state", "step", "message")} == {"state": "complete", "step": 3, "message": ""}
     sm = tmp_path / "splitmask"
@@ -373,12 +380,12 @@ def test_a_reduced_demo_gives_the_same_results_table_twice(tmp_path):
     "Same seed -> same numbers: the demo's DAG up to the frozen-trunk evaluations, twice, gives identical tables."
     from prepretrain_lit.report import gather
     spec = yaml.safe_load((EXPERIMENTS_DIR / "demo.yaml").read_text())
-    for stage in ("finetune", "zeroshot", "report", "shapes_test"): spec["stages"].pop(stage)
+    for stage in ("finetune", "zeroshot", "report"): spec["stages"].pop(stage)
     path = write_yaml(tmp_path / "demo_reduced.yaml", spec)
     tables = []
     for name in ("a", "b"):
         outcomes = run_experiment(path, out=tmp_path / name, progress=False,
-                                  overrides=[o for o in TINY if not o.startswith("shapes_test")] + ["seed=[0, 1]"])
+                                  overrides=TINY + ["seed=[0, 1]"])
         assert all(o.state == "complete" for o in outcomes), [(o.run.id, o.state, o.note) for o in outcomes]
         t = gather(tmp_path / name / "demo")
         t = t[(t.record == "eval") | (t.metric == "loss")]                   # not wall-clock rates like images_per_s

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "nbs" / "stages"
 JPEG_FROM_KB = 40
 MAX_IMAGE_KB = 120
-TINY = ["seed=[0]", "steps=10", "shapes.num_samples=128", "shapes_test.num_samples=64", "batch_size=16", "lowshot.shots=[1, 5]",
+TINY = ["seed=[0]", "steps=10", "shapes.num_samples=128", "batch_size=16", "lowshot.shots=[1, 5]",
         "lowshot.splits=2", "overrides=[data.num_workers=0, eval.num_workers=0, train.log_every=2]"]
 RUNS = {"shards": "demo/shapes/main", "mae": "demo/mae/seed=0", "wsp": "demo/wsp/from_mae,seed=0", "splitmask": "sm/splitmask/main",
         **{k: f"demo/{k}/seed=0,init=mae" for k in ("knn", "lowshot", "linear_probe", "finetune", "zeroshot")},
