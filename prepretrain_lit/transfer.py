@@ -373,7 +373,7 @@ def zeroshot_accuracy(model: LiTModel, cfg: RunConfig, device: torch.device | st
                       manifest: Manifest | None = None) -> dict[str, float]:
     """Top-1 (and top-5 when there are more than 5 classes) zero-shot accuracy in percent on `cfg.eval.dataset`
     (`manifest`, when the caller has it)."""
-    manifest = manifest or zeroshot_manifest(cfg)
+    manifest = manifest if manifest is not None else zeroshot_manifest(cfg)
     model = model.to(device).eval()
     classifier = zeroshot_classifier(model, manifest.classes, cfg.lit.templates)
     loader = eval_loader(cfg.eval.dataset, cfg.model.img_size, cfg.eval.batch_size, cfg.eval.num_workers, cfg.seed,
@@ -387,7 +387,7 @@ def zeroshot_evaluate(cfg: RunConfig, out_dir: str | os.PathLike, progress: bool
     """Train LiT on `cfg.data` into `out_dir` (in `nprocs` processes), then classify `cfg.eval.dataset` zero-shot
     in this one (rank 0 of a job whose every task runs it: the others return no records); writes and returns the
     `results.json` document."""
-    manifest = manifest or zeroshot_manifest(cfg)                  # fail before training, not after
+    manifest = manifest if manifest is not None else zeroshot_manifest(cfg)                  # fail before training, not after
     out = Path(out_dir)
     train_stage("lit", cfg, out, progress, nprocs)
     if not is_main_process(): return {"records": []}
