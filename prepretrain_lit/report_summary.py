@@ -183,7 +183,7 @@ def against_random(t: pd.DataFrame) -> list[dict]:
 
 def across_subsets(t: pd.DataFrame) -> list[dict]:
     """Each recipe pretrained on a larger data subset against the same recipe on the smallest (MAE on 20k vs MAE on
-    1k: Lu et al.'s data scaling), per evaluation and model; the full set (no subset) counts as the largest."""
+    1k: Lu et al.'s data scaling), per evaluation and model; only evaluations of trunks from a named subset."""
     keys = [k for k in EVAL_KEYS if k != "subset"] + ["recipe"]
     rows = []
     for values, group in t[t.subset.notna()].groupby(keys, dropna=False, sort=True):
@@ -223,7 +223,7 @@ def compare_convergence(table: pd.DataFrame, objective: str = "wsp", metric: str
     keys = ["model", "subset"]
     last = final_values(t, metric)
     for key, group in t.groupby(keys, dropna=False, sort=True):
-        key = {k: (None if v is None or (not isinstance(v, str) and pd.isna(v)) else v) for k, v in zip(keys, key)}
+        key = _key(keys, key)
         runs = last[last.run.isin(group.run.unique())]
         scratch = runs[[is_scratch(i) for i in runs.init]]
         if scratch.empty: continue
