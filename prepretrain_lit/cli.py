@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import prepretrain_lit
 from .config import (PRESETS, RunConfig, UserError, collect_provenance,
-                                    config_hash, config_to_dict, config_to_yaml, get_preset, load_config)
+                                    config_hash, config_to_dict, config_to_yaml, get_preset, load_config, usable_cpus)
 
 # %% ../nbs/10_cli.ipynb #e030c1c7
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -153,6 +153,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extend", action="store_true", help="lengthen finished runs whose only change is a larger steps or "
                    "epochs (resumed from their last checkpoint) and re-run the runs that read them")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
+    p.add_argument("--jobs", type=int, metavar="N", help="local executor: run up to N stage runs side by side, each on "
+                   "cores/N CPU threads (run: default 1; demo: default one per core, each on one thread)")
 
 def cmd_run(args: argparse.Namespace) -> int:
     from prepretrain_lit.pipeline import run_experiment
@@ -160,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                  "gpus_per_node": args.gpus_per_node, "cpus_per_node": args.cpus_per_node, "time_min": args.time_min}
     outcomes = run_experiment(args.experiment, out=args.out, overrides=args.overrides, executor=args.executor,
                               only=args.only, dry_run=args.dry_run, force=args.force, extend=args.extend, cli_resources=resources,
-                              progress=not args.quiet)
+                              progress=not args.quiet, jobs=args.jobs or 1)
     return 0 if all(o.state in ("complete", "skipped", "submitted") for o in outcomes) else 1
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -188,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from prepretrain_lit.pipeline import EXPERIMENTS_DIR, run_experiment
     # the demo's runs are disposable: those made with other parameters (an older demo.yaml) are simply re-run
     outcomes = run_experiment(EXPERIMENTS_DIR / "demo.yaml", out=args.out, overrides=args.overrides, only=args.only,
-                              dry_run=args.dry_run, force=True, progress=not args.quiet)
+                              dry_run=args.dry_run, force=True, progress=not args.quiet, jobs=args.jobs or usable_cpus())
     if args.dry_run: return 0
     ok = all(o.state in ("complete", "skipped") for o in outcomes)
     reports = report_files(Path(args.out) / "demo")

@@ -6,12 +6,12 @@
 __all__ = ['STOP_SIGNALS', 'LOCK_FILE', 'HELD_LOCKS_ENV', 'ORPHAN_WAIT_S', 'derive_seed', 'seed_everything', 'seed_worker',
            'set_main_catches_stop', 'ignore_stop_signals', 'release_inherited_locks', 'run_dir', 'config_diff',
            'create_run_dir', 'has_progress', 'init_run_folder', 'RunFolderBusy', 'run_lock', 'lock_holder',
-           'run_is_alive', 'git_state', 'package_versions', 'device_names', 'collect_provenance', 'write_provenance',
-           'UserError', 'ConfigError', 'unknown_choice', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig',
-           'MAEConfig', 'SplitMaskConfig', 'InitConfig', 'HeadConfig', 'EvalConfig', 'ProbeConfig', 'LiTConfig',
-           'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'PRESETS', 'STAGE_RECIPES', 'NOT_IDENTITY',
-           'PATH_KEYS', 'get_preset', 'stage_recipe', 'load_yaml', 'load_config', 'config_to_dict', 'config_identity',
-           'config_hash', 'legacy_config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config']
+           'run_is_alive', 'git_state', 'package_versions', 'usable_cpus', 'device_names', 'collect_provenance',
+           'write_provenance', 'UserError', 'ConfigError', 'unknown_choice', 'ModelConfig', 'DataConfig', 'OptimConfig',
+           'TrainConfig', 'MAEConfig', 'SplitMaskConfig', 'InitConfig', 'HeadConfig', 'EvalConfig', 'ProbeConfig',
+           'LiTConfig', 'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'PRESETS', 'STAGE_RECIPES',
+           'NOT_IDENTITY', 'PATH_KEYS', 'get_preset', 'stage_recipe', 'load_yaml', 'load_config', 'config_to_dict',
+           'config_identity', 'config_hash', 'legacy_config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config']
 
 # %% ../nbs/00c_config.ipynb #2674f19b
 import contextlib
@@ -259,6 +259,10 @@ def package_versions(names: Sequence[str] = ("torch", "torchvision", "timm", "nu
         except ImportError: out[name] = None
         except AttributeError: out[name] = metadata.version(name.replace("_", "-"))
     return out
+
+def usable_cpus() -> int:
+    "The CPU cores this process may run on (its affinity mask: a SLURM allocation or `taskset`, not the whole machine)."
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 def device_names() -> list[str]:
     "The CUDA devices torch sees, or `['cpu']`."

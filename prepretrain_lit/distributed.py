@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import UserError
+from .config import UserError, usable_cpus
 
 # %% ../nbs/06a_distributed.ipynb #48798d61
 @dataclass
@@ -215,7 +215,7 @@ def free_port() -> int:
 
 def omp_threads(nprocs: int, cpus: int | None = None) -> int:
     "CPU threads per process when `nprocs` share this machine's `cpus` (all of them by default): at least 1."
-    if cpus is None: cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpus is None: cpus = usable_cpus()
     return max(1, cpus // max(1, nprocs))
 
 def launch(fn: Callable, *args, nprocs: int = 2) -> dict[int, Any]:
@@ -237,4 +237,3 @@ def launch(fn: Callable, *args, nprocs: int = 2) -> dict[int, Any]:
     finally:
         if threads is None: os.environ.pop("OMP_NUM_THREADS", None)
         for s, handler in saved.items(): signal.signal(s, handler)
-

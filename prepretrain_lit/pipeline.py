@@ -30,8 +30,9 @@ from .pipeline_exec import *
 def run_experiment(path: str | os.PathLike, out: str | os.PathLike = "runs", overrides: Sequence[str] = (),
                    executor: str = "local", only: str | None = None, dry_run: bool = False, force: bool = False, extend: bool = False,
                    cli_resources: dict | None = None, stages_dir: str | os.PathLike | None = None,
-                   progress: bool = True, echo: Callable[[str], None] = print) -> list[Outcome]:
-    "Expand experiment `path` and execute (or, `dry_run`, print) its DAG; returns what happened to each run."
+                   progress: bool = True, echo: Callable[[str], None] = print, jobs: int = 1) -> list[Outcome]:
+    """Expand experiment `path` and execute (or, `dry_run`, print) its DAG; returns what happened to each run. `jobs`:
+    how many runs the local executor runs side by side (`run_local`)."""
     exp = load_experiment(path, stages_dir)
     runs = expand(exp, out, overrides)
     echo(f"== experiment {exp.name}: {len(runs)} stage runs in {Path(out).resolve() / exp.name}")
@@ -47,7 +48,7 @@ def run_experiment(path: str | os.PathLike, out: str | os.PathLike = "runs", ove
         echo(f"== checked: the parameters, configs, manifests and inputs of all {len(runs)} stage runs")
         return []
     chosen = plan(runs, only, force, extend)
-    if executor == "local": outcomes = run_local(chosen, progress=progress, echo=echo)
+    if executor == "local": outcomes = run_local(chosen, progress=progress and jobs == 1, echo=echo, jobs=jobs)
     elif executor == "slurm": outcomes = submit_slurm(chosen, cli_resources, echo=echo)
     else: raise UserError(f"--executor {executor}: valid executors: local, slurm")
     echo("== summary\n" + format_summary(outcomes))

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PACKAGE', 'REPO', 'SHIPPED', 'STAGES_DIR', 'STAGE_OF_KIND', 'TRAINING_KINDS', 'EVAL_KINDS', 'Param',
            'unknown_parameter', 'parameters_cell', 'notebook_parameters', 'write_stage_notebook', 'world_size',
-           'stage_config', 'plot_metrics', 'param_type', 'check_value', 'injected_names', 'stage_parameters',
-           'kind_config', 'notebook_defaults', 'train_stage']
+           'stage_config', 'train_stage', 'plot_metrics', 'param_type', 'check_value', 'injected_names',
+           'stage_parameters', 'kind_config', 'notebook_defaults']
 
 # %% ../nbs/08a_pipeline_stage.ipynb #677cfb21
 import ast
@@ -113,8 +113,12 @@ def stage_config(stage: str, preset: str | None = None, dataset: str | None = No
         cfg = load_config(preset=preset, overrides=items + [f"train.steps={steps_for(epochs, n, batch)}"], stage=stage)
     return cfg
 
-from .trainer import train_stage   # the one launcher (06d_trainer): this process, or `nprocs` on this node
-_all_ = ['train_stage']
+def train_stage(stage: str, cfg: RunConfig, out_dir: str | os.PathLike, progress: bool = True, nprocs: int = 1,
+                data=None) -> dict:
+    """The one launcher, `prepretrain_lit.trainer.train_stage` (06d_trainer): this process, or `nprocs` on this node.
+    Imported when called, so that the runner and the CLI that import this module do not load torch and timm."""
+    from prepretrain_lit.trainer import train_stage as launch
+    return launch(stage, cfg, out_dir, progress=progress, nprocs=nprocs, data=data)
 
 def plot_metrics(out_dir: str | os.PathLike, keys: Sequence[str] = ("loss",)):
     "The curves of `keys` against the step, from the run's `metrics.jsonl`; returns the figure."
