@@ -4,6 +4,7 @@ stage notebook executed with tiny parameters."""
 import json
 import os
 import stat
+from unittest import mock
 from pathlib import Path
 
 import pandas as pd
@@ -356,8 +357,8 @@ TINY = ["seed=[0]", "steps=3", "shapes.num_samples=64", "batch_size=8", "lowshot
 
 @pytest.mark.slow
 def test_every_stage_notebook_executes_with_tiny_parameters(tmp_path):
-    "The demo's DAG on tiny settings (every stage notebook but splitmask), then splitmask alone."
-    outcomes = run_experiment(EXPERIMENTS_DIR / "demo.yaml", out=tmp_path, overrides=TINY, progress=False)
+    "The demo's DAG on tiny settings (every stage notebook but splitmask), two runs at a time as `make demo`; then splitmask alone."
+    outcomes = run_experiment(EXPERIMENTS_DIR / "demo.yaml", out=tmp_path, overrides=TINY, progress=False, jobs=2)
     states = {o.run.id: (o.state, o.note) for o in outcomes}
     assert all(s == "complete" for s, _ in states.values()), states
     root = tmp_path / "demo"
@@ -377,15 +378,17 @@ def test_every_stage_notebook_executes_with_tiny_parameters(tmp_path):
 
 @pytest.mark.slow
 def test_a_reduced_demo_gives_the_same_results_table_twice(tmp_path):
-    "Same seed -> same numbers: the demo's DAG up to the frozen-trunk evaluations, twice, gives identical tables."
+    """Same seed -> same numbers: the demo's DAG up to the frozen-trunk evaluations, twice, gives identical tables:
+    once one run at a time in this process and once two at a time, each on one thread (as `make demo`)."""
     from prepretrain_lit.report import gather
     spec = yaml.safe_load((EXPERIMENTS_DIR / "demo.yaml").read_text())
     for stage in ("finetune", "zeroshot", "report"): spec["stages"].pop(stage)
     path = write_yaml(tmp_path / "demo_reduced.yaml", spec)
     tables = []
-    for name in ("a", "b"):
-        outcomes = run_experiment(path, out=tmp_path / name, progress=False,
-                                  overrides=TINY + ["seed=[0, 1]"])
+    for name, jobs in (("a", 1), ("b", 2)):
+        with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):    # the serial run's kernels on one thread too
+            outcomes = run_experiment(path, out=tmp_path / name, progress=False, jobs=jobs,
+                                      overrides=TINY + ["seed=[0, 1]"])
         assert all(o.state == "complete" for o in outcomes), [(o.run.id, o.state, o.note) for o in outcomes]
         t = gather(tmp_path / name / "demo")
         t = t[(t.record == "eval") | (t.metric == "loss")]                   # not wall-clock rates like images_per_s

@@ -69,3 +69,10 @@ def test_the_readme_shows_the_studys_figures():
     section = (ROOT / "README.md").read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
     images = [part.split(")", 1)[0] for part in section.split("](")[1:]]
     assert images and all((ROOT / p).is_file() for p in images), images
+
+
+def test_every_figure_the_committed_summary_shows_is_committed():
+    text = (STUDY / "summary.md").read_text()
+    images = [part.split(")", 1)[0] for part in text.split("](")[1:]]
+    missing = [p for p in images if not (STUDY / p).is_file()]
+    assert images and not missing, f"results/cpu_study/summary.md shows figures that are not in the repository: {missing}"

@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
         for kind, run in RUNS.items(): graft(kind, root / run / "executed.ipynb", root)
         return 0
     root = Path(tempfile.mkdtemp(prefix="stage-outputs-")) / "runs"
-    outcomes = run_experiment(EXPERIMENTS_DIR / "demo.yaml", out=root, overrides=TINY, progress=False)
+    outcomes = run_experiment(EXPERIMENTS_DIR / "demo.yaml", out=root, overrides=TINY, progress=False, jobs=2)
     sm = Path(tempfile.mkdtemp()) / "sm.yaml"
     sm.write_text(yaml.safe_dump({"name": "sm", "stages": {
         "shapes": {"notebook": "shards", "params": {"manifest": "shapes", "num_samples": 128}},
