@@ -75,13 +75,15 @@ def venv_kernel():
 @contextmanager
 def extend_env(on: bool):
     "With `on`, `PREPRETRAIN_EXTEND=1` for the kernels started inside (the stage's `train` may lengthen its run)."
+    if not on:                       # the common case: no import of the trainer (torch, timm) into the runner
+        yield; return
     from prepretrain_lit.trainer import EXTEND_ENV
     old = os.environ.get(EXTEND_ENV)
-    if on: os.environ[EXTEND_ENV] = "1"
+    os.environ[EXTEND_ENV] = "1"
     try: yield
     finally:
-        if on and old is None: os.environ.pop(EXTEND_ENV, None)
-        elif on: os.environ[EXTEND_ENV] = old
+        if old is None: os.environ.pop(EXTEND_ENV, None)
+        else: os.environ[EXTEND_ENV] = old
 
 def execute_run(run: StageRun, progress: bool = False, log_output: bool = False) -> str:
     """Execute `run`'s notebook with papermill into its folder, holding the folder's lock (`RunFolderBusy` names the

@@ -562,3 +562,56 @@ def test_extend_resumes_a_real_training_stage(tmp_path):
     [record] = json.loads((folder / "extensions.json").read_text())
     assert (record["from_steps"], record["to_steps"], record["from_step"]) == (4, 8, 4)
     assert "resumed from step 4 of 8" in (folder / "executed.ipynb").read_text()
+
+
+# -- runs side by side (`run_local(jobs=N)`, `--jobs`) ------------------------------------------------------------
+
+RUNNER = """
+import sys
+from prepretrain_lit.pipeline import expand, parse_experiment, run_local, write_stage_notebook
+root, stages = sys.argv[1], sys.argv[1] + "/stages"
+write_stage_notebook(stages + "/nap.ipynb", 'out_dir = "."\\nseed = 0', ["import time; time.sleep(120)"])
+exp = parse_experiment({"name": "naps", "grid": {"seed": [0, 1, 2]},
+                        "stages": {"nap": {"notebook": "nap", "over": ["seed"], "params": {"seed": "{seed}"}}}}, stages_dir=stages)
+run_local(expand(exp, root + "/runs"), progress=False, jobs=2)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_runner_stops_the_runs_in_flight_and_records_them_interrupted(tmp_path):
+    "SIGINT to the runner alone (not its process group): both runs it has in flight record 'interrupted', the third never starts."
+    import signal
+    import subprocess
+    import sys
+    import time
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path)], start_new_session=True)
+    folders = [tmp_path / f"runs/naps/nap/seed={s}" for s in range(3)]
+    def state(folder: Path) -> str | None:
+        try: return json.loads((folder / "stage.json").read_text()).get("state")
+        except (OSError, ValueError): return None
+    deadline = time.monotonic() + 120
+    while not all(state(f) == "running" and (f / "executed.ipynb").exists() for f in folders[:2]):
+        assert runner.poll() is None and time.monotonic() < deadline, "the two runs did not start"
+        time.sleep(0.5)
+    time.sleep(3)                                   # the kernels are in `time.sleep(120)`
+    runner.send_signal(signal.SIGINT)
+    try: runner.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(runner.pid, signal.SIGKILL)
+        raise AssertionError("the runner did not stop within 60 s of Ctrl-C")
+    assert runner.returncode != 0
+    assert [state(f) for f in folders] == ["interrupted", "interrupted", None]
+
+
+def test_the_runner_and_the_cli_do_not_load_torch(tmp_path):
+    """The runner's process (and each side-by-side run's) only starts kernels: importing torch and timm there would
+    cost every run seconds (about 3 s of CPU each on these machines), which is what the demo's budget cannot pay."""
+    import subprocess
+    import sys
+    code = RUNNER.replace("time.sleep(120)", "x = 1").replace("[0, 1, 2]", "[0]").replace("jobs=2", "jobs=1") + (
+        "import prepretrain_lit.cli\n"
+        "loaded = [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules]\n"
+        "assert not loaded, f'the runner imported {loaded}'\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "runs/naps/nap/seed=0/stage.json").read_text())["state"] == "complete"
