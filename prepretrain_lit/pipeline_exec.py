@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['RAN_OK', 'REQUEUE_SIGNALS', 'STOP_SIGNALS', 'EXIT_REQUEUED', 'LIVE_JOB_STATES', 'ENDED_JOB_STATES', 'now',
            'stage_record', 'write_stage_json', 'venv_kernel', 'extend_env', 'execute_run', 'show_papermill_log',
-           'Outcome', 'run_local', 'format_summary', 'signal_delay', 'slurm_parameters', 'slurm_job_params',
-           'recorded_signals', 'requeue_job', 'StageJob', 'queued_job', 'slurm_job_states', 'ended_before_start',
-           'submit_slurm']
+           'Outcome', 'sigterm_interrupts', 'run_local', 'format_summary', 'signal_delay', 'slurm_parameters',
+           'slurm_job_params', 'recorded_signals', 'requeue_job', 'StageJob', 'queued_job', 'slurm_job_states',
+           'ended_before_start', 'submit_slurm']
 
 # %% ../nbs/08d_pipeline_exec.ipynb #f15b71a8
 import hashlib
@@ -170,12 +170,13 @@ def _worker_context():
 class _Running:
     "A run executing in its own spawned process (`run_local` with jobs > 1)."
     def __init__(self, run: StageRun, threads: int):
+        if _worker.__module__ == "__main__":     # this code as a notebook defines it: a new process cannot find it
+            raise UserError("run_local(jobs > 1) as defined in this notebook cannot start processes: call "
+                            "prepretrain_lit.pipeline_exec.run_local, the package's")
         ctx = _worker_context()
         self.run, self.tic = run, time.perf_counter()
         self.conn, child = ctx.Pipe(duplex=False)
-        from prepretrain_lit import pipeline_exec      # the module's own function, found by name even from a notebook
-        self.process = ctx.Process(target=pipeline_exec._worker, args=(run, threads, dict(os.environ), child),
-                                   name=f"prepretrain {run.id}")
+        self.process = ctx.Process(target=_worker, args=(run, threads, dict(os.environ), child), name=f"prepretrain {run.id}")
         self.process.start()
         child.close()
 
@@ -202,12 +203,29 @@ def _waits(run: StageRun, outcomes: dict[str, Outcome], in_plan: set[str]) -> bo
     "Whether a run this one reads is in the plan and has not ended yet."
     return any(d in in_plan and d not in outcomes for d in run.deps)
 
+@contextmanager
+def sigterm_interrupts():
+    """While the local executor runs: SIGTERM to the runner acts as Ctrl-C, so the runs in flight are stopped and
+    record `interrupted` instead of being orphaned (side by side) or left `running` (one at a time). Main thread only."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield; return
+    def interrupt(signum, frame): raise KeyboardInterrupt(f"{signal.Signals(signum).name} to the runner")
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try: yield
+    finally: signal.signal(signal.SIGTERM, old)
+
 def run_local(runs: Sequence[StageRun], progress: bool = True, echo: Callable[[str], None] = print,
               jobs: int = 1) -> list[Outcome]:
     """Execute `runs` (in dependency order) on this machine: with `jobs=1` one after another in this process; with
     `jobs=N` up to N at once, each in its own process with `cores // N` CPU threads (`OMP_NUM_THREADS`, unless set),
     a run starting as soon as the runs it reads have completed. Outcomes come back in `runs`' order."""
     if jobs < 1: raise UserError(f"jobs={jobs}: give 1 (one run at a time) or more (runs side by side)")
+    with sigterm_interrupts(): return _schedule(runs, progress, echo, jobs)
+
+def _schedule(runs: Sequence[StageRun], progress: bool, echo: Callable[[str], None], jobs: int) -> list[Outcome]:
+    "`run_local`'s loop: start what may start, wait for one run to end, again."
     threads = max(1, usable_cpus() // jobs)
     outcomes: dict[str, Outcome] = {}
     in_plan, waiting, running = {r.id for r in runs}, list(runs), []

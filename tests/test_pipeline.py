@@ -578,8 +578,10 @@ run_local(expand(exp, root + "/runs"), progress=False, jobs=2)
 
 
 @pytest.mark.slow
-def test_ctrl_c_to_the_runner_stops_the_runs_in_flight_and_records_them_interrupted(tmp_path):
-    "SIGINT to the runner alone (not its process group): both runs it has in flight record 'interrupted', the third never starts."
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_to_the_runner_stops_the_runs_in_flight_and_records_them_interrupted(tmp_path, name):
+    """Ctrl-C or SIGTERM to the runner alone (not its process group): both runs it has in flight are stopped and record
+    'interrupted' (not orphaned, still running), and the third never starts."""
     import signal
     import subprocess
     import sys
@@ -594,11 +596,11 @@ def test_ctrl_c_to_the_runner_stops_the_runs_in_flight_and_records_them_interrup
         assert runner.poll() is None and time.monotonic() < deadline, "the two runs did not start"
         time.sleep(0.5)
     time.sleep(3)                                   # the kernels are in `time.sleep(120)`
-    runner.send_signal(signal.SIGINT)
+    runner.send_signal(getattr(signal, name))
     try: runner.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(runner.pid, signal.SIGKILL)
-        raise AssertionError("the runner did not stop within 60 s of Ctrl-C")
+        raise AssertionError(f"the runner did not stop within 60 s of {name}")
     assert runner.returncode != 0
     assert [state(f) for f in folders] == ["interrupted", "interrupted", None]
 
@@ -615,3 +617,32 @@ def test_the_runner_and_the_cli_do_not_load_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((tmp_path / "runs/naps/nap/seed=0/stage.json").read_text())["state"] == "complete"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_leaves_runs_in_flight_interrupted_and_a_rerun_finishes_them(tmp_path):
+    """SIGTERM to the whole process group (a job's end): the runner, its runs' processes and their kernels all go;
+    the two runs that were in flight read `interrupted` (not a stale `running`), and the next invocation runs all three."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from prepretrain_lit.pipeline_plan import live_state, read_json
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path)], start_new_session=True)
+    folders = [tmp_path / f"runs/naps/nap/seed={s}" for s in range(3)]
+    deadline = time.monotonic() + 120
+    while not all((read_json(f / "stage.json") or {}).get("state") == "running" and (f / "executed.ipynb").exists()
+                  for f in folders[:2]):
+        assert runner.poll() is None and time.monotonic() < deadline, "the two runs did not start"
+        time.sleep(0.5)
+    os.killpg(runner.pid, signal.SIGTERM)
+    runner.wait(timeout=60)
+    deadline = time.monotonic() + 30                # the kernels, in the same group, end as well
+    while [live_state(f, read_json(f / "stage.json")) for f in folders[:2]] != ["interrupted"] * 2:
+        assert time.monotonic() < deadline, [read_json(f / "stage.json") for f in folders[:2]]
+        time.sleep(0.5)
+    assert not (folders[2] / "stage.json").exists()
+    again = subprocess.run([sys.executable, "-c", RUNNER.replace("time.sleep(120)", "x = 1"), str(tmp_path)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [read_json(f / "stage.json")["state"] for f in folders] == ["complete"] * 3
