@@ -151,6 +151,9 @@ def _finished(run: StageRun, state: str, seconds: float) -> Outcome:
 def _worker(run: StageRun, threads: int, env: dict, reply) -> None:
     """A parallel run's own process: the runner's environment `env`, and its kernel gets `threads` CPU threads (unless
     `OMP_NUM_THREADS` is set); the state, or the error `execute_run` raised, goes back through `reply`."""
+    import signal
+    for s in (signal.SIGINT, signal.SIGTERM):     # whatever it inherited (a background job ignores SIGINT): the
+        signal.signal(s, _interrupt)                # runner's `stop` and a job's end must reach `execute_run`
     os.environ.clear(); os.environ.update(env)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try: reply.send(("state", execute_run(run, progress=False)))
@@ -190,11 +193,13 @@ class _Running:
         if kind == "error": raise value
         return _finished(self.run, value, time.perf_counter() - self.tic)
 
-    def stop(self) -> None:
-        "Ctrl-C for this run's process (its `execute_run` records `interrupted`), then wait for it."
+    def stop(self, grace_s: float = 30.0) -> None:
+        "Ctrl-C for this run's process (its `execute_run` records `interrupted`); killed if it is still there after `grace_s`."
         import signal
         if self.process.is_alive(): os.kill(self.process.pid, signal.SIGINT)
-        self.process.join()
+        self.process.join(grace_s)
+        if self.process.is_alive():
+            self.process.kill(); self.process.join()
 
 def _failed_inputs(run: StageRun, outcomes: dict[str, Outcome]) -> list[str]:
     return [d for d in run.deps if d in outcomes and outcomes[d].state not in RAN_OK]
@@ -202,6 +207,10 @@ def _failed_inputs(run: StageRun, outcomes: dict[str, Outcome]) -> list[str]:
 def _waits(run: StageRun, outcomes: dict[str, Outcome], in_plan: set[str]) -> bool:
     "Whether a run this one reads is in the plan and has not ended yet."
     return any(d in in_plan and d not in outcomes for d in run.deps)
+
+def _interrupt(signum, frame):
+    import signal
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name}")
 
 @contextmanager
 def sigterm_interrupts():
@@ -211,8 +220,7 @@ def sigterm_interrupts():
     import threading
     if threading.current_thread() is not threading.main_thread():
         yield; return
-    def interrupt(signum, frame): raise KeyboardInterrupt(f"{signal.Signals(signum).name} to the runner")
-    old = signal.signal(signal.SIGTERM, interrupt)
+    old = signal.signal(signal.SIGTERM, _interrupt)
     try: yield
     finally: signal.signal(signal.SIGTERM, old)
 

@@ -586,7 +586,11 @@ def test_ctrl_c_or_sigterm_to_the_runner_stops_the_runs_in_flight_and_records_th
     import subprocess
     import sys
     import time
-    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path)], start_new_session=True)
+    # Ctrl-C: a runner in a terminal (SIGINT at its default, wherever this test runs). SIGTERM: a runner in a background
+    # job, which ignores SIGINT, and so would the runs' processes it starts, were it not for `_worker`.
+    sigint = signal.SIG_DFL if name == "SIGINT" else signal.SIG_IGN
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path)], start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     folders = [tmp_path / f"runs/naps/nap/seed={s}" for s in range(3)]
     def state(folder: Path) -> str | None:
         try: return json.loads((folder / "stage.json").read_text()).get("state")
