@@ -13,7 +13,9 @@ embedding, visible-token encoder, decoder; x3 for forward + backward, x2 for the
 needs no gradient) per second, over the device's peak dense bf16 rate (GPU) and over the machine's own measured
 matmul rate at the run's precision, with the goals (>= 80% of it in fp32, >= 60% in bf16; never slower than the
 peer at equal precision) and whether they are met. The first step of each side (with --compile: the compilation)
-is timed apart; --json PATH writes the train-step row for a GPU check to collect.
+is timed apart; --json PATH writes the train-step row for a GPU check to collect. --attention fused|math forces
+our attention kernel (default auto, the trainer's choice: two matmuls around a softmax on a CPU under bf16, SDPA
+elsewhere); the peer always calls SDPA.
 
     .venv/bin/python benchmarks/mae_throughput.py                                  # CPU: ViT-S/16, 224 px, batch 8, fp32
     .venv/bin/python benchmarks/mae_throughput.py --precision bf16                 # CPUs with AVX512-BF16 / AMX only
@@ -36,6 +38,7 @@ import torch
 
 from prepretrain_lit.config import MAEConfig, ModelConfig, RunConfig, load_config
 from prepretrain_lit.trainer import DistInfo, SyntheticImages, Trainer, mae_objective, param_groups
+from prepretrain_lit.vit import resolve_attention
 
 # Peak dense bf16 tensor-core rates (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name(); the
 # longest key found in the name wins ("NVIDIA H200 NVL" is an H200 NVL, not an H200; "GH200" not "H200").
@@ -170,10 +173,12 @@ def interleaved_times(steps: dict[str, Callable[[], object]], warmup: int, iters
     return times
 
 
-def make_config(model: str, batch: int, precision: str, compile_: bool, device: torch.device) -> RunConfig:
+def make_config(model: str, batch: int, precision: str, compile_: bool, device: torch.device,
+                attention: str = "auto") -> RunConfig:
     return load_config(preset=model, overrides=["data.dataset=synthetic", f"data.batch_size={batch}",
                                                 f"train.precision={precision}", f"train.compile={compile_}",
-                                                f"train.device={device.type}", "train.steps=1000000"])
+                                                f"train.device={device.type}", "train.steps=1000000",
+                                                f"train.attention={attention}"])
 
 
 def ours_train_step(cfg: RunConfig, batch: dict, out_dir: str) -> tuple[Callable[[], object], torch.nn.Module]:
@@ -270,6 +275,9 @@ def main(argv=None) -> None:
                         help="also time this package's default precision (bf16 autocast) against the peer in fp32: "
                              "a different-precision row, labelled as such")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
+    parser.add_argument("--attention", choices=("auto", "fused", "math"), default="auto",
+                        help="our attention kernel (train.attention; auto: math on CPU under bf16, else fused SDPA); "
+                             "the peer always uses SDPA")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="n of the n^3 matmul that measures the machine's own rate (default: 2048 CPU, 8192 GPU)")
     parser.add_argument("--json", help="also write the train-step row (images/s, first-step seconds, MFU, memory) to this JSON file")
@@ -287,7 +295,7 @@ def main(argv=None) -> None:
             and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         print("warning: this CPU has no native bf16 matmul (no AVX512-BF16 / AMX): bf16 autocast falls back to a "
               "scalar kernel, measured ~100x slower than fp32 on an AVX2 EPYC; use --precision fp32 here")
-    cfg = make_config(args.model, batch_size, precision, args.compile, device)
+    cfg = make_config(args.model, batch_size, precision, args.compile, device, args.attention)
     m = cfg.model
     data = SyntheticImages(batch_size, m.img_size, m.num_patches)
     batch = {k: v.to(device) for k, v in next(data.batches()).items() if k in ("image", "noise")}
@@ -297,6 +305,9 @@ def main(argv=None) -> None:
           f"norm_pix_loss={cfg.mae.norm_pix_loss}")
     print(f"batch {batch_size}, {precision}, compile={args.compile}, {name}, torch {torch.__version__}, "
           f"{warmup} warm-up + {steps} timed steps per side, interleaved")
+    attention = resolve_attention(args.attention, precision, device)
+    print(f"attention: ours {attention} (train.attention={args.attention}; 'math': two matmuls around a softmax), "
+          f"peer scaled_dot_product_attention")
 
     with tempfile.TemporaryDirectory() as out:
         ours_step, ours_model = ours_train_step(cfg, batch, out)
@@ -326,7 +337,7 @@ def main(argv=None) -> None:
             if peer_model is not None: peer_model.train()
         if args.default_vs_peer_fp32 and not args.ours_only:
             if precision != "fp32": raise SystemExit("--default-vs-peer-fp32 needs --precision fp32 (the peer's side)")
-            bf16_cfg = make_config(args.model, batch_size, "bf16", args.compile, device)
+            bf16_cfg = make_config(args.model, batch_size, "bf16", args.compile, device, args.attention)
             ours_bf16, _ = ours_train_step(bf16_cfg, batch, out)
             t = interleaved_times({"ours": ours_bf16, "peer": train_steps["peer"]}, warmup, steps, device)
             rows.append(("train: ours bf16 vs peer fp32", {k: summarise(v, batch_size) for k, v in t.items()}, t))
@@ -394,6 +405,7 @@ def main(argv=None) -> None:
              "--default-vs-peer-fp32" if differs else ": the same precision") + f"; this run used {precision} on both sides")
     if args.json:
         result = {"model": args.model, "batch": batch_size, "precision": precision, "compile": bool(args.compile),
+                  "attention": attention,
                   "device": str(device), "device_name": name, "torch": torch.__version__, "steps": steps, "warmup": warmup,
                   "train_step_s": {k: v[0] for k, v in train.items()}, "images_per_s": {k: v[1] for k, v in train.items()},
                   "first_step_s": first_s, "paired_ours_over_peer": paired,

@@ -106,9 +106,10 @@ def config_to_dict(cfg) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 # Keys that cannot change what a run computes: how many loader processes read the data, how often it logs and
-# checkpoints, whether it writes TensorBoard events or re-hashes its shards. A requeued job may change them.
+# checkpoints, whether it writes TensorBoard events or re-hashes its shards, which attention kernel computes the
+# same function (to rounding). A requeued job may change them.
 NOT_IDENTITY = ("preset", "stage", "data.num_workers", "data.verify_checksums", "eval.num_workers", "train.log_every",
-                "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard")
+                "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard", "train.attention")
 PATH_KEYS = ("data.dataset", "eval.dataset", "init.checkpoint")   # the same file however it is written
 
 def config_identity(cfg) -> dict:
@@ -132,6 +133,7 @@ def legacy_config_hash(cfg, length: int = 12) -> str:
     "The hash of every key but `preset`, as checkpoints written before `config_identity` recorded it (still loadable)."
     d = config_to_dict(cfg)
     d.pop("preset", None)
+    d.get("train", {}).pop("attention", None)    # added later, never in a legacy record
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
 
 def config_to_yaml(cfg) -> str:

@@ -150,6 +150,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"  # auto: bf16 on CUDA / native-bf16 CPUs, else fp32; fp16 adds a grad scaler
     device: Literal["auto", "cpu", "cuda"] = "auto"      # auto: cuda when available
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA, off on CPU (no gain measured there)
+    attention: Literal["auto", "fused", "math"] = "auto"  # attention kernel; auto: math on CPU under bf16 (1.2x there), else fused SDPA
     strategy: Literal["ddp", "fsdp"] = "ddp"  # how several processes share the model: replicate, or shard (FSDP2)
     activation_checkpointing: bool = False    # recompute block activations in backward (2B, 6.5B trunks)
     checkpoint_every: int = 500     # steps between checkpoints (one is always written at the end)

@@ -40,6 +40,7 @@ from .config import (RunConfig, UserError, atomic_write_text, config_hash, deriv
                                     legacy_config_hash, run_lock, seed_everything, write_provenance)
 from .objectives import (DATA_FROM, OBJECTIVES, STAGE_TRANSFORMS, MAEObjective, Objective,
                                         mae_objective, splitmask_objective)
+from .vit import resolve_attention, set_attention_kernel
 # what the trainer stands on, re-exported: `trainer.launch`, `trainer.lr_at`, `trainer.complete_checkpoints`, ...
 from .distributed import *
 from .optim import *
@@ -125,9 +126,10 @@ class Trainer:
         self.warmup = round(cfg.optim.warmup_fraction * t.steps)
         self.sharded = t.strategy == "fsdp" and self.info.distributed
         self.precision, self.compile = resolve_precision(t.precision, self.info.device), resolve_compile(t.compile, self.info.device)
+        self.attention = resolve_attention(t.attention, self.precision, self.info.device)
         if self.info.is_main:
             print(f"precision {self.precision} (train.precision={t.precision}), compile {self.compile} "
-                  f"(train.compile={t.compile}) on {self.info.device}")
+                  f"(train.compile={t.compile}), attention {self.attention} (train.attention={t.attention}) on {self.info.device}")
         if self.sharded and self.precision == "fp16":
             raise UserError("train.precision=fp16 is not supported with train.strategy=fsdp (its loss scaling would need "
                             "a sharded grad scaler); use train.precision=bf16")
@@ -135,6 +137,7 @@ class Trainer:
         if on_meta and not self.sharded:
             raise UserError("an objective built on the meta device needs train.strategy=fsdp with several processes")
         self.objective = objective if self.sharded else objective.to(self.info.device)   # fully_shard moves its shards
+        set_attention_kernel(objective, self.attention)
         if t.activation_checkpointing and hasattr(objective.model, "set_grad_checkpointing"):
             objective.model.set_grad_checkpointing(True)
         self.model = self._wrap(self.objective, on_meta)
@@ -152,7 +155,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         if self.info.is_main and (record := self.out / "provenance.json").is_file():   # what 'auto' chose on this hardware
             atomic_write_text(record, json.dumps({**json.loads(record.read_text()), "resolved": {
-                "precision": self.precision, "compile": self.compile}}, indent=2) + "\n")
+                "precision": self.precision, "compile": self.compile, "attention": self.attention}}, indent=2) + "\n")
         if self.info.is_main: self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.step = 0                      # the last step trained (for status.json when something fails)
 

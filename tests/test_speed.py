@@ -227,7 +227,36 @@ def test_the_resolved_choice_is_recorded_in_provenance(tmp_path, monkeypatch):
     Trainer(cfg, mae_objective(cfg), SyntheticImages(cfg.data.batch_size, 32, 64), tmp_path, progress=False)
     import json
     record = json.loads((tmp_path / "provenance.json").read_text())
-    assert record["resolved"] == {"precision": "fp32", "compile": False} and record["config"]["train"]["precision"] == "auto"
+    assert record["resolved"] == {"precision": "fp32", "compile": False, "attention": "fused"}
+    assert record["config"]["train"]["precision"] == "auto"
+
+
+def attention_flags(trainer: Trainer) -> set[bool]:
+    "The `fused_attn` switches of every attention module the trainer trains (trunk and MAE decoder)."
+    return {m.fused_attn for m in trainer.objective.modules() if isinstance(getattr(m, "fused_attn", None), bool)}
+
+
+def test_auto_attention_is_the_textbook_kernel_on_a_cpu_under_bf16_only(tmp_path, monkeypatch, capsys):
+    "train.attention=auto: math (two bf16 matmuls) on a CPU under bf16, fused SDPA in fp32; an explicit choice is kept."
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: True)
+    _, bf16 = mae_losses(tmp_path / "bf16", 1, "train.precision=auto")
+    assert bf16.attention == "math" and attention_flags(bf16) == {False}
+    assert "attention math (train.attention=auto)" in capsys.readouterr().out
+    _, fp32 = mae_losses(tmp_path / "fp32", 1, "train.precision=fp32")
+    assert fp32.attention == "fused" and attention_flags(fp32) == {True}
+    _, forced = mae_losses(tmp_path / "forced", 1, "train.precision=bf16", "train.attention=fused")
+    assert forced.attention == "fused" and attention_flags(forced) == {True}
+    assert len([m for m in bf16.objective.modules() if hasattr(m, "fused_attn")]) == 3   # 2 trunk + 1 decoder blocks
+
+
+def test_the_two_attention_kernels_train_alike_and_are_not_part_of_a_runs_identity(tmp_path):
+    "The textbook and fused kernels compute the same function: fp32 MAE losses agree to rounding over 3 steps."
+    from prepretrain_lit.config import config_hash
+    fused, a = mae_losses(tmp_path / "fused", 3, "train.precision=fp32", "train.attention=fused")
+    math, b = mae_losses(tmp_path / "math", 3, "train.precision=fp32", "train.attention=math")
+    assert (a.attention, b.attention) == ("fused", "math")
+    for x, y in zip(math, fused): assert abs(x - y) <= 1e-4 * abs(y), (math, fused)
+    assert config_hash(a.cfg) == config_hash(b.cfg)          # a requeued job may change kernels and still resume
 
 
 @pytest.mark.slow
