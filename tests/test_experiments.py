@@ -32,3 +32,31 @@ def test_cpu_study_has_three_seeds_a_point_and_every_arm():
     wsp = {r.id: r for r in runs if r.stage == "size_wsp"}
     assert wsp["size_wsp/from_mae,seed=2,model=96"].params["init_checkpoint"].endswith("size_mae/seed=2,model=96/model.pt")
     assert "model.embed_dim=96" in wsp["size_wsp/from_mae,seed=2,model=96"].params["overrides"]
+
+
+def test_the_demos_wsp_recipe_is_a_row_of_the_grid_its_choice_was_made_on():
+    "demo.yaml says its WSP recipe was chosen on held-out shapes with tools/wsp_recipe.py: that grid holds it."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("wsp_recipe", EXPERIMENTS.parent / "tools" / "wsp_recipe.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    wsp = [r for r in expand(load_experiment(EXPERIMENTS / "demo.yaml"), "/nonexistent/runs") if r.stage == "wsp"]
+    recipes = {(r.params["steps"], tuple(sorted(r.params["overrides"]))) for r in wsp}
+    assert len(recipes) == 1                                                  # both arms, every seed: one recipe
+    (steps, overrides), = recipes
+    lr = float(next(o for o in overrides if o.startswith("optim.lr=")).split("=")[1])
+    transform = next(o for o in overrides if o.startswith("data.transform=")).split("=")[1]
+    assert (steps, lr, transform) in tool.GRID
+
+
+def test_the_wsp_recipe_tool_runs_and_judges_on_held_out_shapes(tmp_path):
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, str(EXPERIMENTS.parent / "tools" / "wsp_recipe.py"), "--quick",
+                          "--work", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line.split() for line in res.stdout.splitlines() if line.strip().startswith("4 ")]
+    assert [r[3] for r in rows] == ["scratch", "mae"]                         # both arms of the one quick recipe
+    assert all(0 < float(r[5]) < 10 and 0 <= float(r[6].rstrip("%")) <= 100 for r in rows)
+    assert (tmp_path / "shapes-val" / "shapes-val.yaml").is_file()            # the held-out set, seed 1
+    assert "seed: 1" in (tmp_path / "shapes-val-recipe.yaml").read_text()

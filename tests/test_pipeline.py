@@ -335,13 +335,15 @@ def test_shipped_experiments_validate():
     assert "init_checkpoint" not in demo["wsp/scratch,seed=1"].params
     assert {k for k in demo if k.split("/")[0] in ("knn", "linear_probe", "lowshot", "zeroshot")} == {   # 3 pretraining seeds an arm
         f"{s}/seed={seed},init={i}" for s in ("knn", "linear_probe", "lowshot", "zeroshot") for seed in (0, 1, 2) for i in ("scratch", "mae")}
-    assert {k for k in demo if k.startswith("finetune")} == {f"finetune/seed=0,init={i}" for i in ("scratch", "mae")}
+    assert {k for k in demo if k.startswith("finetune")} == {                  # finetune too: every WSP trunk
+        f"finetune/seed={seed},init={i}" for seed in (0, 1, 2) for i in ("scratch", "mae")}
+    assert all(demo[f"finetune/seed={s},init=scratch"].params["seed"] == s for s in (0, 1, 2))
     assert all(demo[f"zeroshot/seed={s},init=mae"].params["seed"] == s for s in (0, 1, 2))
     for seed in (0, 1, 2):                           # the MAE-only and random-init arms, on k-NN
         assert demo[f"knn_mae/seed={seed}"].params["init_checkpoint"].endswith(f"demo/mae/seed={seed}/model.pt")
         assert "init_checkpoint" not in demo[f"knn_random/seed={seed}"].params
         assert demo[f"knn_random/seed={seed}"].params["seed"] == seed
-    assert len(demo["report/main"].deps) == 32
+    assert len(demo["report/main"].deps) == 36
 
 
 def test_demo_dry_run_prints_the_dag(tmp_path, capsys):
