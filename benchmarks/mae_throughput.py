@@ -38,7 +38,6 @@ import torch
 
 from prepretrain_lit.config import MAEConfig, ModelConfig, RunConfig, load_config
 from prepretrain_lit.trainer import DistInfo, SyntheticImages, Trainer, mae_objective, param_groups
-from prepretrain_lit.vit import resolve_attention
 
 # Peak dense bf16 tensor-core rates (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name(); the
 # longest key found in the name wins ("NVIDIA H200 NVL" is an H200 NVL, not an H200; "GH200" not "H200").
@@ -181,14 +180,14 @@ def make_config(model: str, batch: int, precision: str, compile_: bool, device: 
                                                 f"train.attention={attention}"])
 
 
-def ours_train_step(cfg: RunConfig, batch: dict, out_dir: str) -> tuple[Callable[[], object], torch.nn.Module]:
-    "This package's training step: `Trainer.train_step` on `batch`, again and again; and its MAE model."
+def ours_train_step(cfg: RunConfig, batch: dict, out_dir: str) -> tuple[Callable[[], object], Trainer]:
+    "This package's training step: `Trainer.train_step` on `batch`, again and again; and its trainer."
     torch.manual_seed(0)
     data = SyntheticImages(cfg.data.batch_size, cfg.model.img_size, cfg.model.num_patches)
     device = batch["image"].device
     trainer = Trainer(cfg, mae_objective(cfg), data, out_dir, DistInfo(device=device), progress=False)
     repeat, counter = iter(lambda: batch, None), iter(range(10 ** 9))
-    return (lambda: trainer.train_step(repeat, next(counter))[0]), trainer.objective.model
+    return (lambda: trainer.train_step(repeat, next(counter))[0]), trainer
 
 
 def peer_train_step(cfg: RunConfig, batch: dict, device: torch.device, weights: dict | None = None
@@ -305,12 +304,12 @@ def main(argv=None) -> None:
           f"norm_pix_loss={cfg.mae.norm_pix_loss}")
     print(f"batch {batch_size}, {precision}, compile={args.compile}, {name}, torch {torch.__version__}, "
           f"{warmup} warm-up + {steps} timed steps per side, interleaved")
-    attention = resolve_attention(args.attention, precision, device)
-    print(f"attention: ours {attention} (train.attention={args.attention}; 'math': two matmuls around a softmax), "
-          f"peer scaled_dot_product_attention")
 
     with tempfile.TemporaryDirectory() as out:
-        ours_step, ours_model = ours_train_step(cfg, batch, out)
+        ours_step, ours_trainer = ours_train_step(cfg, batch, out)
+        ours_model, attention = ours_trainer.objective.model, ours_trainer.attention    # what the trainer resolved
+        print(f"attention: ours {attention} (train.attention={args.attention}; 'math': two matmuls around a "
+              f"softmax), peer scaled_dot_product_attention")
         train_steps = {"ours": ours_step}
         peer_model = None
         if not args.ours_only:

@@ -64,10 +64,11 @@ def heldout(run: Path, val: Path) -> tuple[float, float, float]:
     cfg = load_config(run / "config.yaml")
     model = classifier_from_config(cfg.model, len(load_manifest(val).hashtags), cfg.head.global_pool)
     model.load_state_dict(load_state_dict_file(run / "model.pt"))
+    model.eval()
     loss = top1 = n = 0.0
     with torch.no_grad():
         for batch in eval_loader(str(val), cfg.model.img_size, 250, 0):
-            logits = model.eval()(batch["image"])
+            logits = model(batch["image"])
             loss += float(wsp_loss(logits, batch["hashtags"])) * len(logits)
             top1 += float(hashtag_top1(logits, batch["hashtags"]).sum())
             n += len(logits)
