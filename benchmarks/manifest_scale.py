@@ -7,6 +7,10 @@
 2. Batch bytes of the hashtag targets at 28K hashtags: the old dense multi-hot (one |V|-wide float vector a
    sample, stacked) against the new padded indices (`collate_samples`), for a batch of `--batch` samples with
    `--tags` hashtags each; the bytes are counted on the collated batch (both grow linearly with the batch).
+3. `shards index` per shard, counted (bytes read, not time) on a small img2dataset-style corpus in each mode
+   (sha256: the whole tar once; `--no-sha256` with img2dataset's `_stats.json`: a few headers; no stats: every
+   header, the data skipped), and extrapolated to `--shards` shards of 10k samples of ~100 KB; with the pickled
+   size of what every rank gathers, and the seeded shard order of the subsets at that many shards.
 
     .venv/bin/python benchmarks/manifest_scale.py                     # 300k shards, 28K hashtags, batch 4096
     .venv/bin/python benchmarks/manifest_scale.py --shards 30000      # quicker
@@ -16,6 +20,7 @@ this machine, memory is tracemalloc's peak of a separate load.
 """
 import argparse
 import hashlib
+import pickle
 import tempfile
 import time
 import tracemalloc
@@ -25,7 +30,8 @@ import numpy as np
 import torch
 import yaml
 
-from prepretrain_lit.data import _MANIFESTS, load_manifest, parse_manifest, write_manifest
+from prepretrain_lit.data import (_MANIFESTS, inspect_shards, load_manifest, parse_manifest, shard_order, shard_paths,
+                                  write_img2dataset_like, write_manifest)
 from prepretrain_lit.loader import collate_samples
 
 
@@ -94,6 +100,39 @@ def target_rows(vocab: int = 28_000, batch: int = 4096, tags: int = 5) -> list[d
              "bytes": sparse_bytes, "ratio_dense_over_sparse": round(dense_bytes / sparse_bytes, 1)}]
 
 
+def index_rows(shards: int = 16, per_shard: int = 50, ig_shards: int = 300_000, ig_per_shard: int = 10_000,
+               ig_sample_kb: float = 100.0) -> list[dict]:
+    """`shards index`, counted per shard in each mode on `shards` img2dataset-style shards, and extrapolated to
+    `ig_shards` shards of `ig_per_shard` samples of `ig_sample_kb` KB (3 members a sample: jpg, txt, json)."""
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        tars = write_img2dataset_like(Path(d), shards, per_shard, size=(32, 24))
+        paths = shard_paths(d)
+        size = sum(t.stat().st_size for t in tars) / shards
+        members = 3 * per_shard
+        for mode, sha in (("sha256 (the tar once)", True), ("--no-sha256, img2dataset stats", False),
+                          ("--no-sha256, no stats (headers)", False)):
+            if "no stats" in mode:
+                for stats in Path(d).glob("*_stats.json"): stats.unlink()
+            infos = inspect_shards(paths, sha256=sha)
+            read = sum(i.bytes_read for i in infos) / shards
+            if sha: ig_read = ig_per_shard * ig_sample_kb * 1024 * read / size    # the shard's bytes, whatever they are
+            elif "headers" in mode: ig_read = 3 * ig_per_shard * read / members   # ~512 bytes a member
+            else: ig_read = read                                                  # a constant: the first headers
+            out.append({"what": f"index per shard: {mode}", "bytes_read_per_shard": round(read),
+                        "of_shard_bytes": round(read / size, 3), "counted_samples": infos[0].samples,
+                        f"at_{ig_shards}_shards_TB": round(ig_shards * ig_read / 1e12, 4)})
+        gathered = len(pickle.dumps(infos)) / shards
+        out.append({"what": "index: what each rank gathers, per shard (pickled ShardInfo)", "bytes": round(gathered),
+                    f"at_{ig_shards}_shards_MB": round(gathered * ig_shards / 1e6, 1)})
+    shard_order.cache_clear()
+    start = time.perf_counter()
+    shard_order(ig_shards, 0)
+    out.append({"what": f"subsets over shards: the seeded order of {ig_shards} shards (once per process)",
+                "seconds": round(time.perf_counter() - start, 3), "keys_read_per_subset": ig_per_shard})
+    return out
+
+
 def rows(num_shards: int = 300_000, vocab: int = 28_000, batch: int = 4096, tags: int = 5) -> list[dict]:
     "Every figure of this benchmark, as dicts."
     return manifest_rows(num_shards) + target_rows(vocab, batch, tags)
@@ -106,7 +145,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--tags", type=int, default=5, help="hashtags per sample")
     args = parser.parse_args()
-    for row in rows(args.shards, args.hashtags, args.batch, args.tags):
+    for row in rows(args.shards, args.hashtags, args.batch, args.tags) + index_rows(ig_shards=args.shards):
         print("  ".join(f"{k}={v}" for k, v in row.items()))
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .config import DataConfig, UserError, derive_seed, ignore_stop_signals
-from .data import (TEMPLATE_MARK, Manifest, count_samples, in_subset, load_manifest, shipped_manifest,
-                                  missing_shards_verdict, verify_across_ranks)
+from .data import (TEMPLATE_MARK, Manifest, count_samples, load_manifest, shipped_manifest,
+                                  missing_shards_verdict, subset_reads, subset_score, verify_across_ranks)
 from .stream import *    # the order of an epoch, positions, reading a shard (01b_stream)
 from .decode import *    # decoding, bad samples, seeded augmentation, transforms (01c_decode)
 
@@ -63,20 +63,26 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.max_skip_fraction, self.min_samples_for_check = max_skip_fraction, min_samples_for_check
         self.epoch = 0
         self.vocab = {t: i for i, t in enumerate(self.manifest.hashtags or [])}
+        self.reads = subset_reads(self.manifest, subset)    # the shards this subset opens, and the filter in each
         self.plan = StreamPlan(tuple(self._shard_counts()), seed, max(1, shuffle_buffer), window_samples or max(1, shuffle_buffer))
         self.layout, self.start_positions, self.rotation = None, {}, 0     # set by `StreamLoader` to resume
 
     def _shard_counts(self) -> list[int]:
-        "Samples per shard read by this subset: all shards, or the first K when the subset records `shards: K`."
+        """Samples per shard this subset reads, in `self.reads` order: every shard, the first K of a score subset
+        (`shards: K`), or the K shards of a subset over shards as they are. Without `shard_samples` the shards are
+        counted here (their headers), and a total that is not `num_samples` stops the run before any compute."""
         m = self.manifest
         counts = list(m.shard_samples) if m.shard_samples else [count_samples(s) for s in m.shards]
+        if sum(counts) != m.num_samples:
+            raise UserError(f"{m.path}: the shards hold {sum(counts)} samples, the manifest says num_samples: "
+                            f"{m.num_samples}; correct it, or count them with `prepretrain shards index`")
         spec = m.subsets.get(self.subset) if self.subset else None
-        if spec is not None and spec.get("shards") is not None: return counts[:int(spec["shards"])]
-        if spec is not None and spec["size"] < m.num_samples:
+        if spec is not None and spec.get("shards") is None and spec["size"] < m.num_samples:
             warnings.warn(f"{m.path}: subset '{self.subset}' does not record which shards hold it ('shards'), so every "
                           f"shard is read to keep {spec['size'] / m.num_samples:.1%} of the samples. Write the corpus "
-                          "in subset order once with `prepretrain shards reshard` so a subset reads only its share")
-        return counts
+                          "in subset order once with `prepretrain shards reshard`, or index it with `prepretrain shards "
+                          "index --subset` (whole shards), so a subset reads only its share")
+        return [counts[j] for j in self.reads.shards.tolist()]
 
     def set_epoch(self, epoch: int) -> None:
         "Start the next iteration at `epoch` (its shard order and shuffle follow from it)."
@@ -138,9 +144,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             hi = lo + self.plan.counts[s]
             needed = np.nonzero(emitted_at[lo:hi] >= first)[0]
             if len(needed):
-                last = lo + int(needed[-1])
-                for slot, raw in self._raw(m.shards[s], lo, last + 1, self.plan.counts[s]):
-                    if emitted_at[slot] >= first and in_subset(raw["__key__"], m, self.subset): held[slot] = raw
+                last, threshold = lo + int(needed[-1]), float(self.reads.thresholds[s])
+                for slot, raw in self._raw(m.shards[self.reads.shards[s]], lo, last + 1, self.plan.counts[s], threshold):
+                    if emitted_at[slot] >= first and (threshold >= 1 or subset_score(raw["__key__"]) < threshold):
+                        held[slot] = raw
                     while q < len(order) and order[q] <= slot:
                         if (raw_q := held.pop(int(order[q]), None)) is not None:
                             item = self._decode_and_finish(raw_q, reader, epoch, base + q + 1 - window.start)
@@ -152,8 +159,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 item = self._decode_and_finish(raw_q, reader, epoch, base + q + 1 - window.start)
                 if item is not None: yield item
 
-    def _raw(self, shard: str, lo: int, hi: int, expected: int) -> Iterator[tuple[int, dict]]:
-        "(slot, sample) for slots lo..hi-1 of one shard (slot lo is its first); damage is reported and counted as skipped."
+    def _raw(self, shard: str, lo: int, hi: int, expected: int, threshold: float = 1.0) -> Iterator[tuple[int, dict]]:
+        """(slot, sample) for slots lo..hi-1 of one shard (slot lo is its first); damage is reported and counted as
+        skipped (the subset's expected share of it: `threshold`, the share of its keys the subset keeps)."""
         error, read = None, 0
         try:
             for sample in tar_samples(shard):
@@ -166,8 +174,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if error is not None or lost:
             warnings.warn(f"shard {shard}: {error if error is not None else 'ended early'}; "
                           f"{lost} of {expected} samples lost")
-            share = self.manifest.subset_size(self.subset) / self.manifest.num_samples   # lost keys are unknown:
-            self._skip(round(lost * share))                                          # count the subset's expected part
+            self._skip(round(lost * min(1.0, threshold)))      # lost keys are unknown: count the subset's expected part
 
     def _decode_and_finish(self, raw: dict, reader: int, epoch: int, position: int) -> dict | None:
         """Decode and transform at the sample's turn (the buffer holds encoded bytes); the item carries where the

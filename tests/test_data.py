@@ -1,5 +1,6 @@
 """Data: manifests, shards round trip, bad samples survived and counted, splits, subsets, determinism, CLI."""
 import io
+import json
 import subprocess
 import sys
 import warnings
@@ -13,7 +14,7 @@ from PIL import Image
 
 from prepretrain_lit.config import DataConfig, UserError
 from prepretrain_lit.data import (SHAPES, SHAPES_HASHTAGS, ManifestError, build_from_recipe, build_shards,
-                                  imagefolder_source, load_manifest, parse_manifest, render_shapes,
+                                  imagefolder_source, in_subset, load_manifest, parse_manifest, render_shapes,
                                   shapes_source, table_source, verify_manifest, write_shard)
 from prepretrain_lit.loader import (DataQualityError, ShardStream, StreamLoader, eval_transform, finetune_transform,
                                     make_loader, mae_transform)
@@ -362,7 +363,163 @@ def test_cli_build_skips_a_truncated_jpeg_and_reshard_writes_prefix_subsets(tmp_
 
 def test_data_reexports_every_public_name_of_the_data_chapters():
     "`prepretrain_lit.data` keeps every name of the manifest, built-in dataset and subset chapters it was split into."
-    from prepretrain_lit import data, manifest, render, subsets
-    for chapter in (manifest, render, subsets):
+    from prepretrain_lit import data, manifest, render, subsets, tars
+    for chapter in (manifest, render, subsets, tars):
         for name in chapter.__all__:
             assert name in data.__all__ and getattr(data, name) is getattr(chapter, name), (chapter.__name__, name)
+
+
+# -- bring your own corpus: index in place, subsets over shards as they are, byte-exact builds (issue 33) ------
+
+class CountingOpen:
+    "`gopen` wrapped so that the bytes read from each shard are counted (what the loader opens, and how much)."
+    def __init__(self, monkeypatch):
+        from prepretrain_lit import stream
+        self.read, real = {}, stream.gopen
+        outer = self
+        class Counted:
+            def __init__(self, location): self.f, self.location = real(location), location
+            def read(self, n=-1):
+                data = self.f.read(n)
+                outer.read[self.location] = outer.read.get(self.location, 0) + len(data)
+                return data
+            def close(self): self.f.close()
+        monkeypatch.setattr(stream, "gopen", Counted)
+
+
+def test_img2dataset_shards_indexed_once_train_mae_on_an_exact_quarter_then_on_all_without_a_rewrite(tmp_path, monkeypatch):
+    from prepretrain_lit.cli import main
+    from prepretrain_lit.subsets import subset_reads
+    from prepretrain_lit.tars import write_img2dataset_like
+    tars = write_img2dataset_like(tmp_path / "coyo", 8, [30, 28, 31, 29, 30, 27, 32, 33], size=(12, 10))   # 240 samples
+    files = lambda: {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in (tmp_path / "coyo").iterdir()}
+    before, manifest = files(), tmp_path / "coyo.yaml"
+    assert main(["shards", "index", str(tmp_path / "coyo"), "--out", str(manifest), "--subset", "q=0.25",
+                 "--subset", "h=0.5", "--workers", "2"]) == 0
+    m = load_manifest(manifest)
+    assert (m.num_samples, m.subset_size("q"), m.subset_size("h"), m.caption_field) == (240, 60, 120, "txt")
+    q, h = (set(i["key"] for i in read_all(m, subset=s)[0]) for s in ("q", "h"))
+    assert (len(q), len(h)) == (60, 120) and q < h                                  # exact and nested
+    sizes = {str(t): t.stat().st_size for t in tars}
+    wanted = [m.shards[j] for j in subset_reads(m, "q").shards.tolist()]
+    counting = CountingOpen(monkeypatch)
+    tiny = ["--preset", "tiny", "--set", f"data.dataset={manifest}", "--set", "data.num_workers=0", "--set",
+            "data.batch_size=10", "--set", "data.shuffle_buffer=16", "--set", "model.depth=2", "--set",
+            "model.decoder_depth=1", "--set", "train.log_every=1"]
+    assert main(["train", "mae", *tiny, "--set", "data.subset=q", "--set", "train.steps=6", "--out", str(tmp_path / "q")]) == 0
+    total = sum(sizes.values())
+    share, subset_share = sum(counting.read.values()) / total, sum(sizes[s] for s in wanted) / total
+    assert set(counting.read) <= set(wanted)                                       # no shard outside the subset's opened
+    assert 0.2 < subset_share < 0.3 and share <= subset_share + max(sizes.values()) / total, (share, subset_share)
+    # ... about a quarter of the bytes: the subset's 2 shards, and the start of the next epoch's first (held back item)
+    assert main(["train", "mae", *tiny, "--set", "train.steps=3", "--out", str(tmp_path / "all")]) == 0
+    assert files() == before                                                       # used as it is: nothing rewritten
+
+
+def test_verify_fails_a_count_the_shards_do_not_hold_and_the_loader_refuses_it(tmp_path, capsys):
+    from prepretrain_lit.cli import main
+    from prepretrain_lit.tars import write_img2dataset_like
+    write_img2dataset_like(tmp_path / "web", 8, 100, size=(8, 8), failures=0)       # 800 samples
+    path = tmp_path / "web.yaml"
+    path.write_text(yaml.safe_dump(dict(name="web", format="webdataset", num_samples=840, shards="web/{00000..00007}.tar",
+                                        caption_field="txt", label_field=None)))
+    assert main(["shards", "verify", str(path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{path}: the shards hold 800 samples, the manifest says num_samples: 840; correct it, or count them " \
+                     "with `prepretrain shards index`"
+    assert "no shard_samples: per-shard counts not checked, only the total" in out[-1]
+    with pytest.raises(UserError, match="the shards hold 800 samples, the manifest says num_samples: 840"):
+        ShardStream(path)
+
+
+def test_a_folder_built_shard_holds_the_files_bytes_its_path_and_a_key_traceable_to_it(tmp_path):
+    from prepretrain_lit.stream import tar_samples
+    files = {}
+    for cls, fmt in (("cat", "JPEG"), ("dog", "PNG")):
+        for i in range(3):
+            path = tmp_path / "pets" / cls / f"{cls}.{i}.{'jpg' if fmt == 'JPEG' else 'png'}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(path, format=fmt)
+            files[f"{cls}/{cls}_{i}"] = path
+    m = load_manifest(build_shards(imagefolder_source(tmp_path / "pets"), tmp_path / "out", shard_size=4, progress=False))
+    samples = {s["__key__"]: s for shard in m.shards for s in tar_samples(shard)}
+    assert sorted(samples) == sorted(files)                                         # keys: paths without the extension
+    for key, path in files.items():
+        ext = "jpg" if path.suffix == ".jpg" else "png"
+        assert samples[key][ext] == path.read_bytes()                              # the file's bytes, not a re-encode
+        assert yaml.safe_load(samples[key]["json"])["path"] == path.relative_to(tmp_path / "pets").as_posix()
+    small = load_manifest(build_shards(imagefolder_source(tmp_path / "pets"), tmp_path / "small", max_side=15, progress=False))
+    for s in (s for shard in small.shards for s in tar_samples(shard)):            # asked to shrink: re-encoded, format kept
+        ext = "jpg" if "jpg" in s else "png"
+        assert Image.open(io.BytesIO(s[ext])).size == (15, 10) and s[ext] != files[s["__key__"]].read_bytes()
+
+
+def test_build_split_for_a_folder_without_one_is_stratified_seeded_and_recorded(tmp_path, capsys):
+    from prepretrain_lit.cli import main
+    for cls, n in (("a", 10), ("b", 5)):
+        (tmp_path / "f" / cls).mkdir(parents=True)
+        for i in range(n): Image.fromarray(np.full((6, 6, 3), 9 * i, np.uint8)).save(tmp_path / "f" / cls / f"{i}.png")
+    args = ["shards", "build", str(tmp_path / "f"), "--split", "test=0.2", "--seed", "7", "--shard-size", "4"]
+    assert main([*args, "--out", str(tmp_path / "o1")]) == 0 and main([*args, "--out", str(tmp_path / "o2")]) == 0
+    train, test = (load_manifest(tmp_path / "o1" / f"f-{p}.yaml") for p in ("train", "test"))
+    keys = {p: [i["key"] for i in read_all(load_manifest(tmp_path / o / f"f-{p}.yaml"))[0]] for o in ("o1",) for p in ("train", "test")}
+    assert sorted(k.split("/")[0] for k in keys["test"]) == ["a", "a", "b"] and not set(keys["train"]) & set(keys["test"])
+    assert train.split == {"of": "f", "seed": 7, "fractions": {"test": 0.2}, "sizes": {"train": 12, "test": 3}, "part": "train"}
+    assert test.split["part"] == "test" and list(test.sha256) == list(load_manifest(tmp_path / "o2" / "f-test.yaml").sha256)
+
+
+def test_index_leaves_out_unreadable_shards_and_reshard_keeps_the_sources_shard_size_and_members(tmp_path):
+    from prepretrain_lit.tars import index_shards, reshard, sample_metadata, write_img2dataset_like
+    tars = write_img2dataset_like(tmp_path / "c", 4, 10, size=(8, 8))
+    tars[1].write_bytes(b"not a tar" * 100)
+    with pytest.warns(UserWarning, match="00001.tar: unreadable"):
+        m = load_manifest(index_shards(tmp_path / "c", tmp_path / "c.yaml", sha256=False, subsets={"h": 15}, progress=False))
+    assert m.shard_samples == [10, 10, 10] and m.sha256 is None and len(m.skipped_shards) == 1
+    assert sample_metadata(m, "000020003")["caption"] == "picture 000020003"
+    new = load_manifest(reshard(m, tmp_path / "re", progress=False))
+    assert new.shard_samples == [10, 10, 10] and verify_manifest(new) == []        # the source's shard size, not 1000
+    from prepretrain_lit.stream import tar_samples
+    samples = [s for shard in new.shards for s in tar_samples(shard)]
+    assert all({"jpg", "txt", "json"} <= set(s) for s in samples)                  # every member of a sample kept
+    key = samples[0]["__key__"]                                                     # img2dataset's files come along
+    assert sample_metadata(new, key, shard=0)["url"] == f"https://example.com/{key}.jpg"
+    assert json.loads(Path(new.shards[0][:-4] + "_stats.json").read_text())["successes"] == 10
+    assert "shard_seed" not in new.subsets["h"] and sum(in_subset(s["__key__"], new, "h") for s in samples) == 15
+
+
+def test_index_splits_the_shards_across_ranks_and_rank_0_writes_what_one_process_would(tmp_path):
+    from prepretrain_lit.tars import index_shards, inspect_shards, shard_paths, write_img2dataset_like
+    write_img2dataset_like(tmp_path / "c", 5, 4, size=(8, 8))
+    paths = shard_paths(tmp_path / "c")
+    shares = [inspect_shards(paths[r::2]) for r in range(2)]                       # what each of 2 ranks reads
+    assert [len(s) for s in shares] == [3, 2]
+    for rank in (1, 0):
+        index_shards(tmp_path / "c", tmp_path / "two.yaml", rank=rank, world_size=2, gather=lambda mine: shares,
+                     progress=False)
+        assert (tmp_path / "two.yaml").is_file() == (rank == 0)                     # rank 0 writes
+    one = load_manifest(index_shards(tmp_path / "c", tmp_path / "one.yaml", progress=False))
+    two = load_manifest(tmp_path / "two.yaml")
+    assert (two.shard_samples, list(two.sha256), two.shards) == (one.shard_samples, list(one.sha256), one.shards)
+
+
+def test_reshard_in_processes_and_on_two_ranks_writes_the_shards_one_process_writes(tmp_path):
+    import threading
+    from prepretrain_lit.tars import reshard
+    path = small_shapes(tmp_path, n=90, shard_size=20, subsets={"30": 30})
+    kw = dict(shard_size=7, max_open=3, progress=False)               # 13 buckets in 3 groups: spilled twice, shards shared
+    one = load_manifest(reshard(path, tmp_path / "one", **kw))
+    many = load_manifest(reshard(path, tmp_path / "many", workers=2, **kw))
+    assert list(many.sha256) == list(one.sha256) and one.shard_samples == [7] * 12 + [6] and verify_manifest(one) == []
+    slots, barrier = [None, None], threading.Barrier(2, timeout=60)
+    def gather_of(rank):                                              # all_gather_object, between two threads
+        def gather(mine):
+            slots[rank] = mine; barrier.wait(); everyone = list(slots); barrier.wait()
+            return everyone
+        return gather
+    ranks = [threading.Thread(target=reshard, args=(path, tmp_path / "ranks"),
+                              kwargs=dict(rank=r, world_size=2, gather=gather_of(r), **kw)) for r in range(2)]
+    for t in ranks: t.start()
+    for t in ranks: t.join()
+    two = load_manifest(tmp_path / "ranks" / "shapes.yaml")
+    assert list(two.sha256) == list(one.sha256) and two.subsets == one.subsets
+    assert not (tmp_path / "ranks" / ".reshard-spill").exists()

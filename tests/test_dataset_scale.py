@@ -240,11 +240,11 @@ def test_each_rank_verifies_its_share_once_and_all_get_the_verdict(tmp_path, mon
     hashed = Counter()
     real = data.sha256_file
     monkeypatch.setattr(data, "sha256_file", lambda p, *a: (hashed.update([p]), real(p, *a))[1])
-    shares = [verify_manifest(m, rank=r, world_size=3) for r in range(3)]
+    shares = [data.verify_share(m, rank=r, world_size=3) for r in range(3)]     # (problems, counted, complete)
     assert hashed == Counter({s: 1 for s in m.shards})                   # every shard once over all ranks
-    assert sum(map(len, shares)) >= 1 and shares[1] and "000004" in shares[1][0]
+    assert sum(len(s[0]) for s in shares) >= 1 and shares[1][0] and "000004" in shares[1][0][0]
     verdicts = [data.verify_across_ranks(m, rank=r, world_size=3, gather=lambda mine: shares) for r in range(3)]
-    assert verdicts[0] == verdicts[1] == verdicts[2] == [p for s in shares for p in s]
+    assert verdicts[0] == verdicts[1] == verdicts[2] == [p for s in shares for p in s[0]]
 
 
 # -- 4. subsets as shard prefixes -----------------------------------------------------------------------------
@@ -355,3 +355,6 @@ def test_the_manifest_benchmark_reports_each_figure():
     assert len(rows) == 6 and rows[3]["same_object"] is True
     assert rows[4]["bytes"] == 64 * 1000 * 4 and rows[5]["bytes"] == 64 * 3 * 8    # dense float32 vs padded int64
     assert rows[2]["bytes_on_disk"] < rows[0]["bytes_on_disk"]
+    index = bench.index_rows(shards=3, per_shard=10, ig_shards=1000)
+    assert [r["counted_samples"] for r in index[:3]] == [10, 10, 10] and index[0]["of_shard_bytes"] == 1.0
+    assert index[1]["bytes_read_per_shard"] < index[2]["bytes_read_per_shard"] < index[0]["bytes_read_per_shard"]
