@@ -18,15 +18,20 @@ help:  ## list the targets
 # The virtual environment is (re)built whenever the lock or the packaging changes. It never sees a
 # system torch (no --system-site-packages). The lock is installed with --no-deps, so exactly the
 # locked set goes in; pip-sync then removes whatever an older lock left behind; the package itself
-# is installed editable (-qq hides setuptools' notice about editable installs), and `pip check` proves the set is consistent.
+# is installed editable (-qq hides setuptools' notice about editable installs), `pip check` proves the set is consistent,
+# and the notebooks' kernel is registered inside the venv.
 $(STAMP): requirements.lock setup.py settings.ini
 	@echo "== installing the locked environment into $(VENV) (python: $(PYTHON))"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 10), "prepretrain-lit needs Python >= 3.10, got " + sys.version.split()[0]'
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock $(PIP_QUIET)
 	$(BIN)/pip-sync --quiet requirements.lock $(PIP_QUIET)
+	@# a stale egg-info in the checkout would shadow the installed metadata (its entry points: the stage chapters)
+	rm -rf $(wildcard *.egg-info)
 	$(BIN)/python -m pip install -qq --no-deps --no-build-isolation -e . $(PIP_QUIET)
 	$(BIN)/python -m pip check
+	@# the kernel the notebooks name, inside .venv: `.venv/bin/papermill` and `.venv/bin/jupyter` find it with nothing in $$HOME
+	$(BIN)/python -m ipykernel install --sys-prefix --name prepretrain-lit --display-name "prepretrain-lit (.venv)" > /dev/null
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the locked environment and the package

@@ -59,6 +59,8 @@ setuptools.setup(
     entry_points={
         "console_scripts": cfg.get("console_scripts", "").split(),
         "nbdev": [f'{cfg["lib_path"]}={cfg["lib_path"]}._modidx:d'],
+        # stage kinds defined in chapters of their own (a chapter registers its stage when imported; see 00ab_registry)
+        "prepretrain_lit.stages": [f'{m}={cfg["lib_path"]}.{m}' for m in cfg.get("stage_modules", "").split()],
     },
     zip_safe=False,
     cmdclass={"build_py": BuildWithShipped},

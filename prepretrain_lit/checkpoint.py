@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['CKPT', 'SHARD_SUMS', 'TEMPORARY', 'EXIT_PREEMPTED', 'EXTEND_ENV', 'EXTENSIONS', 'checkpoint_path',
            'complete_checkpoints', 'rng_state', 'set_rng_state', 'CheckpointIOError', 'io_error', 'HashingWriter',
-           'file_sha256', 'sidecar', 'save_file_atomic', 'verify_checkpoint_file', 'remove_checkpoint',
-           'remove_stale_temporaries', 'write_status', 'read_status', 'Preempted', 'catch_signals', 'requeues_on',
-           'request_requeue', 'with_steps', 'extension_records', 'extended_from', 'refuse_longer_without_extend',
-           'extend_run', 'is_terminal', 'format_duration', 'StepClock', 'progress_line', 'resume_message']
+           'save_file_atomic', 'remove_checkpoint', 'remove_stale_temporaries', 'write_status', 'read_status',
+           'Preempted', 'catch_signals', 'requeues_on', 'request_requeue', 'with_steps', 'extension_records',
+           'run_hashes', 'extended_from', 'refuse_longer_without_extend', 'plan_extension', 'record_extension',
+           'extend_run', 'checkpoint_record', 'another_world_size', 'check_before_writing', 'is_terminal',
+           'format_duration', 'StepClock', 'progress_line', 'resume_message']
 
 # %% ../nbs/06b_checkpoint.ipynb #84ceb924
 import contextlib
@@ -32,6 +33,7 @@ import torch
 from .config import (STOP_SIGNALS, RunConfig, UserError, atomic_write_text, config_hash, run_is_alive,
                                     set_main_catches_stop)
 from .distributed import threading_is_main
+from .vit import file_sha256, sidecar, verify_checkpoint_file
 
 # %% ../nbs/06b_checkpoint.ipynb #09d0487b
 CKPT = re.compile(r"^step_(\d{8})(\.pt)?$")
@@ -86,16 +88,6 @@ class HashingWriter:
         return self.f.write(b)
     def flush(self): self.f.flush()
 
-def file_sha256(path: Path, chunk: int = 2 ** 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk): h.update(block)
-    return h.hexdigest()
-
-def sidecar(path: Path) -> Path:
-    "The integrity record of checkpoint file `path`: `step_X.pt.sha256` holding its SHA-256 and size."
-    return path.with_name(path.name + ".sha256")
-
 def save_file_atomic(obj: Any, path: Path, checksum: bool = True) -> Path:
     """torch.save to a temporary name (hashing the bytes as they stream out), write the `.sha256` sidecar, then rename:
     a killed writer never leaves a complete-looking file, a failed one (disk full) leaves no temporary file."""
@@ -111,15 +103,6 @@ def save_file_atomic(obj: Any, path: Path, checksum: bool = True) -> Path:
         tmp.unlink(missing_ok=True)
         raise io_error("write", path, e) from e
     return path
-
-def verify_checkpoint_file(path: Path) -> str | None:
-    "None when `path` matches its `.sha256` sidecar (or has none: written before sidecars existed), else what differs."
-    record = sidecar(path)
-    if not record.exists(): return None
-    digest, _, size = record.read_text().strip().partition("  ")
-    if size and path.stat().st_size != int(size): return f"its size is {path.stat().st_size} bytes, {size} were written"
-    if file_sha256(path) != digest: return f"its SHA-256 differs from the one recorded at writing ({record.name})"
-    return None
 
 def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -203,13 +186,14 @@ def with_steps(cfg: RunConfig, steps: int) -> RunConfig:
     import dataclasses
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
 
-def _saved_run_config(out: Path) -> RunConfig | None:
-    "The config of the run with progress in `out`, None when there is none (or it no longer loads)."
-    from prepretrain_lit.config import has_progress, load_config
-    saved = out / "config.yaml"
-    if not saved.is_file() or not has_progress(out): return None
-    try: return load_config(saved)
-    except UserError: return None      # init_run_folder explains
+def _stored(out: Path) -> dict | None:
+    "The stored config values of the run with progress in `out`; None when there is none (or they no longer load)."
+    from prepretrain_lit.config import stored_run_values
+    try: return stored_run_values(out)
+    except UserError: return None      # check_run_folder explains
+
+def _with_steps(values: dict, steps: int) -> dict:
+    return {**values, "train": {**values.get("train", {}), "steps": steps}}
 
 def extension_records(out: Path) -> list[dict]:
     "The `--extend` records of run folder `out`, oldest first."
@@ -217,46 +201,114 @@ def extension_records(out: Path) -> list[dict]:
     except (OSError, ValueError): return []
     return records if isinstance(records, list) else []
 
+def _accepted(out: Path, cfg: RunConfig, pending: dict | None = None) -> tuple[set[str], list[dict]]:
+    "`run_hashes`, and the extension records it followed, newest first."
+    from prepretrain_lit.config import config_to_dict, recorded_hashes, run_changes
+    stored = _stored(Path(out))
+    if stored is not None and pending is not None: stored = _with_steps(stored, cfg.train.steps)
+    values = stored if stored is not None and not run_changes(stored, cfg) else config_to_dict(cfg)
+    hashes = {config_hash(cfg)} | recorded_hashes(values, cfg) | recorded_hashes(config_to_dict(cfg), cfg)
+    chain = []
+    for r in reversed(extension_records(out) + ([pending] if pending else [])):
+        if r.get("to_hash") not in hashes: continue
+        chain.append(r)
+        hashes.add(r.get("from_hash"))
+        if isinstance(r.get("from_steps"), int): hashes |= recorded_hashes(_with_steps(values, r["from_steps"]), cfg)
+    return hashes, chain
+
+def run_hashes(out: Path, cfg: RunConfig, pending: dict | None = None) -> set[str]:
+    """Every config hash a checkpoint in `out` may record for `cfg` to resume it: `cfg`'s, each form any version
+    computed for the values `out/config.yaml` stores for this run (`recorded_hashes`), and those of the configs the
+    folder was explicitly extended from, transitively (`pending`: an extension not recorded yet)."""
+    return _accepted(out, cfg, pending)[0]
+
 def extended_from(out: Path, cfg: RunConfig) -> set[str]:
     "The config hashes whose checkpoints `cfg` may resume in `out`: those it was explicitly extended from, transitively."
-    allowed = {config_hash(cfg)}
-    for r in reversed(extension_records(out)):
-        if r.get("to_hash") in allowed: allowed.add(r.get("from_hash"))
-    return allowed - {config_hash(cfg)}
+    return {r.get("from_hash") for r in _accepted(out, cfg)[1]} - {config_hash(cfg)}
 
 def refuse_longer_without_extend(cfg: RunConfig, out: Path) -> None:
     "A run folder asked for more `train.steps` (and nothing else changed) without `extend`: say that `--extend` exists."
-    old = _saved_run_config(out)
-    if old is None or old.train.steps >= cfg.train.steps: return
-    if config_hash(with_steps(old, cfg.train.steps)) != config_hash(cfg): return     # other keys too: init_run_folder lists them
-    raise UserError(f"{out} already holds a run with another config: train.steps={old.train.steps}, this config asks "
+    from prepretrain_lit.config import flat_config, run_changes
+    stored = _stored(out)
+    if stored is None: return
+    changes, old = run_changes(stored, cfg), flat_config(stored).get("train.steps")
+    if len(changes) != 1 or not changes[0].startswith("train.steps:") or old >= cfg.train.steps: return
+    raise UserError(f"{out} already holds a run with another config: train.steps={old}, this config asks "
                     f"train.steps={cfg.train.steps}. "
                     "To lengthen that run, say so: `prepretrain train --extend`, train(..., extend=True), or "
                     f"{EXTEND_ENV}=1 for a stage notebook (it goes on from the last checkpoint; the cosine is re-planned over "
                     "the new total, see nbs/06d_trainer.ipynb). Or give the longer run another folder")
 
+def plan_extension(cfg: RunConfig, out: Path) -> dict | None:
+    """The record with which `cfg` lengthens the run in `out` (None: nothing to extend), after checking that only
+    `train.steps` grows; reads only (`record_extension` writes it)."""
+    from prepretrain_lit.config import flat_config, load_config, run_changes
+    stored = _stored(out)
+    if stored is None or not (changes := run_changes(stored, cfg)): return None
+    if others := [c for c in changes if not c.startswith("train.steps:")]:
+        raise UserError("--extend lengthens a run and changes nothing else, but this config also changes:\n  "
+                        + "\n  ".join(others) + "\nUndo those changes, or start another run folder")
+    old = flat_config(stored)["train.steps"]
+    if cfg.train.steps < old:
+        raise UserError(f"--extend lengthens a run: train.steps {old} -> {cfg.train.steps} would shorten it; "
+                        "its checkpoints past the new end would be lost. Use another folder")
+    found = complete_checkpoints(out / "checkpoints")
+    return {"from_steps": old, "to_steps": cfg.train.steps, "from_hash": config_hash(load_config(out / "config.yaml")),
+            "to_hash": config_hash(cfg), "from_step": found[-1][0] if found else 0,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+def record_extension(cfg: RunConfig, out: Path, record: dict) -> None:
+    "Write extension `record` (`plan_extension`) into `out`: appended to `extensions.json`, `cfg` as its `config.yaml`."
+    from prepretrain_lit.config import save_config
+    stored = _stored(out)
+    atomic_write_text(out / EXTENSIONS, json.dumps(extension_records(out) + [record], indent=1) + "\n")
+    save_config(cfg, out / "config.yaml", like=stored)
+    print(f"extending {out}: train.steps {record['from_steps']} -> {cfg.train.steps}, from step {record['from_step']}",
+          flush=True)
+
 def extend_run(cfg: RunConfig, out: Path) -> dict | None:
     """Let `cfg` lengthen the run in `out`: check that only `train.steps` grows, record the extension in
     `extensions.json`, and write `cfg` as the folder's `config.yaml`. None when there is nothing to extend."""
-    from prepretrain_lit.config import config_diff, save_config
-    old = _saved_run_config(out)
-    if old is None or config_hash(old) == config_hash(cfg): return None
-    if config_hash(with_steps(old, cfg.train.steps)) != config_hash(cfg):
-        changes = "\n  ".join(c for c in config_diff(old, cfg) if not c.startswith("train.steps:"))
-        raise UserError(f"--extend lengthens a run and changes nothing else, but this config also changes:\n  {changes}\n"
-                        "Undo those changes, or start another run folder")
-    if cfg.train.steps < old.train.steps:
-        raise UserError(f"--extend lengthens a run: train.steps {old.train.steps} -> {cfg.train.steps} would shorten it; "
-                        "its checkpoints past the new end would be lost. Use another folder")
-    found = complete_checkpoints(out / "checkpoints")
-    record = {"from_steps": old.train.steps, "to_steps": cfg.train.steps, "from_hash": config_hash(old),
-              "to_hash": config_hash(cfg), "from_step": found[-1][0] if found else 0,
-              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_text(out / EXTENSIONS, json.dumps(extension_records(out) + [record], indent=1) + "\n")
-    save_config(cfg, out / "config.yaml")
-    print(f"extending {out}: train.steps {old.train.steps} -> {cfg.train.steps}, from step {record['from_step']}", flush=True)
+    if (record := plan_extension(cfg, out)) is not None: record_extension(cfg, out, record)
     return record
 
+def checkpoint_record(path: Path) -> dict:
+    """What checkpoint `path` records besides its tensors (step, config hash, world size, data position), read without
+    loading them (memory-mapped); {} when it does not read (resume then judges it, and skips it if damaged)."""
+    try:
+        if path.is_dir(): state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        else: state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception: return {}
+    return {k: state.get(k) for k in ("step", "config_hash", "world_size", "data")}
+
+def another_world_size(path: Path, saved: int, now: int) -> UserError:
+    "The refusal to resume checkpoint `path`, written by `saved` processes, with `now` and no data stream to re-deal."
+    return UserError(f"{path} was written by {saved} processes, this run has {now}: the global batch, learning rate and "
+                     f"data split would change mid-run. Resume with {saved} processes, or start a new run folder")
+
+def check_before_writing(stage: str, cfg: RunConfig, out: Path, extend: bool = False,
+                         world_size: int | None = None) -> dict | None:
+    """Every reason the run folder `out` gives to refuse running `stage` with `cfg` (in `world_size` processes) there,
+    checked before anything is written, so that a refusal leaves the folder byte-identical: a run of another stage
+    kind, of another config (`check_run_folder`), a longer one without `extend`, an extension that changes more than
+    `train.steps`, a newest checkpoint of another config or of another number of processes that cannot be re-dealt.
+    Returns the extension to record (`plan_extension`), if any."""
+    from prepretrain_lit.config import check_run_folder
+    out = Path(out)
+    stored = _stored(out)
+    if stored is not None and stored.get("stage") not in (None, stage):
+        raise UserError(f"{out} holds a '{stored['stage']}' run, not a '{stage}' one: train '{stage}' into another folder")
+    extension = plan_extension(cfg, out) if extend else refuse_longer_without_extend(cfg, out)
+    if extension is None: check_run_folder(cfg, out)
+    found = complete_checkpoints(out / "checkpoints")
+    newest = checkpoint_record(found[-1][1]) if found else {}
+    if (h := newest.get("config_hash")) is not None and h not in run_hashes(out, cfg, extension):
+        raise UserError(f"{found[-1][1]} was written by another config (hash {h}, this run {config_hash(cfg)}); "
+                        "use a new output folder")
+    saved = newest.get("world_size")
+    if None not in (saved, world_size) and saved != world_size and (newest.get("data") or {}).get("stream") is None:
+        raise another_world_size(found[-1][1], saved, world_size)
+    return extension
 
 # %% ../nbs/06b_checkpoint.ipynb #f0110a02
 import math

@@ -4,9 +4,11 @@
 
 # %% auto #0
 __all__ = ['TIMM_ARCH', 'add_config_args', 'config_from_args', 'cmd_config_show', 'presets_table', 'cmd_config_presets',
-           'cmd_env', 'cmd_shards_build', 'cmd_shards_reshard', 'parse_subset', 'cmd_shards_verify', 'cmd_train',
-           'cmd_evaluate', 'add_run_args', 'cmd_run', 'cmd_status', 'cmd_report', 'report_files', 'cmd_demo',
-           'timm_model_args', 'timm_call', 'export_trunk', 'cmd_export', 'results_table', 'build_parser', 'main']
+           'cmd_env', 'parse_subset', 'parse_split', 'cmd_shards_build', 'cmd_shards_index', 'in_gloo_group',
+           'cmd_shards_reshard', 'cmd_shards_verify', 'add_shards_parser', 'cmd_train', 'cmd_evaluate', 'add_run_args',
+           'cmd_run', 'cmd_status', 'cmd_report', 'report_files', 'cmd_demo', 'timm_model_args', 'timm_call',
+           'export_trunk', 'cmd_export', 'results_table', 'StageHelpFormatter', 'stage_modules_in', 'build_parser',
+           'main']
 
 # %% ../nbs/10_cli.ipynb #9d71a460
 import argparse
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import prepretrain_lit
+from .registry import TRAINS, recipe_stage, stage_kinds, stage_spec, use_stage_modules
 from .config import (PRESETS, RunConfig, UserError, collect_provenance,
                                     config_hash, config_to_dict, config_to_yaml, get_preset, load_config, usable_cpus)
 
@@ -65,65 +68,150 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 # %% ../nbs/10_cli.ipynb #33426ff8
+def parse_subset(text: str, fractions: bool = False) -> tuple[str, int | float]:
+    "`'1k=1000'` -> `('1k', 1000)`; with `fractions`, `'q=0.25'` -> `('q', 0.25)` too (a share of the samples)."
+    name, _, size = text.partition("=")
+    if name and size.isdigit(): return name, int(size)
+    try: share = float(size)
+    except ValueError: share = None
+    if name and fractions and share is not None and 0 < share <= 1: return name, share
+    raise UserError(f"--subset {text!r} is not NAME=SIZE (e.g. 1k=1000" + (" or q=0.25" if fractions else "") + ")")
+
+def parse_split(items: list[str]) -> dict[str, float]:
+    "`['test=0.2']` -> `{'test': 0.2}`."
+    out = {}
+    for text in items:
+        name, _, share = text.partition("=")
+        try: out[name] = float(share)
+        except ValueError: raise UserError(f"--split {text!r} is not NAME=FRACTION (e.g. test=0.2)") from None
+    return out
+
 def cmd_shards_build(args: argparse.Namespace) -> int:
     from pathlib import Path
-    from prepretrain_lit.data import (build_from_recipe, build_shards, imagefolder_source, load_manifest,
+    from prepretrain_lit.data import (build_from_recipe, build_shards, build_split, imagefolder_source, load_manifest,
                                       table_source)
     source = Path(args.source)
     subsets = dict(parse_subset(s) for s in args.subset)
     if source.suffix in (".yaml", ".yml"):
-        if args.name or subsets: raise UserError("--name and --subset come from the recipe manifest itself")
-        path = build_from_recipe(source, args.out, workers=args.workers, num_samples=args.num_samples)
+        if args.name or subsets or args.split: raise UserError("--name, --subset and --split come from the recipe manifest itself")
+        paths = [build_from_recipe(source, args.out, workers=args.workers, num_samples=args.num_samples)]
     else:
         if source.is_dir(): src = imagefolder_source(source)
         elif source.suffix in (".csv", ".jsonl", ".json"): src = table_source(source)
         else: raise UserError(f"{source}: not a recipe manifest (.yaml), an image folder or a .csv/.jsonl sample list")
         if args.name: src.name = args.name
         if args.num_samples: src.n = min(src.n, args.num_samples)
-        path = build_shards(src, args.out, shard_size=args.shard_size, fmt=args.format, quality=args.quality,
-                            max_side=args.max_side, workers=args.workers, subsets=subsets,
-                            max_bad_fraction=args.max_bad_fraction)
-    m = load_manifest(path)
-    skipped = f" ({m.skipped_sources} unreadable source file(s) skipped)" if m.skipped_sources else ""
-    print(f"wrote {len(m.shards)} shards, {m.num_samples} samples{skipped}; manifest: {path}")
+        build = dict(shard_size=args.shard_size, fmt=args.format, quality=args.quality, max_side=args.max_side,
+                     workers=args.workers, subsets=subsets, max_bad_fraction=args.max_bad_fraction)
+        if args.split: paths = list(build_split(src, args.out, parse_split(args.split), seed=args.seed, **build).values())
+        else: paths = [build_shards(src, args.out, **build)]
+    for path in paths:
+        m = load_manifest(path)
+        skipped = f" ({m.skipped_sources} unreadable source file(s) skipped)" if m.skipped_sources else ""
+        print(f"wrote {len(m.shards)} shards, {m.num_samples} samples{skipped}; manifest: {path}")
     return 0
 
+def cmd_shards_index(args: argparse.Namespace) -> int:
+    "Index in place; under `torchrun` every rank reads its share of the shards (gloo) and rank 0 writes the manifest."
+    from prepretrain_lit.manifest import load_manifest
+    from prepretrain_lit.tars import index_shards
+    subsets = dict(parse_subset(s, fractions=True) for s in args.subset)
+    path = in_gloo_group(lambda: index_shards(args.source, args.out, name=args.name, sha256=not args.no_sha256,
+                                              workers=args.workers, subsets=subsets, shard_seed=args.subset_seed,
+                                              progress=int(os.environ.get("RANK", "0")) == 0))
+    if int(os.environ.get("RANK", "0")) != 0: return 0
+    m = load_manifest(path)
+    parts = [f"{len(m.shards)} shards, {m.num_samples} samples", f"fields {', '.join(m.fields or [])}"]
+    if m.skipped_shards: parts.append(f"{len(m.skipped_shards)} shard(s) left out (listed in skipped_shards)")
+    if m.subsets: parts.append("subsets " + ", ".join(f"{k}: {v['size']} in {v['shards']} shards" for k, v in m.subsets.items()))
+    print(f"indexed {'; '.join(parts)}; manifest: {path}")
+    return 0
+
+def in_gloo_group(fn: Callable[[], Path]) -> Path:
+    "Run `fn` as one rank of a gloo group when `torchrun` started several (each rank does its share), then wait for all."
+    import torch.distributed as dist
+    joins = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if joins: dist.init_process_group("gloo")
+    try:
+        path = fn()
+        if joins: dist.barrier()                           # rank 0 has written the manifest
+        return path
+    finally:
+        if joins: dist.destroy_process_group()
+
 def cmd_shards_reshard(args: argparse.Namespace) -> int:
-    from prepretrain_lit.data import load_manifest, reshard
-    path = reshard(args.manifest, args.out, shard_size=args.shard_size)
+    "Reshard; under `torchrun` every rank takes its share of both passes (a shared file system), rank 0 writes the manifest."
+    from prepretrain_lit.manifest import load_manifest
+    from prepretrain_lit.tars import reshard
+    path = in_gloo_group(lambda: reshard(args.manifest, args.out, shard_size=args.shard_size, workers=args.workers,
+                                         progress=int(os.environ.get("RANK", "0")) == 0))
+    if int(os.environ.get("RANK", "0")) != 0: return 0
     m = load_manifest(path)
     prefixes = ", ".join(f"{name}: {m.subset_shards(name)}" for name in m.subsets) or "no subsets"
     print(f"wrote {len(m.shards)} shards, {m.num_samples} samples in subset order (shards per subset: {prefixes}); "
           f"manifest: {path}")
     return 0
 
-def parse_subset(text: str) -> tuple[str, int]:
-    "`'1k=1000'` -> `('1k', 1000)`."
-    name, _, size = text.partition("=")
-    if not name or not size.isdigit(): raise UserError(f"--subset {text!r} is not NAME=SIZE (e.g. 1k=1000)")
-    return name, int(size)
-
 def cmd_shards_verify(args: argparse.Namespace) -> int:
-    from prepretrain_lit.data import load_manifest, verify_manifest
+    from prepretrain_lit.data import load_manifest, verify_manifest, verify_notes
     m = load_manifest(args.manifest)
     problems = verify_manifest(m, progress=True)
     for p in problems: print(p)
-    print(f"{m.path}: {len(m.shards)} shards, {len(problems)} problem(s)" if problems else
-          f"{m.path}: all {len(m.shards)} shards match ({m.num_samples} samples)")
+    notes = "".join(f"; {n}" for n in verify_notes(m))
+    print(f"{m.path}: {len(m.shards)} shards, {len(problems)} problem(s){notes}" if problems else
+          f"{m.path}: all {len(m.shards)} shards match ({m.num_samples} samples counted){notes}")
     return 1 if problems else 0
+
+def add_shards_parser(sub) -> None:
+    "The `shards` subcommands: build, index, reshard, verify."
+    shards = sub.add_parser("shards", help="write, index and verify webdataset shards")
+    shards_sub = shards.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", required=True)
+    build = shards_sub.add_parser("build", help="write shards and a manifest")
+    build.add_argument("source", help="a recipe manifest (data_manifests/shapes.yaml), an ImageFolder, or a .csv/.jsonl")
+    build.add_argument("--out", required=True, help="folder for the shards and their manifest")
+    build.add_argument("--num-samples", type=int, help="build only this many samples (shapes can also make more)")
+    build.add_argument("--shard-size", type=int, default=1000, help="samples per shard (folder / list sources)")
+    build.add_argument("--format", choices=("jpg", "png"), default=None,
+                       help="re-encode images into this format (default: files keep their bytes)")
+    build.add_argument("--quality", type=int, default=95, help="JPEG quality, when re-encoding")
+    build.add_argument("--max-side", type=int, help="shrink images whose longer side is larger than this (re-encodes those)")
+    build.add_argument("--workers", type=int, default=1, help="processes building shards in parallel")
+    build.add_argument("--subset", action="append", default=[], metavar="NAME=SIZE", help="a nested subset; repeatable")
+    build.add_argument("--split", action="append", default=[], metavar="NAME=FRACTION",
+                       help="cut a folder without a split, stratified by class (test=0.2); repeatable; the rest is train")
+    build.add_argument("--seed", type=int, default=0, help="the seed of --split")
+    build.add_argument("--name", help="dataset name (default: the folder or file name)")
+    build.add_argument("--max-bad-fraction", type=float, default=0.01,
+                       help="fail when more than this share of the source files (and more than one) is unreadable")
+    build.set_defaults(handler=cmd_shards_build)
+    index = shards_sub.add_parser("index", help="write the manifest of existing webdataset / img2dataset tars, in place")
+    index.add_argument("source", help="a folder of .tar shards, a pattern (dir/{00000..00099}.tar) or a glob ('dir/*.tar')")
+    index.add_argument("--out", required=True, help="the manifest to write (.yaml); shard paths are relative to it")
+    index.add_argument("--name", help="dataset name (default: the folder's name)")
+    index.add_argument("--workers", type=int, default=1, help="processes reading shards in parallel")
+    index.add_argument("--no-sha256", action="store_true",
+                       help="no checksums: counts from img2dataset's _stats.json (or tar headers), a few KB read a shard")
+    index.add_argument("--subset", action="append", default=[], metavar="NAME=SIZE|FRACTION",
+                       help="an exact nested subset over the shards as they are (1k=1000, q=0.25); repeatable")
+    index.add_argument("--subset-seed", type=int, default=0, help="the seed of the shards' order the subsets follow")
+    index.set_defaults(handler=cmd_shards_index)
+    re_ = shards_sub.add_parser("reshard", help="rewrite a corpus in subset order, so each subset is a prefix of shards")
+    re_.add_argument("manifest")
+    re_.add_argument("--out", required=True, help="a new folder for the shards and their manifest")
+    re_.add_argument("--shard-size", type=int, help="samples per shard (default: the corpus's own, its largest shard)")
+    re_.add_argument("--workers", type=int, default=1, help="processes reading, sorting and writing in parallel")
+    re_.set_defaults(handler=cmd_shards_reshard)
+    verify = shards_sub.add_parser("verify", help="re-hash and recount every shard of a manifest, and its total")
+    verify.add_argument("manifest")
+    verify.set_defaults(handler=cmd_shards_verify)
 
 # %% ../nbs/10_cli.ipynb #155afe77
 def cmd_train(args: argparse.Namespace) -> int:
-    from prepretrain_lit.config import unknown_choice
-    from prepretrain_lit.objectives import DATA_FROM
-    from prepretrain_lit.trainer import EXIT_PREEMPTED, OBJECTIVES, Preempted, train
-    from prepretrain_lit.transfer import EVAL_STAGES
-    # the stages `train` runs, not every recipe: lowshot and knn train nothing, the probe trains on cached features
-    if args.stage not in OBJECTIVES or args.stage in DATA_FROM:
-        if args.stage in EVAL_STAGES:
-            raise UserError(f"'{args.stage}' is an evaluation: run `prepretrain evaluate {args.stage} ...`")
-        raise UserError(f"{unknown_choice('stage', args.stage, OBJECTIVES)}; evaluations (knn, lowshot, ...) run with "
-                        "`prepretrain evaluate`")
+    from prepretrain_lit.trainer import EXIT_PREEMPTED, Preempted, train
+    spec = stage_spec(args.stage)           # the stages `train` runs: those that pretrain, or train for another stage
+    if not spec.trains:
+        if spec.role == "evaluate": raise UserError(f"'{args.stage}' is an evaluation: run `prepretrain evaluate {args.stage} ...`")
+        raise UserError(f"'{args.stage}' trains nothing; stages that train: {', '.join(stage_kinds(*TRAINS))}")
     cfg = load_config(args.config, preset=args.preset, overrides=args.overrides, stage=args.stage)  # + the stage's recipe
     try: last = train(args.stage, cfg, args.out, resume=True if args.resume else None, extend=args.extend)
     except Preempted as e:
@@ -133,10 +221,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from prepretrain_lit.transfer import EVAL_STAGES, evaluate
-    if args.kind not in EVAL_STAGES:
-        raise UserError(f"unknown evaluation '{args.kind}'; evaluations: {', '.join(EVAL_STAGES)}")
-    cfg = load_config(args.config, preset=args.preset, overrides=args.overrides, stage=EVAL_STAGES[args.kind])
+    from prepretrain_lit.transfer import evaluate
+    if args.kind not in stage_kinds("evaluate"):
+        raise UserError(f"unknown evaluation '{args.kind}'; evaluations: {', '.join(stage_kinds('evaluate'))}")
+    cfg = load_config(args.config, preset=args.preset, overrides=args.overrides, stage=recipe_stage(args.kind).name)
     doc = evaluate(args.kind, cfg, args.out, nprocs=args.nprocs)
     print(json.dumps(doc["summary"], indent=1))
     return 0
@@ -282,10 +370,29 @@ def results_table(table) -> str:
     return "\n".join("  ".join(f"{v:<{w[i]}}" for i, v in enumerate(r)).rstrip() for r in rows)
 
 # %% ../nbs/10_cli.ipynb #5dbd110d
+class StageHelpFormatter(argparse.HelpFormatter):
+    """Help that lists the registered stages (`<trainable>`, `<evaluations>`) when it is printed: a plugin stage is
+    imported for `--help`, never for a command that does not need it."""
+    def _expand_help(self, action) -> str:
+        text = super()._expand_help(action)
+        if "<trainable>" in text: text = text.replace("<trainable>", ", ".join(stage_kinds(*TRAINS)))
+        if "<evaluations>" in text: text = text.replace("<evaluations>", ", ".join(stage_kinds("evaluate")))
+        return text
+
+def stage_modules_in(argv: Sequence[str] | None) -> list[str]:
+    "The `--stage-module` values of a command line, read before the parser is built."
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--stage-module", action="append", default=[])
+    return pre.parse_known_args(argv)[0].stage_module
+
 def build_parser() -> argparse.ArgumentParser:
     "The `prepretrain` argument parser with every subcommand."
-    parser = argparse.ArgumentParser(prog="prepretrain", description="MAE pre-pretraining and SplitMask, literate.")
+    parser = argparse.ArgumentParser(prog="prepretrain", description="MAE pre-pretraining and SplitMask, literate.",
+                                     formatter_class=StageHelpFormatter)
     parser.add_argument("--version", action="version", version=f"prepretrain-lit {prepretrain_lit.__version__}")
+    parser.add_argument("--stage-module", metavar="MODULE", action="append", default=[],
+                        help="import MODULE (a dotted name or a .py file) that registers stages of its own, here and in "
+                        "every process a command starts; repeatable (or PREPRETRAIN_STAGE_MODULES)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     config = sub.add_parser("config", help="show and check configs")
@@ -298,34 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=cmd_config_show)
     config_sub.add_parser("presets", help="list the presets and their sizes").set_defaults(handler=cmd_config_presets)
 
-    shards = sub.add_parser("shards", help="write and verify webdataset shards")
-    shards_sub = shards.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", required=True)
-    build = shards_sub.add_parser("build", help="write shards and a manifest")
-    build.add_argument("source", help="a recipe manifest (data_manifests/shapes.yaml), an ImageFolder, or a .csv/.jsonl")
-    build.add_argument("--out", required=True, help="folder for the shards and their manifest")
-    build.add_argument("--num-samples", type=int, help="build only this many samples (shapes can also make more)")
-    build.add_argument("--shard-size", type=int, default=1000, help="samples per shard (folder / list sources)")
-    build.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image encoding (folder / list sources)")
-    build.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    build.add_argument("--max-side", type=int, help="shrink images so their longer side is at most this")
-    build.add_argument("--workers", type=int, default=1, help="processes building shards in parallel")
-    build.add_argument("--subset", action="append", default=[], metavar="NAME=SIZE", help="a nested subset; repeatable")
-    build.add_argument("--name", help="dataset name (default: the folder or file name)")
-    build.add_argument("--max-bad-fraction", type=float, default=0.01,
-                       help="fail when more than this share of the source files (and more than one) is unreadable")
-    build.set_defaults(handler=cmd_shards_build)
-    re_ = shards_sub.add_parser("reshard", help="rewrite a corpus in subset order, so each subset is a prefix of shards")
-    re_.add_argument("manifest")
-    re_.add_argument("--out", required=True, help="a new folder for the shards and their manifest")
-    re_.add_argument("--shard-size", type=int, help="samples per shard (default: the corpus's largest shard)")
-    re_.set_defaults(handler=cmd_shards_reshard)
-    verify = shards_sub.add_parser("verify", help="re-hash and recount every shard of a manifest")
-    verify.add_argument("manifest")
-    verify.set_defaults(handler=cmd_shards_verify)
+    add_shards_parser(sub)
 
-    train_p = sub.add_parser("train", help="train one stage into a run folder (alone or under torchrun)")
-    train_p.add_argument("stage", help="the stage: mae, splitmask, wsp, supervised, finetune, linear_probe or lit "
-                         "(its recipe is applied before --config and --set)")
+    train_p = sub.add_parser("train", help="train one stage into a run folder (alone or under torchrun)",
+                             formatter_class=StageHelpFormatter)
+    train_p.add_argument("stage", help="the stage: <trainable> (its recipe is applied before --config and --set; "
+                         "--stage-module adds your own)")
     add_config_args(train_p)
     train_p.add_argument("--out", required=True, help="the run folder (config, metrics, checkpoints, model.pt)")
     train_p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from")
@@ -333,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "train.steps may change; the cosine is re-planned over the new total, warmup kept)")
     train_p.set_defaults(handler=cmd_train)
 
-    evaluate_p = sub.add_parser("evaluate", help="evaluate a trunk: finetune, linear_probe, lowshot or zeroshot")
-    evaluate_p.add_argument("kind", help="finetune, linear_probe, lowshot or zeroshot (its stage recipe is applied)")
+    evaluate_p = sub.add_parser("evaluate", help="evaluate a trunk: <evaluations>", formatter_class=StageHelpFormatter)
+    evaluate_p.add_argument("kind", help="<evaluations> (its stage recipe is applied)")
     add_config_args(evaluate_p)
     evaluate_p.add_argument("--out", required=True, help="the run folder (results.json, config, checkpoints)")
     evaluate_p.add_argument("--nprocs", type=int, default=1, help="training processes on this machine (GPUs)")
@@ -376,10 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     "Run `prepretrain` with `argv` (default: the command line); returns the exit status."
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler: Callable[[argparse.Namespace], int] = args.handler
     try:
+        use_stage_modules(stage_modules_in(argv))     # first: `--help` and the stage names may need them
+        args = build_parser().parse_args(argv)
+        handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
     except UserError as e:
         print(f"prepretrain: error: {e}", file=sys.stderr)

@@ -4,14 +4,15 @@
 
 # %% auto #0
 __all__ = ['STOP_SIGNALS', 'LOCK_FILE', 'HELD_LOCKS_ENV', 'ORPHAN_WAIT_S', 'derive_seed', 'seed_everything', 'seed_worker',
-           'set_main_catches_stop', 'ignore_stop_signals', 'release_inherited_locks', 'run_dir', 'config_diff',
-           'create_run_dir', 'has_progress', 'init_run_folder', 'RunFolderBusy', 'run_lock', 'lock_holder',
-           'run_is_alive', 'git_state', 'package_versions', 'usable_cpus', 'device_names', 'collect_provenance',
-           'write_provenance', 'UserError', 'ConfigError', 'unknown_choice', 'ModelConfig', 'DataConfig', 'OptimConfig',
-           'TrainConfig', 'MAEConfig', 'SplitMaskConfig', 'InitConfig', 'HeadConfig', 'EvalConfig', 'ProbeConfig',
-           'LiTConfig', 'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'PRESETS', 'STAGE_RECIPES',
-           'NOT_IDENTITY', 'PATH_KEYS', 'get_preset', 'stage_recipe', 'load_yaml', 'load_config', 'config_to_dict',
-           'config_identity', 'config_hash', 'legacy_config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config']
+           'set_main_catches_stop', 'ignore_stop_signals', 'release_inherited_locks', 'run_dir', 'create_run_dir',
+           'has_progress', 'stored_run_values', 'check_run_folder', 'init_run_folder', 'RunFolderBusy', 'run_lock',
+           'lock_holder', 'run_is_alive', 'git_state', 'package_versions', 'usable_cpus', 'device_names',
+           'collect_provenance', 'write_provenance', 'UserError', 'ConfigError', 'unknown_choice', 'EXTRA_SECTIONS',
+           'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig', 'MAEConfig', 'SplitMaskConfig', 'InitConfig',
+           'HeadConfig', 'EvalConfig', 'ProbeConfig', 'LiTConfig', 'RunConfig', 'type_name', 'coerce', 'merge',
+           'parse_overrides', 'PRESETS', 'NOT_IDENTITY', 'PATH_KEYS', 'get_preset', 'stage_recipe', 'load_yaml',
+           'load_config', 'config_to_dict', 'config_identity', 'config_hash', 'legacy_config_hash', 'config_to_yaml',
+           'atomic_write_text', 'save_config', 'flat_config', 'config_defaults', 'recorded_hashes', 'run_changes']
 
 # %% ../nbs/00c_config.ipynb #2674f19b
 import contextlib
@@ -37,11 +38,12 @@ from .presets import *    # presets, stage recipes, loading, saving and the hash
 
 # %% ../nbs/00c_config.ipynb #81a7eec2
 # the re-exported names belong to this module's public face too (`from ... import *`)
-_all_ = ['UserError', 'ConfigError', 'unknown_choice', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig',
+_all_ = ['UserError', 'ConfigError', 'unknown_choice', 'EXTRA_SECTIONS', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig',
          'MAEConfig', 'SplitMaskConfig', 'InitConfig', 'HeadConfig', 'EvalConfig', 'ProbeConfig', 'LiTConfig',
-         'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'PRESETS', 'STAGE_RECIPES', 'NOT_IDENTITY',
+         'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'PRESETS', 'NOT_IDENTITY',
          'PATH_KEYS', 'get_preset', 'stage_recipe', 'load_yaml', 'load_config', 'config_to_dict', 'config_identity',
-         'config_hash', 'legacy_config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config']
+         'config_hash', 'legacy_config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config', 'flat_config',
+         'config_defaults', 'recorded_hashes', 'run_changes']
 
 # %% ../nbs/00c_config.ipynb #efac9a69
 def derive_seed(seed: int, *keys: int) -> int:
@@ -105,19 +107,6 @@ def run_dir(root: str | os.PathLike, experiment: str, stage: str, variant: str |
             raise ConfigError(f"{what} name {name!r} cannot name a folder: use a non-empty name without slashes")
     return Path(root).joinpath(*parts)
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict): out.update(_flatten(v, f"{prefix}{k}."))
-        else: out[prefix + k] = v
-    return out
-
-def config_diff(a, b) -> list[str]:
-    "The keys on which configs `a` and `b` differ, as `key: a_value -> b_value` lines."
-    fa, fb = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
-    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(fa.keys() | fb.keys())
-            if fa.get(k) != fb.get(k) and k != "preset"]
-
 def create_run_dir(cfg: RunConfig, root: str | os.PathLike, experiment: str, stage: str,
                    variant: str | None = None) -> Path:
     "Create the run folder `root/experiment/stage[/variant]` (see `init_run_folder`)."
@@ -130,22 +119,34 @@ def has_progress(folder: str | os.PathLike) -> bool:
     metrics = d / "metrics.jsonl"
     return metrics.exists() and metrics.stat().st_size > 0
 
-def init_run_folder(cfg: RunConfig, folder: str | os.PathLike) -> Path:
-    """Create `folder` (with `checkpoints/`) and write `config.yaml`; refuse a folder holding the progress of another
-    config. A folder whose run failed before its first step holds none: its corrected rerun replaces the config."""
+def stored_run_values(folder: str | os.PathLike) -> dict | None:
+    """The config values of the run with progress in `folder` (its `config.yaml` as a mapping, with the keys of the
+    version that wrote it); None when it holds no progress. `ConfigError` when that config no longer loads."""
     d = Path(folder)
     saved = d / "config.yaml"
-    if saved.exists() and has_progress(d):
-        try: old = load_config(saved)
-        except ConfigError as e: raise ConfigError(f"{d} holds a run whose config.yaml no longer loads ({e}); "
-                                                   "use another folder, or delete the old run") from None
-        if config_hash(old) != config_hash(cfg):
-            changes = "\n  ".join(config_diff(old, cfg))
-            raise ConfigError(f"{d} already holds a run with another config (hash {config_hash(old)}, "
-                              f"this one {config_hash(cfg)}):\n  {changes}\n"
-                              "Give this run another variant name or output folder, or delete the old run.")
+    if not (saved.exists() and has_progress(d)): return None
+    try: load_config(saved)
+    except ConfigError as e: raise ConfigError(f"{d} holds a run whose config.yaml no longer loads ({e}); "
+                                               "use another folder, or delete the old run") from None
+    return load_yaml(saved)
+
+def check_run_folder(cfg: RunConfig, folder: str | os.PathLike) -> dict | None:
+    """Refuse `cfg` for `folder` when `folder` holds the progress of another run (`run_changes` against its stored
+    values); reads only. Returns the stored values (None: no progress to protect)."""
+    stored = stored_run_values(folder)
+    if stored is None or not (changes := run_changes(stored, cfg)): return stored
+    was = config_hash(load_config(Path(folder) / "config.yaml"))
+    raise ConfigError(f"{folder} already holds a run with another config (hash {was}, this one {config_hash(cfg)}):\n  "
+                      + "\n  ".join(changes) + "\nGive this run another variant name or output folder, or delete the old run.")
+
+def init_run_folder(cfg: RunConfig, folder: str | os.PathLike) -> Path:
+    """Create `folder` (with `checkpoints/`) and write `config.yaml`; refuse a folder holding the progress of another
+    run (`check_run_folder`), before writing anything. A folder whose run failed before its first step holds none: its
+    corrected rerun replaces the config. A run it continues keeps the keys its `config.yaml` had (`save_config`)."""
+    d = Path(folder)
+    stored = check_run_folder(cfg, d)
     (d / "checkpoints").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
+    save_config(cfg, d / "config.yaml", like=stored)
     return d
 
 # %% ../nbs/00c_config.ipynb #5440f517

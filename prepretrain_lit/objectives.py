@@ -22,12 +22,11 @@ from .splitmask import SplitMaskViT, splitmask_from_config
 from .vit import LayerNorm6, ViT, init_state_dict, load_init   # load_init: re-exported (02_vit)
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'STAGE_TRANSFORMS', 'DATA_FROM', 'Objective', 'MAEObjective', 'mae_objective', 'SplitMaskObjective',
-           'splitmask_objective', 'LiTObjective', 'lit_objective', 'ViTClassifier', 'classifier_from_config',
-           'multi_hot', 'hashtag_targets', 'soft_cross_entropy', 'sparse_wsp_loss', 'wsp_loss', 'hashtag_top1',
-           'ClassificationObjective', 'manifest_of', 'num_outputs', 'classification_objective', 'wsp_objective',
-           'supervised_objective', 'finetune_objective', 'LinearProbe', 'LinearProbeObjective',
-           'linear_probe_objective']
+__all__ = ['Objective', 'MAEObjective', 'mae_objective', 'SplitMaskObjective', 'splitmask_objective', 'LiTObjective',
+           'lit_objective', 'ViTClassifier', 'classifier_from_config', 'multi_hot', 'hashtag_targets',
+           'soft_cross_entropy', 'sparse_wsp_loss', 'wsp_loss', 'hashtag_top1', 'ClassificationObjective',
+           'manifest_of', 'num_outputs', 'classification_objective', 'wsp_objective', 'supervised_objective',
+           'finetune_objective', 'LinearProbe', 'LinearProbeObjective', 'linear_probe_objective']
 
 # %% ../nbs/05_objectives.ipynb #4c9ac8c0
 class Objective(nn.Module):
@@ -104,7 +103,7 @@ class LiTObjective(Objective):
         return list(self.model.text.transformer.resblocks) + list(self.model.image.blocks)
 
 def lit_objective(cfg: RunConfig) -> LiTObjective:
-    "The `lit` stage's objective (`OBJECTIVES['lit']`): `lit_from_config(cfg)` to train."
+    "The `lit` stage's objective (registered as the `lit` stage's): `lit_from_config(cfg)` to train."
     return LiTObjective(lit_from_config(cfg))
 
 # %% ../nbs/05_objectives.ipynb #ae5b6fc0
@@ -289,24 +288,4 @@ class LinearProbeObjective(Objective):
 def linear_probe_objective(cfg: RunConfig) -> LinearProbeObjective:
     "The `linear_probe` stage's objective: a probe sized by the trunk width and the training manifest's classes."
     return LinearProbeObjective(LinearProbe(cfg.model.embed_dim, num_outputs(cfg, "label"), cfg.head.init_std))
-
-
-# %% ../nbs/05_objectives.ipynb #b46fad97
-OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {
-    "mae": mae_objective,
-    "splitmask": splitmask_objective,
-    "wsp": wsp_objective,
-    "supervised": supervised_objective,
-    "finetune": finetune_objective,
-    "linear_probe": linear_probe_objective,
-    "lit": lit_objective,
-}
-STAGE_TRANSFORMS: dict[str, str] = {"mae": "mae", "splitmask": "mae", "wsp": "mae", "supervised": "mae",
-                                    "finetune": "finetune", "lit": "eval"}
-# Stages whose data are not the manifest's images: the trainer needs a data builder for them (`train(..., data=)`),
-# and says where it comes from when none is given.
-DATA_FROM: dict[str, str] = {
-    "linear_probe": "the linear probe trains on the trunk's cached features, not on images: run it as an evaluation, "
-                    "transfer.evaluate('linear_probe', cfg, out_dir) or `prepretrain evaluate linear_probe ...`, which "
-                    "extracts the features and passes them to the trainer (data=transfer.probe_data)"}
 

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['ENDED_BADLY', 'RUN_FILES', 'SKIP_DIRS', 'run_experiment', 'run_folders', 'last_record', 'planned_steps',
-           'last_update', 'folder_row', 'status_rows', 'format_age', 'format_status']
+           'last_update', 'trunk_text', 'newest_checkpoint', 'folder_row', 'status_rows', 'format_age', 'format_status']
 
 # %% ../nbs/08e_pipeline.ipynb #65243c15
 import json
@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 import yaml
 
 from .config import UserError, atomic_write_text
+from .lineage import lineage, run_name
+from .registry import stage_kinds
 from .pipeline_spec import check_runs, expand, load_experiment, synthetic_runs
 from .pipeline_plan import change_plan, format_dag, live_state, plan, read_json
 from .pipeline_exec import (Outcome, ended_before_start, format_summary, now, run_local, slurm_job_states,
@@ -93,9 +95,24 @@ def last_update(folder: Path) -> float | None:
              if p.exists()]
     return max(times) if times else None
 
-def folder_row(folder: Path, root: Path, slurm: dict[str, tuple[str, str]] | None = None) -> dict:
-    """The status of one run folder, whichever kind it is: names, state, step of total, last loss, last update, error.
-    `slurm` holds the SLURM states of pending stages' jobs (`slurm_job_states`), to tell a job SLURM ended unstarted."""
+def trunk_text(folder: Path, pretrain: set[str] | None = None) -> str:
+    """The trunk a run trained or used, from its own records (`lineage`): its chain, and the run that trained it when
+    that is another run: `MAE → WSP`, `MAE (runs/mae25)`, `random init`, `trunk not found (<checkpoint>)`."""
+    lin = lineage(folder, pretrain=pretrain)
+    if lin.trunk is None or lin.trunk == folder: return lin.label if lin.chain or lin.missing or lin.random else ""
+    return f"{lin.label} ({run_name(lin.trunk)})"
+
+def newest_checkpoint(folder: Path) -> int | None:
+    "The step of the newest complete checkpoint in `folder/checkpoints` (where a rerun resumes), None when there is none."
+    from prepretrain_lit.checkpoint import complete_checkpoints
+    found = complete_checkpoints(folder / "checkpoints")
+    return found[-1][0] if found else None
+
+def folder_row(folder: Path, root: Path, slurm: dict[str, tuple[str, str]] | None = None,
+               pretrain: set[str] | None = None) -> dict:
+    """The status of one run folder, whichever kind it is: names, kind, trunk, state, step of total, last loss, last
+    update, error. `slurm` holds the SLURM states of pending stages' jobs (`slurm_job_states`), to tell a job SLURM
+    ended unstarted; `pretrain` the kinds that train a trunk (the registry's, when None)."""
     from prepretrain_lit.trainer import read_status
     rec = read_json(folder / "stage.json")
     trainer = read_status(folder) or {}
@@ -112,13 +129,15 @@ def folder_row(folder: Path, root: Path, slurm: dict[str, tuple[str, str]] | Non
     else:            # a `prepretrain train` / `evaluate` folder, or a stage notebook's out_dir run by papermill alone
         state = trainer.get("state") or ("complete" if (folder / "results.json").is_file() else "new")
         name = folder.resolve().name if folder == root else str(folder.relative_to(root))
-        kind = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("stage") if (folder / "config.yaml").is_file() else None
+        kind = lineage(folder, pretrain=pretrain).kind      # results.json's kind, else the config's `stage`
         names = {"experiment": None, "stage": name, "variant": None, "kind": kind or ("evaluate" if (folder / "results.json").is_file() else None)}
         error = trainer.get("message") if state in ENDED_BADLY else None
         log = folder / "status.json"
     metrics = last_record(folder / "metrics.jsonl") or {}
     updated = last_update(folder)
-    return {**names, "state": state, "step": trainer.get("step", metrics.get("step")), "total": planned_steps(folder),
+    steps = [s for s in (trainer.get("step"), metrics.get("step")) if s is not None]   # status.json lags between checkpoints
+    return {**names, "trunk": trunk_text(folder, pretrain), "state": state, "step": max(steps) if steps else None,
+            "total": planned_steps(folder), "checkpoint": newest_checkpoint(folder),
             "loss": metrics.get("loss"), "age_s": None if updated is None else max(0.0, time.time() - updated),
             "finished": rec.get("finished") if rec else None, "error": error, "folder": str(folder), "log": str(log),
             "started": (rec or {}).get("started") or ""}
@@ -129,7 +148,8 @@ def status_rows(root: str | os.PathLike) -> list[dict]:
     folders = run_folders(root)
     pending = [rec["job_id"] for rec in (read_json(f / "stage.json") for f in folders) if rec and rec.get("state") == "pending" and rec.get("job_id")]
     slurm = slurm_job_states(pending)
-    rows = [folder_row(folder, root, slurm) for folder in folders]
+    pretrain = set(stage_kinds("pretrain"))               # read once, not once a folder
+    rows = [folder_row(folder, root, slurm, pretrain) for folder in folders]
     return sorted(rows, key=lambda r: (r["experiment"] or "", r["started"] or "~", r["stage"] or "", r["variant"] or ""))
 
 def format_age(seconds: float | None) -> str:
@@ -143,11 +163,12 @@ def format_status(rows: Sequence[dict]) -> str:
     "`status_rows` as a table; a run that ended badly shows its error and the file to open."
     if not rows: return ("no stage runs found (no folder at or below holds a stage.json, status.json, results.json "
                          "or config.yaml)")
-    table = [("experiment", "stage", "variant", "state", "step", "loss", "updated", "kind")]
+    table = [("experiment", "stage", "variant", "state", "step", "loss", "updated", "kind", "trunk")]
     for r in rows:
         step = "" if r["step"] is None else f"{r['step']}/{r['total']}" if r["total"] is not None else str(r["step"])
+        if r.get("checkpoint") is not None and r["state"] != "complete": step += f" (ckpt {r['checkpoint']})"
         table.append((r["experiment"] or "", r["stage"] or "", r["variant"] or "", r["state"] or "", step,
-                      "" if r["loss"] is None else f"{r['loss']:.4f}", format_age(r["age_s"]), r["kind"] or ""))
+                      "" if r["loss"] is None else f"{r['loss']:.4f}", format_age(r["age_s"]), r["kind"] or "", r.get("trunk") or ""))
     w = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
     lines = ["  ".join(f"{v:<{w[i]}}" for i, v in enumerate(t)).rstrip() for t in table]
     for r in rows:

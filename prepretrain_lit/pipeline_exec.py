@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['RAN_OK', 'REQUEUE_SIGNALS', 'STOP_SIGNALS', 'EXIT_REQUEUED', 'LIVE_JOB_STATES', 'ENDED_JOB_STATES', 'now',
-           'stage_record', 'write_stage_json', 'venv_kernel', 'extend_env', 'execute_run', 'show_papermill_log',
-           'Outcome', 'sigterm_interrupts', 'run_local', 'format_summary', 'signal_delay', 'slurm_parameters',
-           'slurm_job_params', 'recorded_signals', 'requeue_job', 'StageJob', 'queued_job', 'slurm_job_states',
-           'ended_before_start', 'submit_slurm']
+           'stage_record', 'write_stage_json', 'venv_kernel', 'extend_env', 'stage_notebook_env', 'execute_run',
+           'show_papermill_log', 'Outcome', 'sigterm_interrupts', 'run_local', 'format_summary', 'signal_delay',
+           'slurm_parameters', 'slurm_job_params', 'recorded_signals', 'requeue_job', 'StageJob', 'queued_job',
+           'slurm_job_states', 'ended_before_start', 'submit_slurm']
 
 # %% ../nbs/08d_pipeline_exec.ipynb #f15b71a8
 import hashlib
@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import UserError, atomic_write_text, run_lock, usable_cpus
-from .pipeline_stage import notebook_parameters
+from .pipeline_stage import STAGE_NOTEBOOK_ENV, notebook_parameters
+from .registry import find_stage
 from .pipeline_spec import AXIS_KEYS, StageRun
 from .pipeline_plan import _count, read_json, run_state
 
@@ -35,7 +36,8 @@ def stage_record(run: StageRun, state: str, **extra) -> dict:
     "The `stage.json` of `run` (the schema the report reads)."
     axes = {k: None for k in AXIS_KEYS}
     axes.update({"model": run.params.get("preset"), "subset": run.params.get("subset"), "seed": run.params.get("seed")})
-    if run.kind in ("mae", "splitmask", "wsp"): axes["objective"] = run.kind
+    spec = find_stage(run.kind)
+    if spec is not None and spec.writes_trunk: axes["objective"] = run.kind
     axes.update(run.axes)
     return {"experiment": run.experiment, "stage": run.stage, "variant": run.variant, "kind": run.kind,
             "notebook": str(run.notebook), "axes": axes, "params": run.params, "inputs": run.inputs,
@@ -85,6 +87,16 @@ def extend_env(on: bool):
         if old is None: os.environ.pop(EXTEND_ENV, None)
         else: os.environ[EXTEND_ENV] = old
 
+@contextmanager
+def stage_notebook_env(notebook: str | os.PathLike):
+    "`PREPRETRAIN_STAGE_NOTEBOOK` for the kernels started inside: the notebook a stage reads its parameters from."
+    old = os.environ.get(STAGE_NOTEBOOK_ENV)
+    os.environ[STAGE_NOTEBOOK_ENV] = str(Path(notebook).resolve())
+    try: yield
+    finally:
+        if old is None: os.environ.pop(STAGE_NOTEBOOK_ENV, None)
+        else: os.environ[STAGE_NOTEBOOK_ENV] = old
+
 def execute_run(run: StageRun, progress: bool = False, log_output: bool = False) -> str:
     """Execute `run`'s notebook with papermill into its folder, holding the folder's lock (`RunFolderBusy` names the
     process that has it); record and return its state: complete, failed, preempted, diverged or killed (kernel died)."""
@@ -104,7 +116,7 @@ def _execute_locked(run: StageRun, progress: bool, log_output: bool) -> str:
     state, error = "complete", None
     if log_output: show_papermill_log()
     try:
-        with venv_kernel(), extend_env(bool(run.extend)):
+        with venv_kernel(), extend_env(bool(run.extend)), stage_notebook_env(run.notebook):
             papermill.execute_notebook(str(run.notebook), str(run.folder / "executed.ipynb"), parameters=run.params,
                                        cwd=run.cwd, kernel_name="python3", progress_bar=progress, log_output=log_output)
     except Exception as e:  # papermill's PapermillExecutionError, a dead kernel, ...
@@ -368,7 +380,7 @@ class StageJob:
             run = dataclasses.replace(run, cwd=os.getcwd())
         if rank > 0:   # multi-node: every task executes the notebook, rank 0 keeps the record
             import papermill
-            with venv_kernel(), recorded_signals():
+            with venv_kernel(), recorded_signals(), stage_notebook_env(run.notebook):
                 papermill.execute_notebook(str(run.notebook), str(run.folder / f"executed.rank{rank}.ipynb"),
                                            parameters=run.params, cwd=run.cwd, kernel_name="python3", progress_bar=False)
             return "complete"

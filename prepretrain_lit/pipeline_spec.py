@@ -22,14 +22,15 @@ from typing import Iterable, Sequence
 import yaml
 
 from .config import UserError
-from .pipeline_stage import (EVAL_KINDS, REPO, SHIPPED, STAGE_OF_KIND, STAGES_DIR, TRAINING_KINDS, Param,
+from .registry import find_stage, use_stage_modules
+from .pipeline_stage import (REPO, SHIPPED, STAGES_DIR, Param,
                                             check_value, kind_config, notebook_defaults, notebook_parameters,
                                             unknown_parameter)
 
 # %% ../nbs/08b_pipeline_spec.ipynb #9426b4cf
 EXPERIMENTS_DIR = SHIPPED / "experiments" if (SHIPPED / "experiments").is_dir() else REPO / "experiments"   # the experiments
 
-EXPERIMENT_KEYS = ("name", "description", "defaults", "grid", "resources", "stages")
+EXPERIMENT_KEYS = ("name", "description", "defaults", "grid", "resources", "stages", "stage_modules")
 STAGE_KEYS = ("notebook", "params", "inputs", "after", "over", "variants", "exclude", "resources")
 VARIANT_KEYS = ("axes", "params", "inputs")
 RESOURCE_KEYS = ("nodes", "gpus_per_node", "cpus_per_node", "mem_gb", "time_min", "partition", "account",
@@ -86,6 +87,9 @@ def _as_list(value, path, *where) -> list:
 def parse_experiment(data: dict, path: str | os.PathLike | None = None, stages_dir: str | os.PathLike | None = None) -> Experiment:
     "An `Experiment` from the mapping `data` (read from `path`), every key checked."
     _check_keys(data, EXPERIMENT_KEYS, path)
+    modules = [str(m) for m in _as_list(data.get("stage_modules"), path, "stage_modules")]
+    here = Path(path).resolve().parent if path else Path.cwd()     # a .py path is relative to the experiment file
+    use_stage_modules([str(here / m) if m.endswith(".py") and not Path(m).is_absolute() else m for m in modules])
     name = data.get("name") or (Path(path).stem if path else None)
     if not name or not re.fullmatch(r"[\w.\-]+", str(name)):
         raise UserError(f"{_where(path, 'name')}: {name!r} cannot name a folder; use letters, digits, '_', '-', '.'")
@@ -366,6 +370,11 @@ def _make_run(exp, spec, vname, v, axes, bound, root, cwd, global_set, stage_set
 
 # %% ../nbs/08b_pipeline_spec.ipynb #c4a1e003
 TRAINED_FILES = ("model.pt", "config.yaml", "metrics.jsonl", "checkpoints", "provenance.json", "status.json")
+
+def _makes_config(kind: str) -> bool:
+    "Whether a registered stage kind runs with a `RunConfig` (it trains or evaluates), so its config can be checked now."
+    spec = find_stage(kind)
+    return spec is not None and spec.role in ("pretrain", "train", "evaluate")
 EVAL_FILES = ("results.json", "config.yaml", "metrics.jsonl", "status.json", "features")
 
 def run_outputs(run: "StageRun") -> list[str] | None:
@@ -376,8 +385,9 @@ def run_outputs(run: "StageRun") -> list[str] | None:
             try: name = _shards_manifest(run.params.get("manifest")).name
             except UserError: return None
         return [f"{name}.yaml"]
-    if run.kind in TRAINING_KINDS: return list(TRAINED_FILES)
-    if run.kind in EVAL_KINDS: return list(EVAL_FILES)
+    spec = find_stage(run.kind)
+    if spec is not None and spec.writes_trunk: return list(TRAINED_FILES)
+    if spec is not None and spec.role == "evaluate": return list(EVAL_FILES)
     return None
 
 def _shards_manifest(manifest):
@@ -408,10 +418,11 @@ def _dataset_problems(key: str, value, kind: str) -> list[str]:
     "A dataset parameter that does not come from another run: a manifest file whose shards exist (or `synthetic`)."
     from prepretrain_lit.data import load_manifest
     from prepretrain_lit.loader import resolve_manifest
+    labels = find_stage(kind).needs_labels
     if value is None:
-        needed = key == "eval_dataset" or (key == "dataset" and kind in EVAL_KINDS and kind != "zeroshot")
+        needed = key == "eval_dataset" or (key == "dataset" and labels)
         return ["is not set: name a labelled manifest (an `inputs:` entry from a shards stage, or a file)"] if needed else []
-    if value == "synthetic" and kind in TRAINING_KINDS + ("zeroshot",) and key == "dataset": return []
+    if value == "synthetic" and not labels and key == "dataset": return []
     try: m = load_manifest(resolve_manifest(str(value), key))
     except UserError as e: return [str(e).replace(f"{key}={str(value)!r} ", "", 1)]
     return _ready_manifest(m)
@@ -466,7 +477,7 @@ def check_run(run: "StageRun", runs_by_id: dict[str, "StageRun"] | None = None) 
         except UserError as e: say("manifest", str(e)); return problems
         for text in _ready_manifest(m): say("manifest", text)
         return problems
-    if run.kind not in STAGE_OF_KIND: return problems
+    if not _makes_config(run.kind): return problems
     for key in ("dataset", "eval_dataset"):
         if key in declared and key not in run.inputs:
             for text in _dataset_problems(key, values.get(key), run.kind): say(key, text)
@@ -482,7 +493,7 @@ def synthetic_runs(runs: Sequence["StageRun"]) -> list[str]:
     "The ids of the runs whose stage trains on `dataset='synthetic'` (random images): set, or the notebook's default."
     def dataset(r):
         return r.params["dataset"] if "dataset" in r.params else notebook_defaults(notebook_parameters(r.notebook)).get("dataset")
-    return [r.id for r in runs if r.kind in STAGE_OF_KIND and dataset(r) == "synthetic"]
+    return [r.id for r in runs if _makes_config(r.kind) and dataset(r) == "synthetic"]
 
 def check_runs(runs: Sequence["StageRun"], where: str = "the experiment") -> None:
     """Check every run (`check_run`) before any runs; `UserError` listing every problem once, with the stages and

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from .report_summary import _size_of, final_values, is_scratch, pretty, with_recipe
-from .report_table import OBJECTIVE_KINDS, read_json
+from .registry import stage_kinds
+from .report_table import read_json
 
 if TYPE_CHECKING:   # figures and models are imported when drawn: the table alone needs neither matplotlib nor torch
     import matplotlib.figure
@@ -136,7 +137,7 @@ def scaling_metric(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     for kind in ("finetune", "linear_probe", "zeroshot"):
         rows = evals[evals.kind == kind]
         if len(rows): return rows, f"{pretty(kind)} top-1 (%) on {', '.join(sorted(rows.dataset.dropna().unique()))}"
-    return final_values(table[table.kind.isin(OBJECTIVE_KINDS)], "loss"), "final pretraining loss"
+    return final_values(table[table.kind.isin(stage_kinds("pretrain"))], "loss"), "final pretraining loss"
 
 def plot_scaling(table: pd.DataFrame) -> "matplotlib.figure.Figure":
     "A metric against model size (left) and data-subset size (right), one line per recipe (objective and init)."
@@ -221,7 +222,7 @@ def plot_training_curves(table: pd.DataFrame, metrics: Sequence[str] = ("loss", 
     if stages is not None: rows = rows[rows.stage.isin(stages)]
     if rows.empty: raise MissingData(f"no training curves ({', '.join(metrics)}) in metrics.jsonl files")
     rows = rows.assign(where=rows.experiment.fillna("?") + "/" + rows.stage.fillna("?"))
-    rank = {k: i for i, k in enumerate(OBJECTIVE_KINDS)}   # pretraining stages first, in pipeline order, then evaluations
+    rank = {k: i for i, k in enumerate(stage_kinds("pretrain"))}   # pretraining stages first, in registry order, then the rest
     firsts = rows.drop_duplicates("where")
     stage_names = [w for _, _, w in sorted(zip(firsts.experiment.fillna(""), firsts.kind.map(lambda k: rank.get(k, len(rank))), firsts["where"]))]
     present = [m for m in metrics if (rows.metric == m).any()]

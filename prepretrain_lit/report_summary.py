@@ -14,50 +14,67 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .lineage import UNKNOWN
+from .registry import display_name
 from .report_table import SCRATCH, preset_params
 
 # %% auto #0
-__all__ = ['PRETTY', 'RANDOM_INIT', 'EVAL_KEYS', 'VERDICT_MIN_N', 'VERDICT_ALPHA', 'NO_COMPARISON', 'pretty', 'is_scratch',
-           'recipe_label', 'with_recipe', 'fmt', 'spread', 'mean_std', 'in_setting_order', 'verdict', 'claim_verdict',
-           'settled', 'comparison_row', 'against_scratch', 'against_random', 'across_subsets', 'compare_evals',
-           'final_values', 'compare_convergence', 'eval_numbers', 'comparison_lines', 'number_lines', 'summarize',
-           'summary_markdown']
+__all__ = ['RANDOM_INIT', 'TRUNK_NOT_FOUND', 'RECIPE_KEYS', 'NO_SPREAD', 'EVAL_KEYS', 'VERDICT_MIN_N', 'VERDICT_ALPHA',
+           'NO_COMPARISON', 'pretty', 'is_scratch', 'recipe_label', 'with_recipe', 'fmt', 'spread', 'mean_std',
+           'in_setting_order', 'verdict', 'claim_verdict', 'settled', 'comparison_row', 'against_scratch',
+           'against_random', 'across_subsets', 'compare_evals', 'final_values', 'compare_convergence', 'eval_numbers',
+           'comparison_lines', 'number_lines', 'summarize', 'summary_markdown']
 
 # %% ../nbs/09b_report_summary.ipynb #9e6b8bf9
-PRETTY = {"mae": "MAE", "splitmask": "SplitMask", "wsp": "WSP", "supervised": "supervised", "lit": "LiT",
-          "scratch": "scratch", "linear_probe": "linear probe", "lowshot": "low-shot", "knn": "k-NN", "zeroshot": "zero-shot",
-          "finetune": "finetune"}
-
 def pretty(name) -> str:
-    "Display name of an objective / kind (`mae` -> `MAE`)."
-    return PRETTY.get(str(name), str(name))
+    "Display name of a kind, or of a chain of kinds (`mae` -> `MAE`, `splitmask→mae` -> `SplitMask→MAE`): the registry's."
+    return "→".join(display_name(part) for part in str(name).split("→"))
 
 def is_scratch(init) -> bool:
     "True when `init` names no pretrained trunk."
     return init is None or (isinstance(init, float) and math.isnan(init)) or str(init).lower() in SCRATCH
 
 RANDOM_INIT = "random init"    # the recipe of a trunk no objective trained (an evaluation without a checkpoint)
+TRUNK_NOT_FOUND = "trunk not found"   # the recipe of a trunk whose run folder is not here (lineage's `missing`)
 
 def recipe_label(objective, init, mae_length=None) -> str:
     "How a trunk was made, as the papers write it: `WSP`, `MAE→WSP`, `MAE(0.1 ep)→WSP`, `random init`."
     no_objective = objective is None or pd.isna(objective)
     if no_objective and is_scratch(init): return RANDOM_INIT
+    if no_objective and init == UNKNOWN: return TRUNK_NOT_FOUND
     obj = "?" if no_objective else pretty(objective)
     if is_scratch(init): return obj
     first = pretty(init)
     if mae_length is not None and not pd.isna(mae_length) and float(mae_length) != 1.0: first += f"({float(mae_length):g} ep)"
     return f"{first}→{obj}"
 
+RECIPE_KEYS = ["objective", "init", "mae_length", "trunk_id"]
+
 def with_recipe(table: pd.DataFrame) -> pd.DataFrame:
-    "`table` plus a `recipe` column (see `recipe_label`), labelled once per distinct (objective, init, mae_length)."
+    """`table` plus a `recipe` column (see `recipe_label`), labelled once per distinct trunk recipe (objective, init,
+    mae_length, trunk_id). Two known trunk recipes that would read the same are each named by the run that trained the
+    trunk (`MAE [runs/mae25]`; `+2` when its seeds are three runs), so no sentence or mean joins them. A trunk whose
+    recipe is not known (`trunk_id` None: no config recorded) keeps the plain name, as the runner's axes give it."""
     out = table.copy()
+    for c in ("trunk", "trunk_id"):
+        if c not in out: out[c] = None                 # a table from before the lineage columns: one recipe as before
     if out.empty:
         out["recipe"] = pd.Series([], dtype=object, index=out.index); return out
-    groups = out[["objective", "init", "mae_length"]].groupby(["objective", "init", "mae_length"], dropna=False, sort=False)
+    groups = out[RECIPE_KEYS].groupby(RECIPE_KEYS, dropna=False, sort=False)
+    codes = groups.ngroup().to_numpy()
     firsts = groups.head(1)                  # one row per group, in the order ngroup numbers them (first seen)
-    labels = np.array([recipe_label(o, i, m) for o, i, m in zip(firsts.objective, firsts.init, firsts.mae_length)] + [None],
-                      dtype=object)[:-1]
-    out["recipe"] = pd.Series(labels[groups.ngroup().to_numpy()], index=out.index, dtype=object)
+    labels = [recipe_label(o, i, m) for o, i, m in zip(firsts.objective, firsts.init, firsts.mae_length)]
+    trunk_ids = [None if not isinstance(t, str) else t for t in firsts.trunk_id]
+    shared = {}
+    for label, trunk_id in zip(labels, trunk_ids):
+        if trunk_id is not None: shared.setdefault(label, set()).add(trunk_id)
+    for g, (label, trunk_id) in enumerate(zip(labels, trunk_ids)):
+        if trunk_id is None or len(shared[label]) < 2: continue   # one known recipe reads this way (or none): the name alone
+        trunks = out.trunk[codes == g].dropna().unique()
+        name = f"{trunks[0]}" + (f" +{len(trunks) - 1}" if len(trunks) > 1 else "")
+        labels[g] = f"{label} [{name}]"
+    labels = np.array(labels + [None], dtype=object)[:-1]
+    out["recipe"] = pd.Series(labels[codes], index=out.index, dtype=object)
     return out
 
 def fmt(value: float, metric: str) -> str:
@@ -70,9 +87,11 @@ def spread(values: pd.Series) -> tuple[float, float, int]:
     v = values.astype(float)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"), int(len(v))
 
+NO_SPREAD = "n=1, no spread"   # what a number, and a verdict, from one run says: one wording everywhere
+
 def mean_std(m: float, s: float, n: int, metric: str) -> str:
     "`91.2 ± 0.4 (n=3)`, or `91.2 (n=1, no spread)`."
-    return f"{fmt(m, metric)} (n=1, no spread)" if n < 2 else f"{fmt(m, metric)} ± {fmt(s, metric)} (n={n})"
+    return f"{fmt(m, metric)} ({NO_SPREAD})" if n < 2 else f"{fmt(m, metric)} ± {fmt(s, metric)} (n={n})"
 
 # %% ../nbs/09b_report_summary.ipynb #5fe61102
 EVAL_KEYS = ["kind", "dataset", "metric", "shots", "model", "subset", "objective"]
@@ -102,17 +121,17 @@ def _where(key: dict) -> str:
     return text + (f" ({', '.join(extras)})" if extras else "") + f", {key['metric']}"
 
 def verdict(treat: str, base: str, diff: float, s_t: float, s_b: float, metric: str, higher_is_better: bool = True) -> str:
-    "The honest sentence's end: ahead / within the spread / does NOT beat."
+    "The honest sentence's end: ahead / within the spread / does NOT beat; from one run a side, `(n=1, no spread)`."
     better = diff > 0 if higher_is_better else diff < 0
     size = fmt(abs(diff), metric)
     noise = np.nanmax([s_t, s_b, 0.0])
     word = "ahead" if higher_is_better else "lower"
-    one_seed = math.isnan(s_t) or math.isnan(s_b)
+    one_run = f"; {NO_SPREAD}" if math.isnan(s_t) or math.isnan(s_b) else ""
     if not better:
-        if diff == 0: return f"{treat} does NOT beat {base} (equal)"
-        within = ", within the spread over seeds" if not one_seed and abs(diff) <= noise else ""
-        return f"{treat} does NOT beat {base} ({'behind' if higher_is_better else 'higher'} by {size}{within})"
-    if one_seed: return f"{treat} is {word} by {size} (one seed on a side: no spread to judge it by)"
+        if diff == 0: return f"{treat} does NOT beat {base} (equal{one_run})"
+        within = ", within the spread over seeds" if not one_run and abs(diff) <= noise else ""
+        return f"{treat} does NOT beat {base} ({'behind' if higher_is_better else 'higher'} by {size}{within}{one_run})"
+    if one_run: return f"{treat} is {word} by {size} ({NO_SPREAD})"
     if abs(diff) <= noise: return f"{treat} is {word} by {size}, within the spread over seeds"
     return f"{treat} is {word} by {size}"
 
@@ -124,6 +143,7 @@ def claim_verdict(m_t: float, s_t: float, n_t: int, m_b: float, s_b: float, n_b:
     """A claim "treatment beats baseline" judged from mean, sample std and n a side: 'holds', 'does not hold at
     this scale', 'within the spread', or 'too few seeds' when a side has n < 3. Welch's two-sided t-test
     (unequal variances): p >= alpha is 'within the spread'; otherwise the sign of the difference decides."""
+    if min(n_t, n_b) < 2: return f"too few seeds ({NO_SPREAD}): no verdict"
     if min(n_t, n_b) < VERDICT_MIN_N: return f"too few seeds (n < {VERDICT_MIN_N}): no verdict"
     diff = (m_t - m_b) if higher_is_better else (m_b - m_t)                  # > 0: the treatment is better
     var_t, var_b = s_t ** 2 / n_t, s_b ** 2 / n_b
@@ -158,14 +178,17 @@ def comparison_row(key: dict, recipe: str, treated: pd.DataFrame, base: str, bas
             "base_mean": m_b, "base_std": s_b, "base_n": n_b, "diff": diff, "verdict": claim, "text": text}
 
 def against_scratch(t: pd.DataFrame) -> list[dict]:
-    "Each pretrained init against the same objective from scratch (MAE→WSP vs WSP), per evaluation and setting."
+    """Each pretrained init against the same objective from scratch (MAE→WSP vs WSP), per evaluation and setting; each
+    from-scratch recipe its own baseline (two different from-scratch trunks are never one mean)."""
     rows = []
     for values, group in t[t.objective.notna()].groupby(EVAL_KEYS, dropna=False, sort=True):
         key = _key(EVAL_KEYS, values)
         scratch = group[[is_scratch(i) for i in group.init]]
         if scratch.empty: continue
-        for recipe, treated in group[[not is_scratch(i) for i in group.init]].groupby("recipe", sort=True):
-            rows.append(comparison_row(key, recipe, treated, scratch.recipe.iloc[0], scratch, "scratch"))
+        treated_all = group[[not is_scratch(i) for i in group.init]]
+        for base, baseline in scratch.groupby("recipe", sort=True):
+            for recipe, treated in treated_all.groupby("recipe", sort=True):
+                rows.append(comparison_row(key, recipe, treated, base, baseline, "scratch"))
     return rows
 
 def against_random(t: pd.DataFrame) -> list[dict]:
@@ -225,29 +248,28 @@ def compare_convergence(table: pd.DataFrame, objective: str = "wsp", metric: str
     for key, group in t.groupby(keys, dropna=False, sort=True):
         key = _key(keys, key)
         runs = last[last.run.isin(group.run.unique())]
-        scratch = runs[[is_scratch(i) for i in runs.init]]
-        if scratch.empty: continue
-        base = scratch.recipe.iloc[0]
-        m_b, s_b, n_b = spread(scratch.value)
-        base_curve = group[group.recipe == base].groupby("step").value.mean()
-        for recipe, treated in runs[[not is_scratch(i) for i in runs.init]].groupby("recipe", sort=True):
-            m_t, s_t, n_t = spread(treated.value)
-            curve = group[group.recipe == recipe].groupby("step").value.mean()
-            reached = curve[curve <= base_curve.iloc[-1]]
-            step_reached = int(reached.index[0]) if len(reached) else None
-            setting = ", ".join(str(v) if k == "model" else f"subset {v}" for k, v in key.items() if v)
-            text = (f"{pretty(objective)} training {metric}{f' ({setting})' if setting else ''} at the last logged step: "
-                    f"{recipe} {mean_std(m_t, s_t, n_t, metric)} vs {base} {mean_std(m_b, s_b, n_b, metric)}: "
-                    f"{verdict(recipe, base, m_t - m_b, s_t, s_b, metric, higher_is_better=False)}")
-            claim = claim_verdict(m_t, s_t, n_t, m_b, s_b, n_b, higher_is_better=False)
-            if min(n_t, n_b) >= VERDICT_MIN_N: text += f"; the claim '{recipe} trains to a lower {metric} than {base}': {claim}"
-            if step_reached is not None:
-                text += (f"; {recipe} reached {base}'s final {metric} ({fmt(base_curve.iloc[-1], metric)}, step "
-                         f"{int(base_curve.index[-1])}) at step {step_reached}")
-            else: text += f"; {recipe} never reached {base}'s final {metric} ({fmt(base_curve.iloc[-1], metric)})"
-            rows.append({**key, "metric": metric, "treatment": recipe, "baseline": base, "mean": m_t, "std": s_t, "n": n_t,
-                         "base_mean": m_b, "base_std": s_b, "base_n": n_b, "diff": m_t - m_b,
-                         "step_reached": step_reached, "verdict": claim, "text": text})
+        scratch_all = runs[[is_scratch(i) for i in runs.init]]
+        for base, scratch in scratch_all.groupby("recipe", sort=True):    # each from-scratch recipe its own baseline
+            m_b, s_b, n_b = spread(scratch.value)
+            base_curve = group[group.recipe == base].groupby("step").value.mean()
+            for recipe, treated in runs[[not is_scratch(i) for i in runs.init]].groupby("recipe", sort=True):
+                m_t, s_t, n_t = spread(treated.value)
+                curve = group[group.recipe == recipe].groupby("step").value.mean()
+                reached = curve[curve <= base_curve.iloc[-1]]
+                step_reached = int(reached.index[0]) if len(reached) else None
+                setting = ", ".join(str(v) if k == "model" else f"subset {v}" for k, v in key.items() if v)
+                text = (f"{pretty(objective)} training {metric}{f' ({setting})' if setting else ''} at the last logged step: "
+                        f"{recipe} {mean_std(m_t, s_t, n_t, metric)} vs {base} {mean_std(m_b, s_b, n_b, metric)}: "
+                        f"{verdict(recipe, base, m_t - m_b, s_t, s_b, metric, higher_is_better=False)}")
+                claim = claim_verdict(m_t, s_t, n_t, m_b, s_b, n_b, higher_is_better=False)
+                if min(n_t, n_b) >= VERDICT_MIN_N: text += f"; the claim '{recipe} trains to a lower {metric} than {base}': {claim}"
+                if step_reached is not None:
+                    text += (f"; {recipe} reached {base}'s final {metric} ({fmt(base_curve.iloc[-1], metric)}, step "
+                             f"{int(base_curve.index[-1])}) at step {step_reached}")
+                else: text += f"; {recipe} never reached {base}'s final {metric} ({fmt(base_curve.iloc[-1], metric)})"
+                rows.append({**key, "metric": metric, "treatment": recipe, "baseline": base, "mean": m_t, "std": s_t, "n": n_t,
+                             "base_mean": m_b, "base_std": s_b, "base_n": n_b, "diff": m_t - m_b,
+                             "step_reached": step_reached, "verdict": claim, "text": text})
     return pd.DataFrame(rows)
 
 # %% ../nbs/09b_report_summary.ipynb #e44f5cb3

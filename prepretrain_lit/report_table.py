@@ -16,20 +16,20 @@ import pandas as pd
 import yaml
 
 from .config import UserError, atomic_write_text, run_is_alive
+from .lineage import UNKNOWN, lineage, run_name
+from .registry import STAGES, stage_kinds
 
 # %% auto #0
-__all__ = ['STAGE_FILES', 'SKIP_DIRS', 'OBJECTIVE_KINDS', 'SCRATCH', 'SAFE_LOADER', 'COLUMNS', 'INT_COLUMNS', 'FLOAT_COLUMNS',
-           'DEAD_STATES', 'SETTLED', 'TEXT_COLUMNS', 'SORT_KEYS', 'CSV_MAX_ROWS', 'Block', 'find_stage_dirs',
-           'names_from_path', 'read_json', 'read_yaml', 'read_metrics', 'is_number', 'checkpoint_stage', 'init_label',
-           'trunk_origin', 'upstream_checkpoints', 'encoder_params', 'preset_params', 'stage_axes', 'thin_indices',
-           'curve_rows', 'read_curves', 'thin_curves', 'stage_state', 'stage_record', 'eval_rows', 'stage_rows',
-           'empty_table', 'typed', 'curve_block', 'eval_block', 'block_table', 'sort_table', 'gather', 'save_table',
-           'load_table']
+__all__ = ['STAGE_FILES', 'SKIP_DIRS', 'SCRATCH', 'SAFE_LOADER', 'COLUMNS', 'INT_COLUMNS', 'FLOAT_COLUMNS', 'DEAD_STATES',
+           'SETTLED', 'TEXT_COLUMNS', 'SORT_KEYS', 'CSV_MAX_ROWS', 'Block', 'find_stage_dirs', 'names_from_path',
+           'read_json', 'read_yaml', 'read_metrics', 'is_number', 'encoder_params', 'preset_params', 'stage_axes',
+           'thin_indices', 'curve_rows', 'read_curves', 'thin_curves', 'stage_state', 'stage_record', 'eval_rows',
+           'stage_rows', 'empty_table', 'typed', 'curve_block', 'eval_block', 'block_table', 'sort_table', 'gather',
+           'save_table', 'load_table']
 
 # %% ../nbs/09a_report_table.ipynb #77205a74
 STAGE_FILES = ("stage.json", "config.yaml", "metrics.jsonl", "results.json")
 SKIP_DIRS = {"checkpoints", "__pycache__", ".ipynb_checkpoints"}
-OBJECTIVE_KINDS = ("mae", "splitmask", "wsp", "supervised")   # stages that pretrain a trunk; the rest evaluate one
 SCRATCH = ("scratch", "random", "none", "")   # `init` values that mean "no pretrained trunk"
 
 def find_stage_dirs(root: str | os.PathLike) -> list[Path]:
@@ -98,7 +98,7 @@ def is_number(v) -> bool:
 
 # %% ../nbs/09a_report_table.ipynb #847c9569
 COLUMNS = ["experiment", "stage", "kind", "variant", "run", "model", "params", "subset", "mae_length", "objective",
-           "init", "seed", "split_seed", "shots", "record", "dataset", "metric", "value", "step", "state", "source"]
+           "init", "trunk", "trunk_id", "seed", "split_seed", "shots", "record", "dataset", "metric", "value", "step", "state", "source"]
 INT_COLUMNS = ("params", "seed", "split_seed", "shots", "step")
 FLOAT_COLUMNS = ("mae_length", "value")
 
@@ -107,47 +107,6 @@ def _text(v) -> str | None:
     if v is None or (isinstance(v, float) and math.isnan(v)): return None
     if isinstance(v, float) and v.is_integer(): v = int(v)
     return str(v)
-
-def checkpoint_stage(checkpoint, experiment_dir: Path | None = None) -> Path | None:
-    """The stage folder that wrote `checkpoint` (`.../<stage>/<variant>/model.pt`, or `.../checkpoints/step_N.pt`).
-    A path that is not on this machine (a cluster's) is looked up as `<stage>/<variant>` in `experiment_dir`."""
-    if not checkpoint or not isinstance(checkpoint, str): return None
-    path = Path(checkpoint)
-    folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    if folder.is_dir() or experiment_dir is None: return folder
-    local = Path(experiment_dir) / folder.parent.name / folder.name
-    return local if local.is_dir() else folder
-
-def init_label(checkpoint) -> str:
-    "A short name for the trunk a stage started from, by its folder names: `scratch`, or the stage (`mae`) that wrote it."
-    if not checkpoint: return "scratch"
-    folder = checkpoint_stage(checkpoint)
-    return next((n for n in (folder.parent.name, folder.name) if n in OBJECTIVE_KINDS), folder.parent.name or folder.name)
-
-def trunk_origin(folder: Path | None, depth: int = 0) -> tuple[str | None, str | None]:
-    """(objective, init) of the trunk that the pretraining stage in `folder` trained: `stage.json`'s axes, else its kind,
-    and the stage its `config.yaml`'s `init.checkpoint` names (followed back, for its objective); Nones when unknown."""
-    if folder is None: return None, None
-    record = read_json(folder / "stage.json", []) or {}
-    axes = record.get("axes") or {}
-    objective = axes.get("objective") or (record.get("kind") if record.get("kind") in OBJECTIVE_KINDS else None)
-    objective = objective or next((n for n in (folder.parent.name, folder.name) if n in OBJECTIVE_KINDS), None)
-    init = axes.get("init")
-    if init is None and depth < 8:
-        config = read_yaml(folder / "config.yaml", []) or {}
-        if isinstance(config.get("init"), dict):              # the config says what it started from
-            ckpt = config["init"].get("checkpoint")
-            init = "scratch" if not ckpt else (trunk_origin(checkpoint_stage(ckpt, folder.parent.parent), depth + 1)[0]
-                                               or init_label(ckpt))
-    return objective, init
-
-def upstream_checkpoints(stage: dict | None, results: dict | None, config: dict | None) -> list[str]:
-    "The checkpoints an evaluation stage read: `stage.json` inputs, `results.json` `init`, `config.yaml` `init.checkpoint`."
-    inputs = (stage or {}).get("inputs") or {}
-    init = (config or {}).get("init") if isinstance((config or {}).get("init"), dict) else {}
-    found = [v for v in inputs.values() if isinstance(v, str) and v.endswith((".pt", ".safetensors", ".pth"))]
-    found += [(results or {}).get("init"), init.get("checkpoint")]
-    return [c for c in found if isinstance(c, str) and c]
 
 def encoder_params(model_section: dict | None) -> int | None:
     "Encoder parameters of a `config.yaml` `model:` section (None when it does not describe a ViT)."
@@ -170,43 +129,39 @@ def preset_params(arch: str | None) -> int | None:
             return encoder_params({**dataclasses.asdict(ModelConfig()), **section})
     return None
 
-def stage_axes(root: Path, folder: Path, stage: dict | None, config: dict | None, results: dict | None) -> dict:
-    "The run's names and axes, stage.json first, then config.yaml, then the folder names."
+def stage_axes(root: Path, folder: Path, stage: dict | None, config: dict | None, results: dict | None,
+               pretrain: set[str] | None = None, notes: list[str] | None = None) -> dict:
+    """The run's names and axes: `stage.json` first, then `config.yaml`; its kind, objective, init and trunk from its
+    lineage (`lineage`: the run's own records, followed back through the checkpoints it started from)."""
     stage, config = stage or {}, config or {}
     axes = stage.get("axes") or {}
     names = names_from_path(root, folder)
     model_section = config.get("model") if isinstance(config.get("model"), dict) else {}
     data_section = config.get("data") if isinstance(config.get("data"), dict) else {}
-    init_section = config.get("init") if isinstance(config.get("init"), dict) else {}
     pick = lambda *vs: next((v for v in vs if v is not None), None)
     row = {k: _text(pick(stage.get(k), names[k])) for k in ("experiment", "stage", "variant")}
-    row["kind"] = _text(pick(stage.get("kind"), (results or {}).get("kind"), row["stage"]))
+    named = row["stage"] if row["stage"] in STAGES else None          # an experiment's stage folder, when no record says
+    lin = lineage(folder, folder.parent.parent, pretrain, kind=named)   # runs/<experiment>/<stage>/<variant>
+    row["kind"] = _text(lin.kind)
     row["run"] = "/".join(p for p in (row["experiment"], row["stage"], row["variant"]) if p)
     row["model"] = _text(pick(axes.get("model"), model_section.get("arch")))
     row["params"] = encoder_params(model_section) or preset_params(row["model"])
     row["subset"] = _text(pick(axes.get("subset"), data_section.get("subset")))
     mae_length = axes.get("mae_length")
     row["mae_length"] = float(mae_length) if is_number(mae_length) else None
-    objective, init = axes.get("objective"), axes.get("init")
-    experiment_dir = folder.parent.parent                  # runs/<experiment>/<stage>/<variant>
-    if row["kind"] in OBJECTIVE_KINDS:                     # a pretraining stage: its own objective, its config's start
-        objective = objective or row["kind"]
-        if init is None:
-            ckpt = init_section.get("checkpoint")
-            init = "scratch" if not ckpt else (trunk_origin(checkpoint_stage(ckpt, experiment_dir))[0] or init_label(ckpt))
-    elif objective is None or init is None:                # an evaluation: the origin of the trunk it evaluated
-        for ckpt in upstream_checkpoints(stage, results, config):
-            o, i = trunk_origin(checkpoint_stage(ckpt, experiment_dir))
-            if o or i:
-                objective, init = objective or o, init or i
-                break
-        else:
-            if "init" in config and not init_section.get("checkpoint"): init = init or "scratch"   # a random trunk
-    row["objective"], row["init"] = _text(objective), _text(init)
+    objective, init = axes.get("objective"), axes.get("init")       # the runner's record wins where it says
+    if (objective is None or init is None) and lin.missing and notes is not None:
+        notes.append(f"{folder}: the trunk it started from, {lin.missing}, is not found here (looked beside it, in the "
+                     "working directory and in the experiment folder): its rows say 'trunk not found'")
+    row["objective"], row["init"] = _text(pick(objective, lin.objective)), _text(pick(init, lin.init))
+    row["trunk"] = run_name(lin.trunk) if lin.trunk is not None else lin.missing     # a lost trunk: its checkpoint
+    vouched = axes.get("objective") is not None and axes.get("init") is not None
+    row["trunk_id"] = None if lin.missing and vouched else lin.identity   # a lost trunk the runner's axes name: as they say
     seed = pick(axes.get("seed"), config.get("seed"))
     row["seed"] = int(seed) if is_number(seed) else None
     row["state"] = _text(stage.get("state"))
     return row
+
 
 # %% ../nbs/09a_report_table.ipynb #9da641cf
 DEAD_STATES = ("failed", "diverged", "killed", "interrupted")   # a stage that ended without finishing: left out
@@ -308,7 +263,8 @@ def stage_state(folder: Path, stage: dict | None, status: dict | None) -> str | 
             return state
     return None
 
-def stage_record(root: Path, folder: Path, notes: list[str]) -> tuple[dict, dict | None, dict | None] | None:
+def stage_record(root: Path, folder: Path, notes: list[str],
+                 pretrain: set[str] | None = None) -> tuple[dict, dict | None, dict | None] | None:
     """(the run's axes, its results.json, its stage.json) of one stage folder; None (with a note) when the stage failed,
     diverged, was killed or was interrupted (its numbers are partial: they never enter a table or a verdict), or is a report."""
     stage = read_json(folder / "stage.json", notes)
@@ -322,7 +278,7 @@ def stage_record(root: Path, folder: Path, notes: list[str]) -> tuple[dict, dict
     if (stage or {}).get("kind") == "report": return None
     config = read_yaml(folder / "config.yaml", notes)
     results = read_json(folder / "results.json", notes)
-    base = stage_axes(root, folder, stage, config, results)
+    base = stage_axes(root, folder, stage, config, results, pretrain, notes)
     base["state"] = state
     if state not in SETTLED: notes.append(f"{folder}: stage {state}; its numbers may be partial (shown, not compared)")
     return base, results, stage
@@ -348,10 +304,11 @@ def eval_rows(base: dict, results: dict | None, stage: dict | None, folder: Path
                      "shots": int(shots) if is_number(shots) else None, "source": source})
     return rows
 
-def stage_rows(root: Path, folder: Path, notes: list[str], max_points: int | None = None) -> pd.DataFrame | None:
+def stage_rows(root: Path, folder: Path, notes: list[str], max_points: int | None = None,
+               pretrain: set[str] | None = None) -> pd.DataFrame | None:
     """The rows of one stage run folder as a DataFrame (None when the stage is left out, see `stage_record`, or has nothing
     to report); curves thinned to `max_points` a metric. `gather` builds the same rows without a frame per folder."""
-    got = stage_record(root, folder, notes)
+    got = stage_record(root, folder, notes, pretrain)
     if got is None: return None
     base, results, stage = got
     curves = curve_rows(read_metrics(folder / "metrics.jsonl", notes), max_points)
@@ -466,12 +423,13 @@ def gather(run_dirs: str | os.PathLike | Sequence[str | os.PathLike], max_points
     one DataFrame per folder (slower, several times the memory: the reference the columnar way is tested against)."""
     roots = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else run_dirs)]
     notes, seen, runs, frames, thinned = [], set(), [], [], 0
+    pretrain = set(stage_kinds("pretrain"))        # the registry's, user stages included: read once
     for root, folder in _stage_folders(roots, seen):
         if not columnar:
-            rows = stage_rows(root, folder, notes, max_points)
+            rows = stage_rows(root, folder, notes, max_points, pretrain)
             if rows is not None: frames.append(rows); thinned += rows.attrs.get("thinned", False)
             continue
-        got = stage_record(root, folder, notes)
+        got = stage_record(root, folder, notes, pretrain)
         if got is None: continue
         base, results, stage = got
         curves, _ = read_curves(folder / "metrics.jsonl", notes)

@@ -6,17 +6,18 @@
 __all__ = ['MODEL_INIT_STREAM', 'DataBuilder', 'SyntheticImages', 'grad_norm_', 'TrainingDiverged', 'cpu_has_bf16',
            'resolve_precision', 'resolve_compile', 'Trainer', 'memory_mb', 'build_data', 'build_objective',
            'check_data', 'train', 'train_worker', 'train_stage', 'Objective', 'MAEObjective', 'mae_objective',
-           'splitmask_objective', 'OBJECTIVES', 'STAGE_TRANSFORMS', 'DIST_TIMEOUT_ENV', 'DIST_TIMEOUT_S', 'DistInfo',
-           'first_slurm_host', 'slurm_master_port', 'dist_timeout', 'process_placement', 'select_device',
-           'shared_devices', 'check_distinct_gpus', 'setup_distributed', 'cleanup_distributed', 'RankFailed', 'agree',
+           'splitmask_objective', 'DIST_TIMEOUT_ENV', 'DIST_TIMEOUT_S', 'DistInfo', 'first_slurm_host',
+           'slurm_master_port', 'dist_timeout', 'process_placement', 'select_device', 'shared_devices',
+           'check_distinct_gpus', 'setup_distributed', 'cleanup_distributed', 'RankFailed', 'agree',
            'broadcast_from_main', 'fsdp_policies', 'load_full_state_from_rank0', 'threading_is_main', 'free_port',
            'omp_threads', 'launch', 'steps_for', 'lr_at', 'param_groups', 'build_optimizer', 'set_lr', 'CKPT',
            'SHARD_SUMS', 'TEMPORARY', 'EXIT_PREEMPTED', 'EXTEND_ENV', 'EXTENSIONS', 'checkpoint_path',
            'complete_checkpoints', 'rng_state', 'set_rng_state', 'CheckpointIOError', 'io_error', 'HashingWriter',
-           'file_sha256', 'sidecar', 'save_file_atomic', 'verify_checkpoint_file', 'remove_checkpoint',
-           'remove_stale_temporaries', 'write_status', 'read_status', 'Preempted', 'catch_signals', 'requeues_on',
-           'request_requeue', 'with_steps', 'extension_records', 'extended_from', 'refuse_longer_without_extend',
-           'extend_run', 'is_terminal', 'format_duration', 'StepClock', 'progress_line', 'resume_message']
+           'save_file_atomic', 'remove_checkpoint', 'remove_stale_temporaries', 'write_status', 'read_status',
+           'Preempted', 'catch_signals', 'requeues_on', 'request_requeue', 'with_steps', 'extension_records',
+           'extended_from', 'run_hashes', 'refuse_longer_without_extend', 'plan_extension', 'record_extension',
+           'extend_run', 'checkpoint_record', 'another_world_size', 'check_before_writing', 'is_terminal',
+           'format_duration', 'StepClock', 'progress_line', 'resume_message']
 
 # %% ../nbs/06d_trainer.ipynb #1b0e6966
 import contextlib
@@ -37,26 +38,28 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (RunConfig, UserError, atomic_write_text, config_hash, derive_seed, init_run_folder,
-                                    legacy_config_hash, run_lock, seed_everything, write_provenance)
-from .objectives import (DATA_FROM, OBJECTIVES, STAGE_TRANSFORMS, MAEObjective, Objective,
+                                    run_lock, seed_everything, write_provenance)
+from .registry import objective_factory, recipe_stage
+from .objectives import (MAEObjective, Objective,
                                         mae_objective, splitmask_objective)
-from .vit import resolve_attention, set_attention_kernel
+from .vit import file_sha256, resolve_attention, set_attention_kernel, verify_checkpoint_file
 # what the trainer stands on, re-exported: `trainer.launch`, `trainer.lr_at`, `trainer.complete_checkpoints`, ...
 from .distributed import *
 from .optim import *
 from .checkpoint import *
 # ... and in `from prepretrain_lit.trainer import *`, as before the split
-_all_ = ['Objective', 'MAEObjective', 'mae_objective', 'splitmask_objective', 'OBJECTIVES', 'STAGE_TRANSFORMS',
+_all_ = ['Objective', 'MAEObjective', 'mae_objective', 'splitmask_objective',
           'DIST_TIMEOUT_ENV', 'DIST_TIMEOUT_S', 'DistInfo', 'first_slurm_host', 'slurm_master_port', 'dist_timeout',
           'process_placement', 'select_device', 'shared_devices', 'check_distinct_gpus', 'setup_distributed',
           'cleanup_distributed', 'RankFailed', 'agree', 'broadcast_from_main', 'fsdp_policies',
           'load_full_state_from_rank0', 'threading_is_main', 'free_port', 'omp_threads', 'launch', 'steps_for',
           'lr_at', 'param_groups', 'build_optimizer', 'set_lr', 'CKPT', 'SHARD_SUMS', 'TEMPORARY', 'EXIT_PREEMPTED',
           'EXTEND_ENV', 'EXTENSIONS', 'checkpoint_path', 'complete_checkpoints', 'rng_state', 'set_rng_state',
-          'CheckpointIOError', 'io_error', 'HashingWriter', 'file_sha256', 'sidecar', 'save_file_atomic',
-          'verify_checkpoint_file', 'remove_checkpoint', 'remove_stale_temporaries', 'write_status', 'read_status',
+          'CheckpointIOError', 'io_error', 'HashingWriter', 'save_file_atomic',
+          'remove_checkpoint', 'remove_stale_temporaries', 'write_status', 'read_status',
           'Preempted', 'catch_signals', 'requeues_on', 'request_requeue', 'with_steps', 'extension_records',
-          'extended_from', 'refuse_longer_without_extend', 'extend_run',
+          'extended_from', 'run_hashes', 'refuse_longer_without_extend', 'plan_extension', 'record_extension', 'extend_run',
+          'checkpoint_record', 'another_world_size', 'check_before_writing',
           'is_terminal', 'format_duration', 'StepClock', 'progress_line', 'resume_message']
 
 
@@ -260,7 +263,7 @@ class Trainer:
             extra = torch.load(path, map_location="cpu", weights_only=True)
             self.objective.model.load_state_dict(extra.pop("model"))
             self.optimizer.load_state_dict(extra.pop("optimizer"))
-        if extra["config_hash"] not in (config_hash(self.cfg), legacy_config_hash(self.cfg), *extended_from(self.out, self.cfg)):
+        if extra["config_hash"] not in run_hashes(self.out, self.cfg):    # this run's, in any version's form, or extended
             raise UserError(f"{path} was written by another config (hash {extra['config_hash']}, this run "
                             f"{config_hash(self.cfg)}); use a new output folder")
         saved_world = extra.get("world_size", self.info.world_size)
@@ -269,10 +272,7 @@ class Trainer:
                           f"batch changes from {self.global_batch // self.info.world_size * saved_world} to {self.global_batch} "
                           "while the learning-rate schedule goes on in steps; the rest of the interrupted epoch is dealt to "
                           "the new readers, each of its samples seen once")
-        elif saved_world != self.info.world_size:
-            raise UserError(f"{path} was written by {extra['world_size']} processes, this run has {self.info.world_size}: "
-                            "the global batch, learning rate and data split would change mid-run. Resume with "
-                            f"{extra['world_size']} processes, or start a new run folder")
+        elif saved_world != self.info.world_size: raise another_world_size(path, saved_world, self.info.world_size)
         if "schedule" in extra: self.warmup = extra["schedule"]["warmup"]   # an extended run keeps the warmup it did
         self.scaler.load_state_dict(extra["scaler"])
         set_rng_state(extra["rng"][self.info.rank % len(extra["rng"])])
@@ -541,23 +541,24 @@ def build_data(stage: str, cfg: RunConfig, info: DistInfo, out_dir: str | os.Pat
         return SyntheticImages(cfg.data.batch_size, cfg.model.img_size, cfg.model.num_patches, cfg.seed,
                                info.rank, info.world_size, cfg.model.in_chans)
     from prepretrain_lit.loader import TRANSFORMS, make_loader
-    transform = TRANSFORMS[cfg.data.transform or STAGE_TRANSFORMS[stage]](cfg.model.img_size)   # data.transform overrides
+    transform = TRANSFORMS[cfg.data.transform or recipe_stage(stage).transform](cfg.model.img_size)   # data.transform overrides
     return make_loader(cfg.data, transform, seed=cfg.seed, rank=info.rank, world_size=info.world_size, infinite=True,
                        pin_memory=info.device.type == "cuda")
 
 def build_objective(stage: str, cfg: RunConfig, on_meta: bool = False) -> Objective:
     """The objective of `stage`; with `on_meta`, its architecture only, on the meta device (no memory, no weights read:
     `init.checkpoint` is left out), for an FSDP rank that receives its shards from rank 0."""
-    if not on_meta: return OBJECTIVES[stage](cfg)
+    if not on_meta: return objective_factory(stage)(cfg)
     import dataclasses
     bare = dataclasses.replace(cfg, init=dataclasses.replace(cfg.init, checkpoint=None))
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")          # e.g. LiT's 'no init.checkpoint': rank 0 has it, and sends its weights
-        return OBJECTIVES[stage](bare)
+        return objective_factory(stage)(bare)
 
 def check_data(stage: str, data: DataBuilder | None) -> None:
-    "Refuse a stage whose data are not images (`objectives.DATA_FROM`) without a data builder, saying where they come from."
-    if data is None and stage in DATA_FROM: raise UserError(f"train('{stage}') needs data=: {DATA_FROM[stage]}")
+    "Refuse a stage whose data are not images (`StageSpec.data_from`) without a data builder, saying where they come from."
+    where = recipe_stage(stage).data_from
+    if data is None and where: raise UserError(f"train('{stage}') needs data=: {where}")
 
 def train(stage: str, cfg: RunConfig, out_dir: str | os.PathLike, resume: bool | None = None, progress: bool = True,
           extend: bool | None = None, data: DataBuilder | None = None) -> dict:
@@ -567,7 +568,7 @@ def train(stage: str, cfg: RunConfig, out_dir: str | os.PathLike, resume: bool |
     `data` builds the batches instead of the manifest's images: an importable function `(cfg, info, out_dir) ->
     batches` (it is pickled to the processes `launch` starts)."""
     if extend is None: extend = os.environ.get(EXTEND_ENV, "") not in ("", "0")
-    if stage not in OBJECTIVES: raise UserError(f"unknown stage '{stage}'; stages: {', '.join(OBJECTIVES)}")
+    objective_factory(stage)               # an unknown stage, or one that trains nothing, is refused here
     check_data(stage, data)
     if cfg.stage is not None and cfg.stage != stage:
         raise UserError(f"the config was made for stage '{cfg.stage}' (its recipe), not '{stage}'; load it with "
@@ -588,9 +589,10 @@ def train(stage: str, cfg: RunConfig, out_dir: str | os.PathLike, resume: bool |
         if info.is_main:
             try:
                 held.enter_context(run_lock(out))
-                extend_run(cfg, out) if extend else refuse_longer_without_extend(cfg, out)   # a refusal leaves status.json alone
+                extension = check_before_writing(stage, cfg, out, extend, info.world_size)   # a refusal writes nothing
                 owns_folder = True
                 for p in remove_stale_temporaries(out): warnings.warn(f"removed {p}, left by a writer that was killed")
+                if extension is not None: record_extension(cfg, out, extension)
                 init_run_folder(cfg, out)
                 write_provenance(out, cfg)
             except Exception as e: error = e

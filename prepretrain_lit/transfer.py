@@ -21,28 +21,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .registry import evaluation_function, recipe_stage, stage_kinds
 from .config import (DataConfig, RunConfig, UserError, atomic_write_text, config_hash, derive_seed,
                                     init_run_folder, write_provenance)
 from .objectives import (LinearProbe, LinearProbeObjective, ViTClassifier, classifier_from_config,
                                         linear_probe_objective, load_init)
 from .data import Manifest
 from .lit import LiTModel, load_lit, zeroshot_classifier, zeroshot_scores
-from .trainer import (DistInfo, agree, broadcast_from_main, cleanup_distributed, complete_checkpoints,
+from .trainer import (DistInfo, agree, broadcast_from_main, cleanup_distributed, complete_checkpoints, run_hashes,
                                      launch, process_placement, setup_distributed, train, train_stage)
 from .vit import ViT, vit_from_config
 
 # %% auto #0
-__all__ = ['RESULTS_SCHEMA_VERSION', 'KINDS', 'EVALUATIONS', 'EVAL_STAGES', 'summarize_records', 'write_results', 'read_results',
-           'topk_correct', 'accuracy_records', 'FeatureSet', 'pooled_features', 'eval_loader', 'labelled_manifest',
-           'extract_features', 'autocast_on_gpu', 'gather_features', 'trunk_from_config', 'feature_cache_path',
-           'unique_suffix', 'load_features', 'extract_to_cache', 'features_worker', 'cached_features', 'FeatureBatches',
-           'probe_data', 'lowshot_indices', 'lowshot_evaluate', 'knn_scores', 'knn_evaluate', 'count_correct',
-           'evaluate_classifier', 'load_classifier', 'zeroshot_manifest', 'zeroshot_accuracy', 'zeroshot_evaluate',
-           'is_main_process', 'check_evaluation', 'join_job_group', 'evaluate']
+__all__ = ['RESULTS_SCHEMA_VERSION', 'summarize_records', 'write_results', 'read_results', 'topk_correct', 'accuracy_records',
+           'FeatureSet', 'pooled_features', 'eval_loader', 'labelled_manifest', 'extract_features', 'autocast_on_gpu',
+           'gather_features', 'trunk_from_config', 'feature_cache_path', 'unique_suffix', 'load_features',
+           'extract_to_cache', 'features_worker', 'cached_features', 'FeatureBatches', 'probe_data', 'lowshot_indices',
+           'lowshot_evaluate', 'knn_scores', 'knn_evaluate', 'count_correct', 'evaluate_classifier', 'load_classifier',
+           'zeroshot_manifest', 'zeroshot_accuracy', 'zeroshot_evaluate', 'is_main_process', 'finetune_evaluation',
+           'linear_probe_evaluation', 'lowshot_evaluation', 'knn_evaluation', 'zeroshot_evaluation', 'check_evaluation',
+           'join_job_group', 'evaluate']
 
 # %% ../nbs/07_transfer.ipynb #ace8b6cb
 RESULTS_SCHEMA_VERSION = 1
-KINDS = ("finetune", "linear_probe", "lowshot", "knn", "zeroshot")
+
 
 def summarize_records(records: Sequence[dict]) -> dict[str, dict]:
     "{'top1': {'mean', 'std', 'n'}, 'top1@5shot': ...}: per metric (and shots), the mean and sample std of the values."
@@ -56,7 +58,7 @@ def summarize_records(records: Sequence[dict]) -> dict[str, dict]:
 def write_results(out_dir: str | os.PathLike, kind: str, dataset: str, records: Sequence[dict],
                   init: str | None = None, train_dataset: str | None = None, cfg: RunConfig | None = None) -> Path:
     "Write `results.json` of an evaluation into `out_dir` (atomically); returns its path."
-    if kind not in KINDS: raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    if kind not in stage_kinds("evaluate"): raise ValueError(f"kind must be one of {stage_kinds('evaluate')}, not {kind!r}")
     rows = [{"metric": r["metric"], "value": float(r["value"]), "seed": r.get("seed"), "shots": r.get("shots"),
              "step": r.get("step")} for r in records]
     doc = {"schema_version": RESULTS_SCHEMA_VERSION, "kind": kind, "dataset": dataset, "train_dataset": train_dataset,
@@ -411,7 +413,7 @@ def _last_step(out: Path) -> int | None:
     found = complete_checkpoints(out / "checkpoints")
     return found[-1][0] if found else None
 
-def _finetune(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
+def finetune_evaluation(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
     m = manifests or check_evaluation("finetune", cfg)
     train_stage("finetune", cfg, out, progress, nprocs)
     if not is_main_process(): return []                     # rank 0 runs the test pass
@@ -420,7 +422,7 @@ def _finetune(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manife
                                          cfg.eval.num_workers, _device(cfg), m["eval"])
     return accuracy_records(correct, total, seed=cfg.seed, step=cfg.train.steps)
 
-def _linear_probe(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
+def linear_probe_evaluation(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
     m = manifests or check_evaluation("linear_probe", cfg)
     cached_features(cfg, cfg.data.dataset, out, progress, nprocs, m["data"])   # extract once, before the (possibly
     test = cached_features(cfg, cfg.eval.dataset, out, progress, nprocs, m["eval"])   # parallel) training, in the ranks
@@ -442,31 +444,28 @@ def _frozen_features(cfg: RunConfig, out: Path, progress: bool, nprocs: int,
     return (cached_features(cfg, cfg.data.dataset, out, progress, nprocs, m["data"]),
             cached_features(cfg, cfg.eval.dataset, out, progress, nprocs, m["eval"]))
 
-def _lowshot(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
+def lowshot_evaluation(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
     train_fs, test_fs = _frozen_features(cfg, out, progress, nprocs, manifests)
     if not is_main_process(): return []
     return lowshot_evaluate(train_fs, test_fs, cfg.probe.shots, cfg.probe.splits, cfg.probe.lowshot_c)
 
-def _knn(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
+def knn_evaluation(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
     train_fs, test_fs = _frozen_features(cfg, out, progress, nprocs, manifests)
     if not is_main_process(): return []
     return knn_evaluate(train_fs, test_fs, cfg.probe.knn_k, cfg.probe.knn_temperature, seed=cfg.seed)
 
-def _zeroshot(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
+def zeroshot_evaluation(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
     return zeroshot_evaluate(cfg, out, progress, nprocs, (manifests or {}).get("eval"))["records"]
 
-EVALUATIONS = {"finetune": _finetune, "linear_probe": _linear_probe, "lowshot": _lowshot, "knn": _knn,
-               "zeroshot": _zeroshot}
-EVAL_STAGES = {"finetune": "finetune", "linear_probe": "linear_probe", "lowshot": "lowshot", "knn": "knn",
-               "zeroshot": "lit"}
 
 def check_evaluation(kind: str, cfg: RunConfig) -> dict[str, Manifest | None]:
     """Refuse, before any compute, an evaluation that cannot run: unknown kind, missing or unlabelled sets, no trunk
     file. Returns the manifests it loaded, {'eval': ..., 'data': ... (None for zero-shot)}: the evaluation's only loads."""
-    if kind not in EVALUATIONS: raise UserError(f"unknown evaluation '{kind}'; evaluations: {', '.join(EVALUATIONS)}")
-    if cfg.stage is not None and cfg.stage != EVAL_STAGES[kind]:
+    evaluation_function(kind)                    # an unknown kind, or a stage that is no evaluation, is refused here
+    recipe = recipe_stage(kind).name
+    if cfg.stage is not None and cfg.stage != recipe:
         raise UserError(f"the config was made for stage '{cfg.stage}', evaluation '{kind}' needs stage "
-                        f"'{EVAL_STAGES[kind]}': load_config(..., stage='{EVAL_STAGES[kind]}')")
+                        f"'{recipe}': load_config(..., stage='{recipe}')")
     cfg.check()
     manifests = {"eval": zeroshot_manifest(cfg) if kind == "zeroshot" else labelled_manifest(cfg.eval.dataset, "eval.dataset"),
                  "data": None if kind == "zeroshot" else labelled_manifest(cfg.data.dataset, "data.dataset")}
@@ -500,16 +499,17 @@ def evaluate(kind: str, cfg: RunConfig, out_dir: str | os.PathLike, progress: bo
         out = Path(out_dir)
         done = out / "results.json"
         doc = read_results(done) if group.is_main and done.is_file() else None
-        doc = broadcast_from_main(doc if doc is not None and doc["config_hash"] == config_hash(cfg) else None, group)
+        same = doc is not None and doc["config_hash"] in run_hashes(out, cfg)    # this run's, in any version's form
+        doc = broadcast_from_main(doc if same else None, group)
         if doc is not None: return doc
-        records = EVALUATIONS[kind](cfg, out, progress, nprocs, manifests)
+        records = evaluation_function(kind)(cfg, out, progress, nprocs, manifests)
         error, doc = None, None
         if group.is_main:
             try:
                 test_name = manifests["eval"].name
                 train_name = None if manifests["data"] is None else manifests["data"].name
                 path = write_results(out, kind, test_name, records, cfg.init.checkpoint, train_name, cfg)
-                if kind in ("lowshot", "knn"):                   # no trainer ran: say the stage is done
+                if recipe_stage(kind).objective is None:         # no trainer ran (k-NN, low-shot): say the stage is done
                     atomic_write_text(out / "status.json", json.dumps({"state": "complete", "step": 0, "message": ""}) + "\n")
                 doc = read_results(path)
             except Exception as e: error = e

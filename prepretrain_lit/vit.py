@@ -4,14 +4,15 @@
 
 # %% auto #0
 __all__ = ['LayerNorm6', 'ATTENTION_KERNELS', 'VIT_SIZES', 'vit_tiny_patch16', 'vit_small_patch16', 'vit_base_patch16',
-           'vit_large_patch16', 'vit_huge_patch14', 'vit_2b_patch14', 'vit_6_5b_patch14', 'DECODER_PREFIXES',
-           'HEAD_PREFIXES', 'sincos_1d', 'sincos_pos_embed_2d', 'init_linear_and_norm', 'init_patch_embed',
-           'run_blocks', 'ViT', 'resolve_attention', 'set_attention_kernel', 'vit_from_config',
-           'CheckpointMismatchError', 'load_state_dict_file', 'check_state_dict', 'trunk_state_dict', 'load_trunk',
-           'save_trunk', 'init_state_dict', 'load_init']
+           'vit_large_patch16', 'vit_huge_patch14', 'vit_2b_patch14', 'vit_6_5b_patch14', 'sincos_1d',
+           'sincos_pos_embed_2d', 'init_linear_and_norm', 'init_patch_embed', 'run_blocks', 'ViT', 'resolve_attention',
+           'set_attention_kernel', 'vit_from_config', 'CheckpointMismatchError', 'file_sha256', 'sidecar',
+           'verify_checkpoint_file', 'load_state_dict_file', 'check_state_dict', 'trunk_state_dict', 'load_trunk',
+           'save_trunk', 'init_state_dict', 'recorded_sizes', 'load_init']
 
 # %% ../nbs/02_vit.ipynb #4aeac87f
 import argparse
+import hashlib
 import os
 import pickle
 from functools import partial
@@ -25,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block, PatchEmbed
 
 from .config import InitConfig, ModelConfig, UserError
+from .registry import not_trunk_prefixes
 
 # %% ../nbs/02_vit.ipynb #55676f31
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -186,10 +188,33 @@ def vit_from_config(m: ModelConfig) -> ViT:
 class CheckpointMismatchError(UserError, ValueError):
     "A state dict that does not fit a model; the message lists missing, unexpected and mis-shaped keys."
 
+def file_sha256(path: Path, chunk: int = 2 ** 24) -> str:
+    "The SHA-256 of file `path`, read in 16 MB blocks."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk): h.update(block)
+    return h.hexdigest()
+
+def sidecar(path: Path) -> Path:
+    "The integrity record of a weights or checkpoint file: `model.pt.sha256` beside `model.pt`, its SHA-256 and size."
+    return path.with_name(path.name + ".sha256")
+
+def verify_checkpoint_file(path: Path) -> str | None:
+    "None when `path` matches its `.sha256` sidecar (or has none: a file from elsewhere), else what differs."
+    record = sidecar(Path(path))
+    if not record.exists(): return None
+    digest, _, size = record.read_text().strip().partition("  ")
+    if size and Path(path).stat().st_size != int(size): return f"its size is {Path(path).stat().st_size} bytes, {size} were written"
+    if file_sha256(path) != digest: return f"its SHA-256 differs from the one recorded at writing ({record.name})"
+    return None
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    "Tensors of a checkpoint file: safetensors, or a torch file holding a state dict or `{'model'|'state_dict': ...}`."
+    """Tensors of a checkpoint file: safetensors, or a torch file holding a state dict or `{'model'|'state_dict': ...}`.
+    A file with a `.sha256` sidecar (every `model.pt` a run writes) is checked against it first."""
     path = Path(path)
     if not path.is_file(): raise UserError(f"checkpoint not found: {path}")
+    damaged = verify_checkpoint_file(path)
+    if damaged: raise UserError(f"{path} is damaged: {damaged}; restore it from a copy, or rerun the stage that wrote it")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
@@ -228,15 +253,15 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], i
         if unexpected: parts.append(f"  unexpected keys ({len(unexpected)}): {_list(unexpected)}")
         if shapes: parts.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:12]))
         parts.append("  Check the architecture (size, patch, image size) matches the checkpoint's.")
-        raise CheckpointMismatchError("\n".join(parts))
+        error = CheckpointMismatchError("\n".join(parts))
+        error.counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mis-shaped keys" + \
+                       (f", e.g. {shapes[0]}" if shapes else "")
+        raise error
 
 # %% ../nbs/02_vit.ipynb #516364c9
-DECODER_PREFIXES = ("decoder_", "mask_token", "projector.", "centroids")   # pretraining-only: MAE's and SplitMask's
-HEAD_PREFIXES = ("head.", "fc_norm.")
-
 def trunk_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "The encoder's entries of a MAE / SplitMask / MAWS / timm state dict (decoder, projector, tokenizer, head dropped)."
-    return {k: v for k, v in state_dict.items() if not k.startswith(DECODER_PREFIXES + HEAD_PREFIXES)}
+    return {k: v for k, v in state_dict.items() if not k.startswith(not_trunk_prefixes())}
 
 def load_trunk(model: ViT, checkpoint: str | Path | Mapping[str, torch.Tensor],
                interpolate_pos_embed: bool = False) -> ViT:
@@ -248,7 +273,7 @@ def load_trunk(model: ViT, checkpoint: str | Path | Mapping[str, torch.Tensor],
     pos = sd.get("pos_embed")
     if interpolate_pos_embed and pos is not None and pos.shape != model.pos_embed.shape:
         sd["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=[model.grid_size] * 2, num_prefix_tokens=1)
-    check_state_dict(model, sd, ignore_missing=DECODER_PREFIXES, source=source)
+    check_state_dict(model, sd, ignore_missing=not_trunk_prefixes(), source=source)
     model.load_state_dict(sd, strict=False)  # strictness already checked, decoder aside
     return model
 
@@ -279,11 +304,29 @@ def init_state_dict(model: ViT, checkpoint: str | os.PathLike, interpolate_pos_e
         sd["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=[model.grid_size] * 2, num_prefix_tokens=1)
     return sd
 
+def recorded_sizes(checkpoint: str | os.PathLike) -> str:
+    """What the run that wrote `checkpoint` recorded of its model (its `config.yaml`, beside the file), as the
+    overrides that make a config fit it; a plain hint when there is no such record (a file from elsewhere)."""
+    import yaml
+    record = Path(checkpoint).resolve().parent / "config.yaml"
+    try: saved = yaml.safe_load(record.read_text()) or {}
+    except (OSError, yaml.YAMLError): saved = {}
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(model, dict):
+        return "No config.yaml beside it records its sizes: set model.* (embed_dim, depth, num_heads, patch_size, img_size) to the checkpoint's."
+    keys = ("embed_dim", "depth", "num_heads", "patch_size", "img_size")
+    sets = " ".join(f"--set model.{k}={model[k]}" for k in keys if k in model)
+    preset = f"preset '{saved['preset']}', " if saved.get("preset") else ""
+    return f"{record} records {preset}" + ", ".join(f"{k}={model[k]}" for k in keys if k in model) + \
+           f": use --preset {saved['preset']}" * bool(saved.get("preset")) + f" (or {sets})"
+
 def load_init(model: ViT, init: InitConfig) -> ViT:
     "Load `init.checkpoint`'s trunk into `model` (heads, decoders and `fc_norm` keep their own init); returns `model`."
     if init.checkpoint is None: return model
     sd = init_state_dict(model, init.checkpoint, init.interpolate_pos_embed)
-    new_parts = ("head.", "fc_norm.", "decoder_", "mask_token", "projector.", "centroids")
-    check_state_dict(model, sd, ignore_missing=new_parts, source=str(init.checkpoint))
+    try: check_state_dict(model, sd, ignore_missing=not_trunk_prefixes(), source=str(init.checkpoint))
+    except CheckpointMismatchError as e:          # one line: what the checkpoint's run recorded, and the fix
+        raise CheckpointMismatchError(f"init.checkpoint={init.checkpoint} does not fit this model ({e.counts}). "
+                                      f"{recorded_sizes(init.checkpoint)}") from None
     model.load_state_dict(sd, strict=False)   # every trunk key checked above
     return model

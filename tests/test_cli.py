@@ -246,3 +246,12 @@ def test_the_documented_commands_run(tmp_path, monkeypatch, capsys):
             real = [a for a in args if a != "--dry-run"] + ["--only", "shapes", "--set", "shapes.num_samples=32", "--quiet"]
             assert main(real) == 0, capsys.readouterr()
     assert len(ran) >= 12
+
+
+@pytest.mark.parametrize("override", ["optim.base_lr=nan", "optim.lr=inf", "optim.clip_grad=nan", "optim.weight_decay=inf",
+                                      "optim.betas=[0.9, nan]"])
+def test_a_value_that_is_not_finite_is_refused_before_the_run_folder_exists(tmp_path, override, capsys):
+    assert main(["train", "mae", "--preset", "tiny", "--set", override, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "must be a finite number" in err and override.split("=")[0] in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

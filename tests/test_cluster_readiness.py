@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from prepretrain_lit.registry import objective_factory
 import torch
 
 from prepretrain_lit import trainer as T
@@ -197,7 +199,7 @@ def dtypes_worker(jobs: list, out_dir: str) -> list:
         for stage, cfg in jobs:
             seen.clear()
             torch.manual_seed(0)
-            trainer = T.Trainer(cfg, T.OBJECTIVES[stage](cfg), T.build_data(stage, cfg, info), out_dir, info, progress=False)
+            trainer = T.Trainer(cfg, objective_factory(stage)(cfg), T.build_data(stage, cfg, info), out_dir, info, progress=False)
             loss, _ = trainer.train_step(trainer.data.batches(0), 0)
             results.append({**seen, "step_loss": str(loss.dtype)})
         return results

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from prepretrain_lit.config import (PRESETS, ConfigError, RunConfig, UserError, collect_provenance, config_hash,
-                                    create_run_dir, derive_seed, get_preset, git_state, load_config, merge,
-                                    parse_overrides, save_config, seed_everything, write_provenance)
+from prepretrain_lit.config import (PRESETS, ConfigError, OptimConfig, RunConfig, UserError, collect_provenance,
+                                    config_hash, config_to_dict, create_run_dir, derive_seed, get_preset, git_state,
+                                    load_config, merge, parse_overrides, save_config, seed_everything, write_provenance)
 
 
 def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
@@ -285,7 +285,7 @@ def test_stage_recipe_survives_a_save_and_reload(tmp_path):
 
 
 def test_unknown_stage_lists_the_stages():
-    with pytest.raises(ConfigError, match=r"unknown stage 'wps' \(did you mean 'wsp'\?\); valid stages: mae, splitmask, wsp"):
+    with pytest.raises(ConfigError, match=r"unknown stage 'wps' \(did you mean 'wsp'\?\); valid stages: shards, mae, splitmask, wsp"):
         load_config(stage="wps")
 
 
@@ -295,3 +295,80 @@ def test_config_reexports_every_public_name_of_the_config_chapters():
     for chapter in (schema, presets):
         for name in chapter.__all__:
             assert name in config.__all__ and getattr(config, name) is getattr(chapter, name), (chapter.__name__, name)
+
+
+# -- a run's identity survives the schema's growth ------------------------------------------------------------
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SimMIMConfig:
+    "A section a later version adds: its defaults reproduce what the code did before it existed."
+    weight: float = 1.0
+
+    def check(self) -> None: pass
+
+
+@dataclass
+class GrownRunConfig(RunConfig):
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
+
+
+def grow_schema(monkeypatch):
+    "Make every config this process loads a `GrownRunConfig`, as if the schema had gained the `simmim` section."
+    from prepretrain_lit import presets
+    monkeypatch.setattr(presets, "RunConfig", GrownRunConfig)
+
+
+def every_shipped_config():
+    from prepretrain_lit.registry import stage_kinds
+    return {(p, s): load_config(preset=p, stage=s) for p in PRESETS for s in [None, *stage_kinds()]}
+
+
+def test_a_new_section_with_defaults_leaves_every_shipped_configs_identity_unchanged(monkeypatch, tmp_path):
+    from prepretrain_lit.config import config_identity, run_changes
+    before = every_shipped_config()
+    hashes = {k: config_hash(c) for k, c in before.items()}
+    grow_schema(monkeypatch)
+    after = every_shipped_config()
+    assert all(type(c) is GrownRunConfig for c in after.values())
+    assert {k: config_hash(c) for k, c in after.items()} == hashes
+    for k, c in after.items():
+        assert config_identity(c) == config_identity(before[k]) and run_changes(config_to_dict(before[k]), c) == [], k
+    moved = merge(after[("tiny", "mae")], {"simmim": {"weight": 2.0}})      # off its default: another run
+    assert config_hash(moved) != hashes[("tiny", "mae")]
+    assert run_changes(config_to_dict(before[("tiny", "mae")]), moved) == [
+        "simmim.weight: (absent: the run predates the key, so it ran as its default 1.0) -> 2.0"]
+    old_file = save_config(before[("tiny", "mae")], tmp_path / "config.yaml")   # written before the section existed
+    assert load_config(old_file) == after[("tiny", "mae")]                     # loads, the section at its defaults
+
+
+@dataclass
+class ClippingOptim(OptimConfig):
+    clip_grad: float | None = 1.0           # a later version clips by default
+
+
+@dataclass
+class ChangedDefaultRunConfig(RunConfig):
+    optim: ClippingOptim = field(default_factory=ClippingOptim)
+
+
+def test_a_changed_default_of_an_existing_key_is_still_another_run(monkeypatch):
+    "The hash names a config by what differs from the defaults; the stored values decide `same run`."
+    from prepretrain_lit import presets
+    from prepretrain_lit.config import run_changes
+    cfg = load_config(preset="tiny", stage="mae")
+    monkeypatch.setattr(presets, "RunConfig", ChangedDefaultRunConfig)
+    now = load_config(preset="tiny", stage="mae")
+    assert now.optim.clip_grad == 1.0
+    assert run_changes(config_to_dict(cfg), now) == ["optim.clip_grad: None -> 1.0"]
+
+
+def test_identity_leaves_out_what_sits_at_its_default_and_what_cannot_change_the_result():
+    from prepretrain_lit.config import config_identity
+    assert config_identity(RunConfig()) == {}
+    cfg = load_config(preset="tiny", overrides=["data.num_workers=5", "optim.clip_grad=0.5"])
+    ident = config_identity(cfg)
+    assert ident["optim.clip_grad"] == 0.5 and ident["model.depth"] == 4 and "data.num_workers" not in ident
+    assert "train.log_every" not in ident and "preset" not in ident and "model.patch_size" in ident

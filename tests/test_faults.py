@@ -1,5 +1,6 @@
 """Fault injection: the faults real cluster runs meet (issue 16), each reproduced here on a tiny run, with what
 must happen instead: nothing lost, nothing silently wrong, an error that names the cause."""
+import dataclasses
 import json
 import os
 import signal
@@ -360,3 +361,161 @@ def test_stage_json_records_every_ending_and_the_pipeline_holds_the_lock(tmp_pat
     finally: holder.kill(); holder.wait()
     assert [o.state for o in run_experiment(exp, force=True, **quiet)] == ["complete"]   # --force cleared the killed run
     assert (folder / "leftover").read_text() == "complete"
+
+
+# -- 14. a refusal writes nothing; a run folder outlives the schema's growth ----------------------------------
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    "Every file below `folder`, with its bytes."
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def staged(stage: str, *overrides: str):
+    "A tiny config of `stage` (its recipe, its name recorded), 2 steps, a checkpoint at each."
+    return load_config(preset="tiny", stage=stage, overrides=[*TINY, "train.steps=2", "train.checkpoint_every=1",
+                                                              "train.keep_checkpoints=5", *overrides])
+
+
+@pytest.fixture
+def finished_mae(tmp_path) -> Path:
+    from prepretrain_lit.trainer import train
+    train("mae", staged("mae"), tmp_path / "mae", progress=False)
+    return tmp_path / "mae"
+
+
+def edit_checkpoints(run: Path, **changes) -> None:
+    "Make every checkpoint of `run` record `changes` (e.g. another config hash), their checksum sidecars kept valid."
+    from prepretrain_lit.trainer import save_file_atomic
+    for ckpt in (run / "checkpoints").glob("step_*.pt"):
+        save_file_atomic({**torch.load(ckpt, weights_only=True), **changes}, ckpt)
+
+
+@pytest.mark.parametrize("stage, overrides, extend, message", [
+    ("mae", ["model.depth=3"], False, r"(?s)another config.*model\.depth: 2 -> 3"),      # another model size
+    ("splitmask", [], False, r"holds a 'mae' run.*not a 'splitmask' one"),           # another stage kind
+    ("mae", ["train.steps=4", "mae.mask_ratio=0.6"], True, r"(?s)changes nothing else.*mae\.mask_ratio"),
+    ("mae", ["train.steps=1"], True, "would shorten it"),
+])
+def test_a_refused_resume_or_extend_leaves_the_folder_byte_identical(finished_mae, stage, overrides, extend, message):
+    from prepretrain_lit.config import UserError
+    from prepretrain_lit.trainer import train
+    before = folder_bytes(finished_mae)
+    with pytest.raises(UserError, match=message):
+        train(stage, staged(stage, *overrides), finished_mae, resume=True, extend=extend, progress=False)
+    assert folder_bytes(finished_mae) == before
+
+
+def test_an_extend_refused_for_a_checkpoint_of_another_config_writes_nothing(finished_mae):
+    from prepretrain_lit.config import UserError
+    from prepretrain_lit.trainer import train
+    edit_checkpoints(finished_mae, config_hash="0123456789ab")
+    before = folder_bytes(finished_mae)
+    with pytest.raises(UserError, match=r"step_00000002\.pt was written by another config \(hash 0123456789ab"):
+        train("mae", staged("mae", "train.steps=4"), finished_mae, extend=True, progress=False)
+    assert folder_bytes(finished_mae) == before
+
+
+def test_train_splitmask_resume_into_a_finished_mae_folder_is_refused_and_changes_nothing(finished_mae):
+    before = folder_bytes(finished_mae)
+    res = subprocess.run([str(PRETRAIN), "train", "splitmask", "--preset", "tiny", "--out", str(finished_mae), "--resume",
+                          *[a for s in TINY + ["train.steps=2"] for a in ("--set", s)]], capture_output=True, text=True)
+    assert res.returncode == 2 and "holds a 'mae' run" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert folder_bytes(finished_mae) == before
+
+
+@dataclasses.dataclass
+class SimMIMConfig:
+    "A section a later version adds, with defaults that do what the code did before it."
+    weight: float = 1.0
+
+    def check(self) -> None: pass
+
+
+def grown_schema():
+    from prepretrain_lit.config import RunConfig
+    @dataclasses.dataclass
+    class GrownRunConfig(RunConfig):
+        simmim: SimMIMConfig = dataclasses.field(default_factory=SimMIMConfig)
+    return GrownRunConfig
+
+
+def whole_identity_hash(values: dict) -> str:
+    "The hash checkpoints recorded before identities left out keys at their defaults (every key but NOT_IDENTITY)."
+    import copy, hashlib
+    from prepretrain_lit.config import NOT_IDENTITY
+    d = copy.deepcopy(values)
+    for key in NOT_IDENTITY:
+        *parents, leaf = key.split(".")
+        node = d
+        for part in parents: node = node.get(part, {})
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
+def test_a_run_folder_from_before_the_schema_grew_resumes_extends_and_shows_its_status(finished_mae, monkeypatch):
+    import yaml
+    from prepretrain_lit import presets
+    from prepretrain_lit.config import ConfigError
+    from prepretrain_lit.pipeline import status_rows
+    from prepretrain_lit.trainer import train
+    run, saved = finished_mae, (finished_mae / "config.yaml").read_bytes()
+    edit_checkpoints(run, config_hash=whole_identity_hash(yaml.safe_load(saved)))  # as the version before this one wrote them
+    monkeypatch.setattr(presets, "RunConfig", grown_schema())              # then the schema gains a section
+    assert train("mae", staged("mae"), run, progress=False)["step"] == 2   # resumes: the run is complete
+    assert (run / "config.yaml").read_bytes() == saved                     # the code of its time still reads it
+    assert train("mae", staged("mae", "train.steps=4"), run, extend=True, progress=False)["step"] == 4
+    assert steps_logged(run) == [1, 2, 3, 4] and "simmim" not in yaml.safe_load((run / "config.yaml").read_text())
+    row, = status_rows(run)
+    assert (row["state"], row["step"]) == ("complete", 4), row
+    before = folder_bytes(run)
+    with pytest.raises(ConfigError, match=r"simmim\.weight: \(absent.*1\.0\) -> 2\.0"):   # the new key off its default
+        train("mae", staged("mae", "train.steps=4", "simmim.weight=2"), run, progress=False)
+    assert folder_bytes(run) == before
+
+
+def test_a_changed_default_is_refused_on_resume_and_changes_nothing(finished_mae, monkeypatch):
+    "The hash leaves defaults out, so it cannot see a default change: the stored values do."
+    from prepretrain_lit import presets
+    from prepretrain_lit.config import ConfigError, OptimConfig, RunConfig
+    from prepretrain_lit.trainer import train
+    @dataclasses.dataclass
+    class ClippingOptim(OptimConfig):
+        clip_grad: float | None = 1.0               # a later version clips by default
+    @dataclasses.dataclass
+    class ChangedRunConfig(RunConfig):
+        optim: ClippingOptim = dataclasses.field(default_factory=ClippingOptim)
+    before = folder_bytes(finished_mae)
+    monkeypatch.setattr(presets, "RunConfig", ChangedRunConfig)
+    with pytest.raises(ConfigError, match=r"optim\.clip_grad: None -> 1\.0"):
+        train("mae", staged("mae"), finished_mae, resume=True, progress=False)
+    assert folder_bytes(finished_mae) == before
+
+
+def test_a_resume_refused_for_another_number_of_processes_writes_nothing(finished_mae):
+    from prepretrain_lit.config import UserError
+    from prepretrain_lit.trainer import train
+    edit_checkpoints(finished_mae, world_size=2)                # as if 2 ranks wrote them (no data stream to re-deal)
+    before = folder_bytes(finished_mae)
+    with pytest.raises(UserError, match=r"step_00000002\.pt was written by 2 processes, this run has 1"):
+        train("mae", staged("mae"), finished_mae, resume=True, progress=False)
+    assert folder_bytes(finished_mae) == before
+
+
+def test_bit_rot_in_a_weights_file_is_refused_by_init_and_export(tmp_path):
+    "A `model.pt` whose `.sha256` sidecar no longer matches is refused, naming the file (evaluations read trunks through load_init)."
+    from prepretrain_lit.checkpoint import save_file_atomic
+    from prepretrain_lit.config import InitConfig, UserError, load_config, save_config
+    from prepretrain_lit.cli import export_trunk
+    from prepretrain_lit.vit import load_init, vit_from_config
+    cfg = load_config(preset="tiny")
+    weights = save_file_atomic(vit_from_config(cfg.model).state_dict(), tmp_path / "model.pt")   # with its sidecar
+    save_config(cfg, tmp_path / "config.yaml")
+    load_init(vit_from_config(cfg.model), InitConfig(str(weights)))              # intact: loads
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                                  # one flipped byte, same size
+    weights.write_bytes(bytes(data))
+    for read in (lambda: load_init(vit_from_config(cfg.model), InitConfig(str(weights))),
+                 lambda: export_trunk(tmp_path, "safetensors")):
+        with pytest.raises(UserError, match=r"model\.pt is damaged: its SHA-256 differs"):
+            read()
+    assert not (tmp_path / "export-safetensors").exists()

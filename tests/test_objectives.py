@@ -81,15 +81,30 @@ def test_wsp_objective_from_config_loads_the_mae_trunk(tmp_path, shapes_manifest
     cfg = load_config(preset="tiny", stage="wsp", overrides=[
         f"data.dataset={shapes_manifest}", f"init.checkpoint={tmp_path / 'model.pt'}", "model.img_size=16",
         "model.embed_dim=32", "model.depth=2", "model.num_heads=2"])
-    from prepretrain_lit.trainer import OBJECTIVES
-    obj = OBJECTIVES["wsp"](cfg)
+    from prepretrain_lit.registry import objective_factory
+    obj = objective_factory("wsp")(cfg)
     assert obj.target == "hashtags" and obj.model.num_classes == 24        # the shapes hashtag vocabulary
     assert torch.equal(obj.model.blocks[0].mlp.fc1.weight, mae.blocks[0].mlp.fc1.weight)
 
 
+def test_a_checkpoint_that_does_not_fit_names_the_sizes_its_run_recorded(tmp_path):
+    from prepretrain_lit.config import save_config
+    from prepretrain_lit.vit import vit_from_config
+    trained = load_config(preset="tiny")                                  # the run that wrote model.pt: width 64
+    torch.save(vit_from_config(trained.model).state_dict(), tmp_path / "model.pt")
+    save_config(trained, tmp_path / "config.yaml")
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_init(ViTClassifier(5, **{**TINY, "embed_dim": 48}), InitConfig(str(tmp_path / "model.pt")))
+    assert "records preset 'tiny'" in str(e.value) and "use --preset tiny" in str(e.value)
+    assert "--set model.embed_dim=64" in str(e.value)
+    (tmp_path / "config.yaml").unlink()                                   # a file from elsewhere: a plain hint
+    with pytest.raises(CheckpointMismatchError, match="No config.yaml beside it"):
+        load_init(ViTClassifier(5, **{**TINY, "embed_dim": 48}), InitConfig(str(tmp_path / "model.pt")))
+
+
 def test_wrong_width_checkpoint_is_refused_with_the_keys(tmp_path):
     _save_mae(tmp_path / "model.pt")
-    with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
+    with pytest.raises(CheckpointMismatchError, match="mis-shaped keys, e.g. cls_token"):
         load_init(ViTClassifier(5, **{**TINY, "embed_dim": 48}), InitConfig(str(tmp_path / "model.pt")))
 
 

@@ -268,3 +268,32 @@ def test_a_stage_notebook_extends_through_the_environment(tmp_path, monkeypatch)
         train("mae", cfg(4), out, progress=False)
     monkeypatch.setenv(EXTEND_ENV, "1")
     assert train("mae", cfg(4), out, progress=False)["step"] == 4
+
+
+def test_the_venvs_papermill_finds_the_project_kernel_with_nothing_in_home(tmp_path):
+    "`make install` registers the notebooks' kernel inside .venv: papermill runs a stage notebook on a fresh machine."
+    from prepretrain_lit.pipeline_stage import write_stage_notebook
+    notebook = write_stage_notebook(tmp_path / "in.ipynb", "x = 1", ["print('x + 1 =', x + 1)"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
+    env["HOME"] = str(tmp_path / "empty-home")                    # no user-level kernels (no `make kernel`)
+    res = subprocess.run([str(Path(sys.executable).parent / "papermill"), str(notebook), str(tmp_path / "out.ipynb"),
+                          "-k", "prepretrain-lit", "-p", "x", "2", "--log-output"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "x + 1 = 3" in (tmp_path / "out.ipynb").read_text()
+
+
+def test_status_shows_the_last_logged_step_and_the_newest_checkpoint_between_checkpoints(tmp_path):
+    "status.json is written at checkpoints; metrics.jsonl at every log line: status shows the later of the two."
+    from prepretrain_lit.config import load_config, save_config
+    from prepretrain_lit.pipeline import format_status, status_rows
+    run = tmp_path / "mae"
+    run.mkdir()
+    save_config(load_config(preset="tiny", stage="mae", overrides=["train.steps=2000"]), run / "config.yaml")
+    write_status(run, "killed", 0, "the kernel died")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(25, 52)))
+    (run / "checkpoints").mkdir()
+    for step in (20, 40): (run / "checkpoints" / f"step_{step:08d}.pt").write_bytes(b"")
+    (row,) = status_rows(run)
+    assert (row["step"], row["total"], row["checkpoint"]) == (51, 2000, 40)
+    assert "51/2000 (ckpt 40)" in format_status([row])

@@ -1,5 +1,6 @@
 """The report: run folders -> one tidy table -> figures and an honest summary (nbs/09a_report_table, 09b_report_summary,
-09c_report_figures, 09d_report; the example run folders of nbs/09_fixtures)."""
+09c_report_figures, 09d_report; the example run folders of nbs/09_fixtures); each run's kind and trunk from its own
+records (nbs/07b_lineage), in the report and in `prepretrain status`."""
 import json
 import math
 from pathlib import Path
@@ -283,7 +284,7 @@ def test_lineage_fills_objective_and_init_from_checkpoints(tmp_path):
     assert origin.loc["ml/finetune/mae_length=0.1"].tolist() == ["wsp", "mae", 0.1]
     assert origin.loc["ml/finetune/mae_length=0"].tolist() == ["wsp", "scratch", 0.0]
     assert ("finetune on in1k (vit_l16), top1: MAE(0.1 ep)→WSP 80.0 (n=1, no spread) vs WSP 78.0 (n=1, no spread): "
-            "MAE(0.1 ep)→WSP is ahead by 2.0 (one seed on a side: no spread to judge it by)") in summarize(t)
+            "MAE(0.1 ep)→WSP is ahead by 2.0 (n=1, no spread)") in summarize(t)
 
 
 @pytest.mark.parametrize("mae, scratch, expected", [
@@ -435,3 +436,112 @@ def test_training_curves_draw_a_band_per_recipe_not_a_line_per_run(tmp_path):
     fig = plot_training_curves(table, stages=[stage])
     recipes = with_recipe(curves[curves.stage == stage]).recipe.nunique()
     assert all(len(ax.lines) == recipes and len(ax.collections) == recipes for ax in fig.axes)   # a mean and a band each
+
+
+# -- lineage from the run's own records (issue 32): folders named freely, never read for what they hold ----------------
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory, shapes_manifest):
+    "`prepretrain train` / `evaluate` folders named freely, made from one working directory as a user makes them: MAE "
+    "for 2 and for 3 steps, WSP from the first (real runs), and k-NN results of each trunk and of a random one (written "
+    "by `evaluate`'s own writers, `init_run_folder`, `write_provenance`, `write_results`, without the feature extraction)."
+    import os
+    from prepretrain_lit.cli import main
+    from prepretrain_lit.config import init_run_folder, write_provenance
+    from prepretrain_lit.transfer import write_results
+    home, cwd = tmp_path_factory.mktemp("home"), os.getcwd()
+    os.chdir(home)                  # init.checkpoint is recorded as typed: relative to this folder
+    try:
+        common = ["--preset", "tiny", "--set", f"data.dataset={shapes_manifest}", "--set", "data.num_workers=0",
+                  "--set", "data.batch_size=8"]
+        for name, steps in (("mae25", 2), ("mae100", 3)):
+            assert main(["train", "mae", *common, "--set", f"train.steps={steps}", "--out", f"runs/{name}"]) == 0
+        assert main(["train", "wsp", *common, "--set", "train.steps=2", "--set", "init.checkpoint=runs/mae25/model.pt",
+                     "--out", "runs/wsp_a"]) == 0
+        for name, trunk, top1 in (("probe_a", "mae25", 30.0), ("probe_b", "mae100", 36.0), ("probe_wsp", "wsp_a", 33.0),
+                                  ("probe_random", None, 29.6)):
+            cfg = load_config(preset="tiny", stage="knn", overrides=[f"init.checkpoint=runs/{trunk}/model.pt"] if trunk else [])
+            out = Path("runs") / name
+            init_run_folder(cfg, out); write_provenance(out, cfg)
+            write_results(out, "knn", "digits-test", [{"metric": "top1", "value": top1, "seed": 0}], cfg.init.checkpoint,
+                          "digits-train", cfg)
+    finally: os.chdir(cwd)
+    return home / "runs"
+
+STANDALONE = ("mae25", "mae100", "wsp_a", "probe_a", "probe_b", "probe_random", "probe_wsp")
+
+
+def test_standalone_runs_name_their_kind_and_trunk_from_their_records(standalone):
+    "`prepretrain report runs/mae25 runs/mae100 runs/probe_*`, read from another working directory: each row's kind, "
+    "objective, init and trunk are the runs' records', followed back through `init.checkpoint`."
+    table = gather([standalone / name for name in STANDALONE])
+    runs = table.drop_duplicates("run").set_index("run")
+    got = lambda run: [None if pd.isna(v) else v for v in runs.loc[run, ["kind", "objective", "init", "trunk"]]]
+    assert got("runs/mae25") == ["mae", "mae", "scratch", "runs/mae25"]
+    assert got("runs/mae100") == ["mae", "mae", "scratch", "runs/mae100"]
+    assert got("runs/wsp_a") == ["wsp", "wsp", "mae", "runs/wsp_a"]
+    assert got("runs/probe_a") == ["knn", "mae", "scratch", "runs/mae25"]
+    assert got("runs/probe_b") == ["knn", "mae", "scratch", "runs/mae100"]
+    assert got("runs/probe_wsp") == ["knn", "wsp", "mae", "runs/wsp_a"]
+    assert got("runs/probe_random") == ["knn", None, "scratch", None]
+    assert runs.loc["runs/probe_a", "trunk_id"] == runs.loc["runs/mae25", "trunk_id"] != runs.loc["runs/probe_b", "trunk_id"]
+    from prepretrain_lit.report import mae_stage_dirs
+    assert mae_stage_dirs(table) == [standalone / "mae100", standalone / "mae25"]        # both MAE runs hold a model.pt
+
+
+def test_the_report_of_standalone_runs_pools_no_two_trunks(standalone, tmp_path):
+    paths = build_report([standalone / name for name in STANDALONE], tmp_path / "report", verbose=False)
+    summary = Path(paths["summary"]).read_text()
+    where = "k-NN on digits-test (vit_tiny_cpu), top1"
+    for line in (f"{where}: MAE [runs/mae25] 30.0 (n=1, no spread)", f"{where}: MAE [runs/mae100] 36.0 (n=1, no spread)",
+                 f"{where}: MAE→WSP 33.0 (n=1, no spread)", f"{where}: random init 29.6 (n=1, no spread)",
+                 f"{where}: MAE [runs/mae100] 36.0 (n=1, no spread) vs random init 29.6 (n=1, no spread): "
+                 "MAE [runs/mae100] is ahead by 6.4 (n=1, no spread)"):
+        assert f"- {line}\n" in summary, line
+    assert "(n=2" not in summary and "(n=3" not in summary and "n < 3" not in summary      # nothing pooled
+    comparisons = summary.split("## Comparisons", 1)[1].split("\n## ", 1)[0].strip().splitlines()
+    assert len(comparisons) == 3 and all(c.endswith("n=1, no spread)") for c in comparisons), comparisons   # one wording
+    assert {"reconstructions_runs_mae25", "reconstructions_runs_mae100"} <= set(paths["figures"])
+
+
+def test_status_names_each_runs_kind_and_trunk(standalone):
+    from prepretrain_lit.pipeline import format_status, status_rows
+    rows = {r["stage"]: r for r in status_rows(standalone)}
+    assert {name: (rows[name]["kind"], rows[name]["trunk"]) for name in STANDALONE} == {
+        "mae25": ("mae", "MAE"), "mae100": ("mae", "MAE"), "wsp_a": ("wsp", "MAE → WSP"),
+        "probe_a": ("knn", "MAE (runs/mae25)"), "probe_b": ("knn", "MAE (runs/mae100)"),
+        "probe_wsp": ("knn", "MAE → WSP (runs/wsp_a)"), "probe_random": ("knn", "random init")}
+    assert "MAE → WSP (runs/wsp_a)" in format_status(list(rows.values()))
+
+
+def test_experiment_seeds_pool_but_two_trunk_recipes_never_do(tmp_path):
+    "An experiment with two MAE recipes (150 and 300 steps; the runner's axes name neither), three seeds each, and a "
+    "k-NN of every trunk (cluster paths, found in the copied folder): each recipe is one mean of its three seeds."
+    exp = tmp_path / "x"
+    for stage, steps, top1 in (("mae", 150, 40.0), ("mae_long", 300, 50.0)):
+        for seed in range(3):
+            v, ckpt = f"seed={seed}", f"/cluster/runs/x/{stage}/seed={seed}/model.pt"
+            write_stage(exp / stage / v, dict(experiment="x", stage=stage, variant=v, kind="mae", axes=dict(seed=seed)),
+                        [{"step": steps, "loss": 1.0}],
+                        config=load_config(preset="tiny", stage="mae", overrides=[f"seed={seed}", f"train.steps={steps}"]))
+            write_stage(exp / f"knn_{stage}" / v, dict(experiment="x", stage=f"knn_{stage}", variant=v, kind="knn",
+                                                       axes=dict(seed=seed), inputs={"init_checkpoint": ckpt}),
+                        results=dict(kind="knn", dataset="digits-test", init=ckpt,
+                                     records=[{"metric": "top1", "value": top1 + seed, "seed": seed}]))
+    lines = summarize(gather(exp))
+    assert "k-NN on digits-test, top1: MAE [x/mae/seed=0 +2] 41.0 ± 1.0 (n=3)" in lines, lines
+    assert "k-NN on digits-test, top1: MAE [x/mae_long/seed=0 +2] 51.0 ± 1.0 (n=3)" in lines, lines
+    assert not any("(n=6)" in line for line in lines)
+
+
+def test_evaluations_whose_trunks_are_not_here_are_neither_random_nor_pooled(standalone, tmp_path):
+    "Two evaluation folders copied away from the runs that trained their trunks: each says its trunk is not found (and "
+    "names its checkpoint), neither is a random init, and the two are not one mean."
+    import shutil
+    for name in ("probe_a", "probe_b"): shutil.copytree(standalone / name, tmp_path / "copied" / name)
+    table = gather([tmp_path / "copied" / "probe_a", tmp_path / "copied" / "probe_b"])
+    lines = summarize(table)
+    assert "k-NN on digits-test (vit_tiny_cpu), top1: trunk not found [runs/mae25/model.pt] 30.0 (n=1, no spread)" in lines
+    assert "k-NN on digits-test (vit_tiny_cpu), top1: trunk not found [runs/mae100/model.pt] 36.0 (n=1, no spread)" in lines
+    assert not any("random init" in line or "(n=2)" in line for line in lines), lines
+    assert sum("runs/mae25/model.pt, is not found here" in note for note in table.attrs["notes"]) == 1

@@ -128,7 +128,7 @@ def test_resume_skips_half_written_and_damaged_checkpoints(tmp_path):
 def test_resume_flags(tmp_path):
     with pytest.raises(UserError, match="no checkpoint"):
         train("mae", tiny("train.steps=2"), tmp_path, resume=True, progress=False)
-    with pytest.raises(UserError, match="unknown stage 'wsp2'; stages: mae"):
+    with pytest.raises(UserError, match=r"unknown stage 'wsp2' \(did you mean 'wsp'\?\); valid stages: shards, mae"):
         train("wsp2", tiny(), tmp_path, progress=False)
 
 
