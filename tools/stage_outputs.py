@@ -25,6 +25,7 @@ MAX_IMAGE_KB = 120
 TINY = ["seed=[0]", "steps=10", "shapes.num_samples=128", "batch_size=16", "lowshot.shots=[1, 5]",
         "lowshot.splits=2", "overrides=[data.num_workers=0, eval.num_workers=0, train.log_every=2]"]
 RUNS = {"shards": "demo/shapes/main", "mae": "demo/mae/seed=0", "wsp": "demo/wsp/from_mae,seed=0", "splitmask": "sm/splitmask/main",
+        "teacher_mim": "sm/teacher_mim/main",
         **{k: f"demo/{k}/seed=0,init=mae" for k in ("knn", "lowshot", "linear_probe", "finetune", "zeroshot")},
         "report": "demo/report/main"}
 NOTE = "*Outputs shown: one tiny run (`tools/stage_outputs.py`: "
@@ -84,6 +85,7 @@ def graft(kind: str, executed: Path, root: Path) -> None:
     first = next(c for c in nb["cells"] if c["cell_type"] == "markdown")
     text = re.sub(r"\n\n\*Outputs shown: .*$", "", "".join(first["source"]), flags=re.S)
     settings = ("a one-stage experiment on 128 built-in shapes, `steps=10`, `batch_size=16`" if kind == "splitmask" else
+                "the same experiment's SplitMask trunk as the teacher, `steps=10`, `batch_size=16`" if kind == "teacher_mim" else
                 "experiments/demo.yaml with " + ", ".join(f"`{s}`" for s in TINY if not s.startswith("overrides")))
     first["source"] = (text + f"\n\n{NOTE}{settings}); the parameters cell keeps the notebook's defaults.*").splitlines(True)
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
@@ -91,9 +93,9 @@ def graft(kind: str, executed: Path, root: Path) -> None:
 
 def main(argv: list[str]) -> int:
     from prepretrain_lit.pipeline import EXPERIMENTS_DIR, run_experiment
-    if argv[:1] == ["--from"]:          # graft again from runs made earlier (their `runs` folder)
-        root = Path(argv[1])
-        for kind, run in RUNS.items(): graft(kind, root / run / "executed.ipynb", root)
+    if argv[:1] == ["--from"]:          # graft again from runs made earlier (their `runs` folder); `--only KIND ...`
+        root, only = Path(argv[1]), argv[3:] if argv[2:3] == ["--only"] else list(RUNS)
+        for kind in only: graft(kind, root / RUNS[kind] / "executed.ipynb", root)
         return 0
     root = Path(tempfile.mkdtemp(prefix="stage-outputs-")) / "runs"
     outcomes = run_experiment(EXPERIMENTS_DIR / "demo.yaml", out=root, overrides=TINY, progress=False, jobs=2)
@@ -101,7 +103,9 @@ def main(argv: list[str]) -> int:
     sm.write_text(yaml.safe_dump({"name": "sm", "stages": {
         "shapes": {"notebook": "shards", "params": {"manifest": "shapes", "num_samples": 128}},
         "splitmask": {"notebook": "splitmask", "params": {"steps": 10, "batch_size": 16, "overrides": ["data.num_workers=0", "train.log_every=2"]},
-                      "inputs": {"dataset": "shapes/shapes.yaml"}}}}))
+                      "inputs": {"dataset": "shapes/shapes.yaml"}},
+        "teacher_mim": {"notebook": "teacher_mim", "params": {"steps": 10, "batch_size": 16, "overrides": ["data.num_workers=0", "train.log_every=2"]},
+                        "inputs": {"dataset": "shapes/shapes.yaml", "teacher": "splitmask"}}}}))
     outcomes += run_experiment(sm, out=root, progress=False)
     bad = [(o.run.id, o.state, o.note) for o in outcomes if o.state != "complete"]
     if bad: print(f"not all runs completed: {bad}", file=sys.stderr); return 1
