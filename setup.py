@@ -55,7 +55,8 @@ setuptools.setup(
     include_package_data=True,
     python_requires=">=" + min_python,
     install_requires=shlex.split(cfg.get("requirements", "")),
-    extras_require={"dev": shlex.split(cfg.get("dev_requirements", ""))},
+    extras_require={"dev": shlex.split(cfg.get("dev_requirements", "")),
+                    "bench": shlex.split(cfg.get("bench_requirements", ""))},   # loader peers: benchmarks only, unlocked
     entry_points={
         "console_scripts": cfg.get("console_scripts", "").split(),
         "nbdev": [f'{cfg["lib_path"]}={cfg["lib_path"]}._modidx:d'],

@@ -1,6 +1,9 @@
-"""benchmarks/mae_throughput.py: its FLOP count against torch's counter, and a peer that is the same model."""
+"""benchmarks/mae_throughput.py: its FLOP count against torch's counter, and a peer that is the same model;
+benchmarks/loader_peers.py: its quick run in this venv, where the loader peers (an optional extra) are absent."""
 import json
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -157,3 +160,55 @@ def test_the_script_writes_the_rows_a_gpu_check_collects(tmp_path, capsys):
     assert set(row["images_per_s"]) == {"ours"} and row["images_per_s"]["ours"] > 0 and row["first_step_s"]["ours"] > 0
     assert row["share_of_matmul"]["ours"] > 0 and row["goal_share"] == 0.8 and row["paired_ours_over_peer"] is None
     assert row["default_precision"] in ("fp32", "bf16") and row["peer_default_precision"] == "fp32"
+
+
+# -- benchmarks/loader_peers.py: our loader against webdataset, mosaicml-streaming, litdata and ImageFolder ------
+
+def load_loader_peers():
+    spec = importlib.util.spec_from_file_location("loader_peers", ROOT / "benchmarks" / "loader_peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["loader_peers"] = module      # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loader_peers_tells_an_exact_resume_from_a_reordered_or_wrong_one():
+    lp = load_loader_peers()
+    ref = [["a", "b"], ["c", "d"], ["e", "f"]]
+    assert lp.verdict([["c", "d"], ["e", "f"]], ref[1:]) == "exact"
+    assert lp.verdict([["d", "c"], ["e", "f"]], ref[1:]) == "same samples, other order"
+    assert lp.verdict([["a", "b"], ["c", "d"], ["e", "f"]], ref[1:]).startswith("differs (6 read vs 4; 0 missing, 2 not")
+    assert lp.resume_points(47, [0.1, 0.9]) == [5, 42] and lp.resume_points(3, [0.01, 0.99]) == [1, 2]
+
+
+@pytest.mark.slow
+def test_loader_peers_quick_run_measures_ours_and_resumes_it_exactly(tmp_path):
+    "`--quick` in this venv (the peers are an optional extra): ours measured and resumed exactly, missing peers skipped."
+    out = tmp_path / "peers.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_peers.py"), "--quick", "--workers", "0", "2",
+                          "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result) >= {"machine", "peers", "args", "throughput", "resume", "goals"}
+    assert result["machine"]["cpu"] and result["args"]["images"] == 128 and result["args"]["batch_size"] == 16
+    for name, dist in (("mosaicml-streaming", "streaming"), ("litdata", "litdata"), ("torchdata", "torchdata")):
+        if importlib.util.find_spec(dist) is None:     # absent here: reported, skipped, never fatal
+            assert result["peers"][name] == "not installed"
+            assert name == "torchdata" or result["throughput"]["0"][name]["status"].startswith("not installed")
+            assert f"not installed ({name})" in run.stdout
+    for workers in ("0", "2"):
+        rows = result["throughput"][workers]
+        assert set(rows) == {"ours", "ours-generic", "webdataset", "mosaicml-streaming", "litdata", "ImageFolder"}
+        for name in ("ours", "ours-generic", "ImageFolder"):
+            assert rows[name]["images"] == 128, (name, rows[name])          # a whole epoch: 8 batches of 16
+            assert rows[name]["images_per_s"] > 0 and rows[name]["cpu_ms_per_image"] > 0
+    ours = [r for r in result["resume"] if r["loader"] == "ours"]
+    assert sorted((r["workers"], r["at"], r["batch"]) for r in ours) == [(0, 0.1, 1), (0, 0.9, 7), (2, 0.1, 1), (2, 0.9, 7)]
+    for r in ours:
+        assert r["stream"] == "exact" and r["pixels_exact"] and r["batches"] == 8, r
+        assert 0 < r["first_batch_s"] < 60 and r["cold_first_batch_s"] > 0
+    goals = result["goals"]
+    assert set(goals) == {"ours_ahead_of_every_peer", "generic_at_least_peers", "ratios"}
+    assert "0/ImageFolder" in goals["ratios"] and "2/ImageFolder" in goals["ratios"]
+    assert "goal, ours ahead of every peer" in run.stdout and "first batch s" in run.stdout
