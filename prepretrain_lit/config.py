@@ -69,7 +69,7 @@ def seed_worker(worker_id: int, seed: int, rank: int = 0) -> None:
     torch.manual_seed(s)
 
 # %% ../nbs/00c_config.ipynb #46bfde97
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)   # the trainer checkpoints and exits 3 on these
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)   # the trainer checkpoints and exits 3 on these
 
 _MAIN_CATCHES_STOP = [False]   # True while a trainer catches STOP_SIGNALS (`catch_signals`); forked workers inherit it
 

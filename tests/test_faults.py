@@ -54,7 +54,8 @@ def train_cmd(shapes: Path, out: Path, steps: int, *extra: str) -> list[str]:
 # -- 4. a signal to the whole process group ----------------------------------------------------------------
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_checkpoints_exits_3_and_resumes_bit_identically(tmp_path, shapes):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])     # a cluster's stop; a terminal's Ctrl-C
+def test_a_stop_signal_to_the_process_group_checkpoints_exits_3_and_resumes_bit_identically(tmp_path, shapes, stop):
     steps = 40
     whole = subprocess.run(train_cmd(shapes, tmp_path / "whole", steps), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -62,9 +63,10 @@ def test_sigterm_to_the_process_group_checkpoints_exits_3_and_resumes_bit_identi
     proc = subprocess.Popen(train_cmd(shapes, run, steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)          # its own process group: the trainer and its 2 workers
     assert wait_for(lambda: (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3)
-    os.killpg(proc.pid, signal.SIGTERM)                      # as scancel, timeout and container stops do
+    os.killpg(proc.pid, getattr(signal, stop))               # as scancel, timeout, container stops and Ctrl-C do
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "Traceback" not in err and f"stopped by {stop} at step" in err.strip().splitlines()[-1]
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "preempted" and 0 < status["step"] < steps, status
     assert (run / "checkpoints" / f"step_{status['step']:08d}.pt").exists()   # at the step it stopped, not the last multiple of 10
