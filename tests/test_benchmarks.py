@@ -18,15 +18,16 @@ from prepretrain_lit.mae import mae_from_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("mae_throughput", ROOT / "benchmarks" / "mae_throughput.py")
+def load_script(name: str):
+    "benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["mae_throughput"] = module   # dataclasses look their module up by name
+    sys.modules[name] = module   # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
 
-mt = load_benchmark()
+mt = load_script("mae_throughput")
 TINY = ModelConfig(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0,
                    decoder_embed_dim=32, decoder_depth=3, decoder_num_heads=4)
 
@@ -164,16 +165,8 @@ def test_the_script_writes_the_rows_a_gpu_check_collects(tmp_path, capsys):
 
 # -- benchmarks/loader_peers.py: our loader against webdataset, mosaicml-streaming, litdata and ImageFolder ------
 
-def load_loader_peers():
-    spec = importlib.util.spec_from_file_location("loader_peers", ROOT / "benchmarks" / "loader_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["loader_peers"] = module      # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_loader_peers_tells_an_exact_resume_from_a_reordered_or_wrong_one():
-    lp = load_loader_peers()
+    lp = load_script("loader_peers")
     ref = [["a", "b"], ["c", "d"], ["e", "f"]]
     assert lp.verdict([["c", "d"], ["e", "f"]], ref[1:]) == "exact"
     assert lp.verdict([["d", "c"], ["e", "f"]], ref[1:]) == "same samples, other order"
