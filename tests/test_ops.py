@@ -62,7 +62,7 @@ def test_papermill_log_has_step_lines_and_status_reads_its_folder(tmp_path, proj
     rc, text, _ = cli("status", str(out_dir))                 # a stage notebook's out_dir, no stage.json
     assert rc == 0 and "no stage runs found" not in text
     row = text.splitlines()[1].split()
-    assert "complete" in row and "6/6" in row and row[-1] == "mae" and row[-2] == "ago", text
+    assert "complete" in row and "6/6" in row and row[-2:] == ["mae", "MAE"] and row[-3] == "ago", text   # kind, trunk
 
 
 # -- 2. status of train and evaluate folders, and the error of a failed one ------------------------------------------
@@ -81,7 +81,8 @@ def test_status_reads_train_evaluate_and_failed_folders(tmp_path):
     assert set(rows) == {"train_a", "train_b", "lowshot"}, text
     assert "complete" in rows["train_a"] and "4/4" in rows["train_a"] and f"{last_loss:.4f}" in rows["train_a"]
     assert re.search(r"\d+s ago", rows["train_a"])
-    assert "failed" in rows["train_b"] and "complete" in rows["lowshot"] and "evaluate" in rows["lowshot"]
+    assert "failed" in rows["train_b"] and "complete" in rows["lowshot"]
+    assert rows["lowshot"].split()[-1] == "lowshot"   # the kind its results.json records
     assert "train_b: RuntimeError: CUDA out of memory (the message of the run)" in text
     rc, text, _ = cli("status", str(tmp_path / "runs/train_a"))   # one run folder itself
     assert rc == 0 and "4/4" in text
