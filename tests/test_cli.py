@@ -1,6 +1,7 @@
 """The `prepretrain` console script: version, config show/presets, env, demo, and user errors without tracebacks."""
 import configparser
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -213,6 +214,9 @@ def tiny_form(command: str, tmp: Path, example: Path) -> list[str] | None:
         key, sep, value = arg.rpartition("=")
         return key + sep + (str(tmp / value.lstrip("/")) if value.startswith(("data/", "runs/", "/tmp/runs")) else value)
     args = [relocate(a) for a in shlex.split(command)[1:]]
+    if args[0] == "--stage-module":                                    # a global option: keep it, shrink the command
+        rest = tiny_form(shlex.join(["prepretrain", *args[2:]]), tmp, example)
+        return None if rest is None else args[:2] + rest
     if args[0] == "run":
         extra = ["--dry-run", "--out", str(tmp / "runs")]
         for name, stage in load_experiment(args[1]).stages.items():
@@ -231,6 +235,8 @@ def test_the_documented_commands_run(tmp_path, monkeypatch, capsys):
     "Every `prepretrain` command of README.md and experiments/README.md, in order, dry or tiny: rc 0 (2 where shown failing)."
     from prepretrain_lit._fixtures import example_runs
     monkeypatch.chdir(ROOT)
+    for var in ("PREPRETRAIN_STAGE_MODULES", "PYTHONPATH"):           # `--stage-module` sets them: undone at the end
+        monkeypatch.setenv(var, os.environ.get(var, ""))
     example = example_runs(tmp_path / "example")
     commands = documented_commands(ROOT / "README.md") + documented_commands(ROOT / "experiments" / "README.md")
     assert any("seed=[0]" in c for c, _ in commands) and any(c.startswith("prepretrain train") for c, _ in commands)
