@@ -303,7 +303,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class SimMIMConfig:
+class GrownConfig:
     "A section a later version adds: its defaults reproduce what the code did before it existed."
     weight: float = 1.0
 
@@ -312,11 +312,11 @@ class SimMIMConfig:
 
 @dataclass
 class GrownRunConfig(RunConfig):
-    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
+    grown: GrownConfig = field(default_factory=GrownConfig)
 
 
 def grow_schema(monkeypatch):
-    "Make every config this process loads a `GrownRunConfig`, as if the schema had gained the `simmim` section."
+    "Make every config this process loads a `GrownRunConfig`, as if the schema had gained the `grown` section."
     from prepretrain_lit import presets
     monkeypatch.setattr(presets, "RunConfig", GrownRunConfig)
 
@@ -336,10 +336,10 @@ def test_a_new_section_with_defaults_leaves_every_shipped_configs_identity_uncha
     assert {k: config_hash(c) for k, c in after.items()} == hashes
     for k, c in after.items():
         assert config_identity(c) == config_identity(before[k]) and run_changes(config_to_dict(before[k]), c) == [], k
-    moved = merge(after[("tiny", "mae")], {"simmim": {"weight": 2.0}})      # off its default: another run
+    moved = merge(after[("tiny", "mae")], {"grown": {"weight": 2.0}})      # off its default: another run
     assert config_hash(moved) != hashes[("tiny", "mae")]
     assert run_changes(config_to_dict(before[("tiny", "mae")]), moved) == [
-        "simmim.weight: (absent: the run predates the key, so it ran as its default 1.0) -> 2.0"]
+        "grown.weight: (absent: the run predates the key, so it ran as its default 1.0) -> 2.0"]
     old_file = save_config(before[("tiny", "mae")], tmp_path / "config.yaml")   # written before the section existed
     assert load_config(old_file) == after[("tiny", "mae")]                     # loads, the section at its defaults
 

@@ -426,7 +426,7 @@ def test_train_splitmask_resume_into_a_finished_mae_folder_is_refused_and_change
 
 
 @dataclasses.dataclass
-class SimMIMConfig:
+class GrownConfig:
     "A section a later version adds, with defaults that do what the code did before it."
     weight: float = 1.0
 
@@ -437,7 +437,7 @@ def grown_schema():
     from prepretrain_lit.config import RunConfig
     @dataclasses.dataclass
     class GrownRunConfig(RunConfig):
-        simmim: SimMIMConfig = dataclasses.field(default_factory=SimMIMConfig)
+        grown: GrownConfig = dataclasses.field(default_factory=GrownConfig)
     return GrownRunConfig
 
 
@@ -466,12 +466,12 @@ def test_a_run_folder_from_before_the_schema_grew_resumes_extends_and_shows_its_
     assert train("mae", staged("mae"), run, progress=False)["step"] == 2   # resumes: the run is complete
     assert (run / "config.yaml").read_bytes() == saved                     # the code of its time still reads it
     assert train("mae", staged("mae", "train.steps=4"), run, extend=True, progress=False)["step"] == 4
-    assert steps_logged(run) == [1, 2, 3, 4] and "simmim" not in yaml.safe_load((run / "config.yaml").read_text())
+    assert steps_logged(run) == [1, 2, 3, 4] and "grown" not in yaml.safe_load((run / "config.yaml").read_text())
     row, = status_rows(run)
     assert (row["state"], row["step"]) == ("complete", 4), row
     before = folder_bytes(run)
-    with pytest.raises(ConfigError, match=r"simmim\.weight: \(absent.*1\.0\) -> 2\.0"):   # the new key off its default
-        train("mae", staged("mae", "train.steps=4", "simmim.weight=2"), run, progress=False)
+    with pytest.raises(ConfigError, match=r"grown\.weight: \(absent.*1\.0\) -> 2\.0"):   # the new key off its default
+        train("mae", staged("mae", "train.steps=4", "grown.weight=2"), run, progress=False)
     assert folder_bytes(run) == before
 
 
