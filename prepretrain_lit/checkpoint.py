@@ -5,11 +5,12 @@
 # %% auto #0
 __all__ = ['CKPT', 'SHARD_SUMS', 'TEMPORARY', 'EXIT_PREEMPTED', 'EXTEND_ENV', 'EXTENSIONS', 'checkpoint_path',
            'complete_checkpoints', 'rng_state', 'set_rng_state', 'CheckpointIOError', 'io_error', 'HashingWriter',
-           'save_file_atomic', 'remove_checkpoint', 'remove_stale_temporaries', 'write_status', 'read_status',
-           'Preempted', 'catch_signals', 'requeues_on', 'request_requeue', 'with_steps', 'extension_records',
-           'run_hashes', 'extended_from', 'refuse_longer_without_extend', 'plan_extension', 'record_extension',
-           'extend_run', 'checkpoint_record', 'another_world_size', 'check_before_writing', 'is_terminal',
-           'format_duration', 'StepClock', 'progress_line', 'resume_message']
+           'save_file_atomic', 'remove_checkpoint', 'remove_stale_temporaries', 'stage_state', 'prune_checkpoints',
+           'CheckpointWriter', 'write_status', 'read_status', 'Preempted', 'catch_signals', 'requeues_on',
+           'request_requeue', 'with_steps', 'extension_records', 'run_hashes', 'extended_from',
+           'refuse_longer_without_extend', 'plan_extension', 'record_extension', 'extend_run', 'checkpoint_record',
+           'another_world_size', 'check_before_writing', 'is_terminal', 'format_duration', 'StepClock', 'progress_line',
+           'resume_message']
 
 # %% ../nbs/06b_checkpoint.ipynb #84ceb924
 import contextlib
@@ -122,6 +123,84 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
             elif p.name.endswith(".sha256") and not p.with_name(p.name[:-len(".sha256")]).exists():
                 p.unlink(missing_ok=True)        # its checkpoint was pruned or deleted, or its writer died before the rename
     return gone
+
+# %% ../nbs/06b_checkpoint.ipynb #66fd6327
+import copy
+import threading
+
+from .distributed import agree
+
+def _stage(obj: Any, into: Any) -> Any:
+    if torch.is_tensor(obj):
+        src = obj.detach()
+        if (torch.is_tensor(into) and into.shape == src.shape and into.dtype == src.dtype and into.layout == src.layout
+                and into.stride() == src.stride()):
+            return into.copy_(src, non_blocking=src.is_cuda)          # the previous save's buffer: no allocation
+        if src.device.type == "cpu": return src.clone()
+        return torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, pin_memory=True).copy_(src, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _stage(v, into.get(k) if isinstance(into, dict) else None) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        olds = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        out = [_stage(v, o) for v, o in zip(obj, olds)]
+        return out if isinstance(obj, list) else tuple(out)
+    return copy.deepcopy(obj)
+
+def stage_state(state: Any, into: Any = None) -> Any:
+    """A copy of `state` (nested dicts, lists and tuples of tensors and plain values) that owns its memory: CPU tensors
+    (pinned for a GPU's), plain values deep-copied. `into`, an earlier copy of the same structure, lends its buffers
+    where shape, dtype and strides fit."""
+    staged = _stage(state, into)
+    if torch.cuda.is_available() and torch.cuda.is_initialized(): torch.cuda.synchronize()   # the non-blocking copies landed
+    return staged
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    "Delete all but the `keep` newest complete checkpoints in `folder`."
+    for _, old in complete_checkpoints(folder)[:-keep]: remove_checkpoint(old)
+
+class CheckpointWriter:
+    """Rank 0's checkpoint files, written by `save_file_atomic` then pruned to the `keep` newest: in the caller, or
+    (`asynchronous`) from a staging copy by one background thread, one checkpoint at a time. A context manager: its
+    exit waits for the checkpoint in flight, however the block is left."""
+    def __init__(self, asynchronous: bool = True):
+        self.asynchronous, self.thread, self.error, self.staged = asynchronous, None, None, None
+
+    def write(self, state: dict, path: Path, keep: int) -> None:
+        "Save `state` to `path` and prune; asynchronously, return once `state` is staged (the previous save landed)."
+        self.wait()                                  # one save in flight: the previous one is on disk (or raises) first
+        if not self.asynchronous:
+            save_file_atomic(state, path); prune_checkpoints(path.parent, keep)
+            return
+        self.staged = stage_state(state, self.staged)
+        self.thread = threading.Thread(target=self._write, args=(self.staged, path, keep), name=f"writing {path.name}")
+        self.thread.start()                          # not a daemon: the interpreter's exit waits for it too
+
+    def _write(self, staged: dict, path: Path, keep: int) -> None:
+        try: save_file_atomic(staged, path); prune_checkpoints(path.parent, keep)
+        except BaseException as e: self.error = e
+
+    def wait(self) -> None:
+        "Block until the checkpoint in flight is on disk; raise the error its writing met (`CheckpointIOError`)."
+        if self.thread is not None: self.thread.join()
+        self.thread, error, self.error = None, self.error, None
+        if error is not None: raise error
+
+    def settle(self, info) -> None:
+        "`wait` on rank 0, every rank raising its error (`agree`: call it on every rank, at the same point)."
+        error = None
+        if info.is_main:
+            try: self.wait()
+            except UserError as e: error = e
+        agree(error, "writing the last checkpoint", info)
+
+    def __enter__(self) -> "CheckpointWriter": return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        try: self.wait()
+        except Exception as e:
+            if exc is None: raise
+            warnings.warn(f"the checkpoint in flight when the run stopped was not written: {e}")
+        return False
 
 # %% ../nbs/06b_checkpoint.ipynb #c9f32338
 EXIT_PREEMPTED = 3

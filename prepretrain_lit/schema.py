@@ -156,6 +156,7 @@ class TrainConfig:
     activation_checkpointing: bool = False    # recompute block activations in backward (2B, 6.5B trunks)
     checkpoint_every: int = 500     # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2       # newest checkpoints kept on disk
+    async_checkpoint: bool = True   # write checkpoints from a CPU copy in a background thread (the loop waits for the copy only)
     log_every: int = 10             # steps between metric lines (and NaN / preemption checks)
     tensorboard: bool = False       # also write TensorBoard events (needs the tensorboard package)
 

@@ -156,6 +156,7 @@ class Trainer:
             self.tb = SummaryWriter(str(self.out / "tensorboard")) if self.info.is_main else None
         else: self.tb = None
         self.ckpt_dir = self.out / "checkpoints"
+        self.writer = CheckpointWriter(t.async_checkpoint)    # rank 0's files: in the background, or not
         if self.info.is_main and (record := self.out / "provenance.json").is_file():   # what 'auto' chose on this hardware
             atomic_write_text(record, json.dumps({**json.loads(record.read_text()), "resolved": {
                 "precision": self.precision, "compile": self.compile, "attention": self.attention}}, indent=2) + "\n")
@@ -222,12 +223,11 @@ class Trainer:
         else:
             error = None
             if self.info.is_main:
-                try: save_file_atomic({"model": self.objective.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                                       **extra}, path)
+                try: self.writer.write({"model": self.objective.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                        **extra}, path, self.cfg.train.keep_checkpoints)   # the previous one landed first
                 except UserError as e: error = e
             agree(error, f"writing checkpoint {path}", self.info)     # rank 0 failed: every rank stops, none waits
-        if self.info.is_main:
-            for _, old in complete_checkpoints(self.ckpt_dir)[:-self.cfg.train.keep_checkpoints]: remove_checkpoint(old)
+        if self.info.is_main and self.sharded: prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         return path
 
     def _my_share(self, folder: Path) -> list[Path]:
@@ -407,7 +407,7 @@ class Trainer:
         first_step_s, untimed = None, 0     # this process's first step (with train.compile: the compilation), timed apart
         self.last_finite = self.step = start
         self.model.train()
-        with catch_signals() as signals:
+        with catch_signals() as signals, self.writer:     # its exit: the checkpoint in flight is on disk
             while step < t.steps:
                 loss_t, logs_t = self.train_step(batches, step)
                 losses.append(loss_t); parts.append(logs_t)
@@ -447,11 +447,13 @@ class Trainer:
                 if at_ckpt or stop: self.save(step, counters)
                 if stop:
                     bar.close()
+                    self.writer.settle(self.info)          # "checkpoint saved" only once it is
                     signum = signals[0] if signals else signal.SIGTERM
                     self._status("preempted", step, f"stopped by {signal.Signals(signum).name}; checkpoint saved, rerun the "
                                  "same command to resume", signal=signal.Signals(signum).name)
                     if requeues_on(signum) and self.info.is_main: request_requeue()
                     raise Preempted(step, signum)
+            self.writer.settle(self.info)              # the last checkpoint is on disk before the run says complete
         bar.close()
         if self.info.is_main and self.tb is not None: self.tb.close()
         self.export_model()

@@ -1,0 +1,178 @@
+"""Asynchronous checkpoints (issue 35): the same files and the same exact resume as synchronous ones; a writer killed
+mid-file leaves the previous checkpoint the one that loads; a run never ends (normally, on a stop signal, on an
+error) before its last checkpoint is on disk; one save in flight at a time."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prepretrain_lit import checkpoint as C
+from prepretrain_lit.config import load_config
+from prepretrain_lit.trainer import (Preempted, SyntheticImages, complete_checkpoints, train, verify_checkpoint_file)
+
+TINY = ["data.dataset=synthetic", "model.depth=2", "model.decoder_depth=1", "train.log_every=1"]
+
+
+def tiny(*overrides: str):
+    return load_config(preset="tiny", overrides=[*TINY, *overrides])
+
+
+def weights(run: Path) -> dict:
+    return torch.load(run / "model.pt", weights_only=True)["model"]
+
+
+def steps_logged(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for(predicate, timeout=120.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate(): return True
+        time.sleep(0.02)
+    return False
+
+
+def assert_same(a, b, where=""):
+    "Equal nested checkpoint contents: tensors bit for bit, everything else by value."
+    if torch.is_tensor(a): assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a: assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)): assert_same(x, y, f"{where}[{i}]")
+    else: assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def synchronous(tmp_path_factory) -> Path:
+    "The uninterrupted run, written synchronously: 6 steps, a checkpoint every 2, all kept."
+    out = tmp_path_factory.mktemp("sync")
+    train("mae", tiny("train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=10",
+                      "train.async_checkpoint=false"), out, progress=False)
+    return out
+
+
+def test_async_writes_the_synchronous_checkpoints_and_resumes_exactly(tmp_path, synchronous, capsys):
+    run = tmp_path / "async"
+    train("mae", tiny("train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=10"), run, progress=False)
+    found = complete_checkpoints(run / "checkpoints")
+    assert [s for s, _ in found] == [2, 4, 6]
+    for step, path in found:
+        assert verify_checkpoint_file(path) is None                   # sidecar written and matching
+        assert_same(torch.load(synchronous / "checkpoints" / path.name, weights_only=True),
+                    torch.load(path, weights_only=True), path.name)   # model, optimizer, rng, data, schedule
+    # exact resume is unchanged: from step 4 of the asynchronous run to the synchronous run's end, bit for bit
+    C.remove_checkpoint(found[-1][1]); (run / "model.pt").unlink()
+    capsys.readouterr()
+    train("mae", tiny("train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=10"), run, progress=False)
+    assert "resumed from step 4 of 6" in capsys.readouterr().out
+    assert steps_logged(run) == list(range(1, 7))
+    a, b = weights(synchronous), weights(run)
+    for name in a: assert torch.equal(a[name], b[name]), name
+
+
+KILLED_MID_WRITE = """
+import sys, threading
+from pathlib import Path
+from prepretrain_lit import checkpoint as C
+from prepretrain_lit.config import load_config
+from prepretrain_lit.trainer import train
+marker, real = Path(sys.argv[1]), C.HashingWriter.write
+def write(self, b):                              # step 4's checkpoint: stuck after its first bytes, until SIGKILL
+    n = real(self, b)
+    if "step_00000004.pt" in self.f.name:
+        self.f.flush(); marker.touch(); threading.Event().wait()
+    return n
+C.HashingWriter.write = write
+train("mae", load_config(preset="tiny", overrides=sys.argv[3:]), sys.argv[2], progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_in_the_middle_of_an_async_save_leaves_the_previous_checkpoint_the_one_that_loads(
+        tmp_path, synchronous, capsys):
+    run, marker = tmp_path / "run", tmp_path / "writing"
+    sets = [*TINY, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=1"]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(marker), str(run), *sets],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # the loop trained on to step 6 while step 4 was being written (asynchronous), then waited for it there
+        assert wait_for(lambda: marker.exists() and (run / "metrics.jsonl").exists() and 6 in steps_logged(run), 90), \
+            "training did not go on while the checkpoint was written"
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [2], names   # kept: step 4 never landed
+    assert any(n.startswith("step_00000004.pt.tmp-") for n in names), names        # half a file, under a temporary name
+    assert not any("00000006" in n for n in names), names                          # one save in flight: 6 waited for 4
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="removed .*step_00000004.pt.tmp-"):
+        train("mae", tiny("train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=1"), run, progress=False)
+    assert "resumed from step 2 of 6" in capsys.readouterr().out
+    assert steps_logged(run) == list(range(1, 7))
+    a, b = weights(synchronous), weights(run)
+    for name in a: assert torch.equal(a[name], b[name]), name
+
+
+class FailingImages(SyntheticImages):
+    "Synthetic images whose reader breaks at the third batch (a lost disk)."
+    def batches(self, start: int = 0):
+        for i, batch in enumerate(super().batches(start)):
+            if i == 2: raise RuntimeError("the image disk is gone")
+            yield batch
+
+
+def failing_images(cfg, info, out):
+    return FailingImages(cfg.data.batch_size, cfg.model.img_size, cfg.model.num_patches, cfg.seed)
+
+
+@pytest.mark.parametrize("ending", ["normal", "SIGTERM", "SIGINT", "error"])
+def test_a_run_never_ends_before_its_last_save_is_on_disk(tmp_path, monkeypatch, ending):
+    """Each checkpoint's write is held until someone waits for that checkpoint: a run that returned (or raised)
+    without waiting would leave its last checkpoint unwritten, and the assertions below would find it missing."""
+    gates, lock = {}, threading.Lock()
+    def gate(name: str) -> threading.Event:
+        with lock: return gates.setdefault(name, threading.Event())
+    real_save, real_wait = C.save_file_atomic, C.CheckpointWriter.wait
+    def held(obj, path, checksum=True):
+        if ending.startswith("SIG") and path.name == "step_00000002.pt":
+            os.kill(os.getpid(), getattr(signal, ending))     # a stop signal arrives while step 2 is written
+        gate(path.name).wait(60)
+        return real_save(obj, path, checksum)
+    def waiting(self):
+        if self.thread is not None: gate(self.thread.name.removeprefix("writing ")).set()
+        return real_wait(self)
+    monkeypatch.setattr(C, "save_file_atomic", held)
+    monkeypatch.setattr(C.CheckpointWriter, "wait", waiting)
+    cfg = tiny("train.steps=8", "train.checkpoint_every=2")
+    try:
+        if ending == "normal":
+            train("mae", cfg, tmp_path, progress=False)
+            last = 8
+        elif ending == "error":
+            with pytest.raises(RuntimeError, match="image disk is gone"):
+                train("mae", cfg, tmp_path, progress=False, data=failing_images)
+            last = 2
+        else:
+            with pytest.raises(Preempted) as stopped:
+                train("mae", cfg, tmp_path, progress=False)
+            last = stopped.value.step
+            assert 2 < last < 8                                  # it stopped at the step after the signal
+        found = complete_checkpoints(tmp_path / "checkpoints")
+        assert found and found[-1][0] == last, found             # on disk when train returned or raised
+        assert verify_checkpoint_file(found[-1][1]) is None
+        status = json.loads((tmp_path / "status.json").read_text())
+        assert status["state"] == {"normal": "complete", "error": "failed"}.get(ending, "preempted"), status
+    finally:
+        for g in list(gates.values()): g.set()                   # a failing run's writer is not left waiting
