@@ -300,3 +300,43 @@ def test_loader_reexports_every_public_name_of_the_loader_chapters():
     for chapter in (stream, decode):
         for name in chapter.__all__:
             assert name in loader.__all__ and getattr(loader, name) is getattr(chapter, name), (chapter.__name__, name)
+
+
+# -- the bad-sample budget: a statistical rule while reading, an exact one at the end of an epoch ------------
+
+def simulated_stops(rate: float, streams: int, samples: int = 20_000, batch: int = 16, limit: float = 0.01,
+                    seed: int = 0) -> np.ndarray:
+    "Samples read when `check_skip_fraction` stopped each of `streams` simulated streams with `rate` bad (inf: never)."
+    from prepretrain_lit.loader import check_skip_fraction
+    rng = np.random.default_rng(seed)
+    stops = np.full(streams, np.inf)
+    for s in range(streams):
+        bad = np.cumsum(rng.binomial(batch, rate, samples // batch))
+        for i, k in enumerate(bad):
+            n = (i + 1) * batch
+            try: check_skip_fraction(n - int(k), int(k), limit, 200)
+            except DataQualityError:
+                stops[s] = n
+                break
+    return stops
+
+
+def test_a_corpus_within_its_bad_sample_limit_is_never_stopped_and_one_far_over_it_is_stopped_early():
+    within = simulated_stops(0.008, streams=60)                # 0.8% bad, limit 1%: many seeds, never stopped
+    assert np.isinf(within).all(), within[np.isfinite(within)]
+    over = simulated_stops(0.05, streams=60, samples=2000)     # 5% bad: stopped every time, early
+    assert np.isfinite(over).all() and over.max() <= 1000, over
+
+
+def test_an_epoch_just_over_the_limit_is_stopped_when_it_ends(tmp_path):
+    """6 bad of 400 (1.5%, limit 1%) is no clear excess while reading (p ~ 0.2), so no running look stops it; the
+    exact verdict at the end of the epoch does."""
+    path = jpeg_corpus(tmp_path, 400, bad={7, 70, 150, 222, 301, 388})
+    stream = ShardStream(path, eval_transform(8), shuffle_buffer=16, max_skip_fraction=0.01)
+    loader = StreamLoader(stream, batch_size=10, drop_last=False)
+    read = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataQualityError, match=r"6 of 400 samples .* over the whole of epoch 0"):
+            for batch in loader: read += batch["key"]
+    assert len(read) == 394                                   # every good sample was handed out before the verdict
