@@ -130,28 +130,40 @@ import threading
 
 from .distributed import agree
 
-def _stage(obj: Any, into: Any) -> Any:
+def _fits(buffer: Any, src: torch.Tensor) -> bool:
+    "Whether `buffer` (an earlier staging copy) can take `src`'s values."
+    return (torch.is_tensor(buffer) and buffer.shape == src.shape and buffer.dtype == src.dtype
+            and buffer.layout == src.layout and buffer.stride() == src.stride())
+
+def _stage(obj: Any, into: Any, later: tuple[set, list] | None = None) -> Any:
     if torch.is_tensor(obj):
         src = obj.detach()
-        if (torch.is_tensor(into) and into.shape == src.shape and into.dtype == src.dtype and into.layout == src.layout
-                and into.stride() == src.stride()):
-            return into.copy_(src, non_blocking=src.is_cuda)          # the previous save's buffer: no allocation
+        if later is not None and src.data_ptr() in later[0]:        # only an optimizer step changes it: copy it later
+            dst = into if _fits(into, src) else torch.empty_strided(src.shape, src.stride(), dtype=src.dtype,
+                                                                     pin_memory=src.is_cuda)
+            later[1].append((dst, src))
+            return dst
+        if _fits(into, src): return into.copy_(src, non_blocking=src.is_cuda)   # the previous save's buffer
         if src.device.type == "cpu": return src.clone()
         return torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, pin_memory=True).copy_(src, non_blocking=True)
     if isinstance(obj, dict):
-        return {k: _stage(v, into.get(k) if isinstance(into, dict) else None) for k, v in obj.items()}
+        return {k: _stage(v, into.get(k) if isinstance(into, dict) else None, later) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         olds = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
-        out = [_stage(v, o) for v, o in zip(obj, olds)]
+        out = [_stage(v, o, later) for v, o in zip(obj, olds)]
         return out if isinstance(obj, list) else tuple(out)
     return copy.deepcopy(obj)
+
+def _synchronize(tensors) -> None:
+    "Wait for the non-blocking copies from every GPU among `tensors`."
+    for device in {t.device for t in tensors if t.is_cuda}: torch.cuda.synchronize(device)
 
 def stage_state(state: Any, into: Any = None) -> Any:
     """A copy of `state` (nested dicts, lists and tuples of tensors and plain values) that owns its memory: CPU tensors
     (pinned for a GPU's), plain values deep-copied. `into`, an earlier copy of the same structure, lends its buffers
     where shape, dtype and strides fit."""
     staged = _stage(state, into)
-    if torch.cuda.is_available() and torch.cuda.is_initialized(): torch.cuda.synchronize()   # the non-blocking copies landed
+    if torch.cuda.is_available() and torch.cuda.is_initialized(): torch.cuda.synchronize()
     return staged
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
@@ -160,23 +172,49 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
 
 class CheckpointWriter:
     """Rank 0's checkpoint files, written by `save_file_atomic` then pruned to the `keep` newest: in the caller, or
-    (`asynchronous`) from a staging copy by one background thread, one checkpoint at a time. A context manager: its
-    exit waits for the checkpoint in flight, however the block is left."""
-    def __init__(self, asynchronous: bool = True):
-        self.asynchronous, self.thread, self.error, self.staged = asynchronous, None, None, None
+    (`asynchronous`) from a staging copy by one background thread, one checkpoint at a time. Given the `optimizer`
+    (and the `model`), the copies of the parameters and the optimizer's state are made by that thread too, and the
+    optimizer's next step waits for them (a step pre-hook): nothing else changes them. A context manager: its exit
+    waits for the checkpoint in flight, however the block is left."""
+    def __init__(self, asynchronous: bool = True, optimizer: torch.optim.Optimizer | None = None,
+                 model: torch.nn.Module | None = None):
+        self.asynchronous, self.optimizer, self.model = asynchronous, optimizer, model
+        self.thread, self.error, self.staged = None, None, None
+        self.copied = threading.Event(); self.copied.set()         # the staging copy of the save in flight is done
+        self.held_s = 0.0               # seconds optimizer steps waited for a staging copy: the loop's share of it
+        if asynchronous and optimizer is not None: optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if self.copied.is_set(): return
+        tic = time.perf_counter(); self.copied.wait(); self.held_s += time.perf_counter() - tic
+
+    def _later(self) -> set[int]:
+        "The storages only an optimizer step changes: its parameters and state, and the model's (frozen ones included)."
+        if self.optimizer is None: return set()
+        ptrs = {p.data_ptr() for group in self.optimizer.param_groups for p in group["params"]}
+        ptrs |= {v.data_ptr() for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)}
+        return ptrs | ({p.data_ptr() for p in self.model.parameters()} if self.model is not None else set())
 
     def write(self, state: dict, path: Path, keep: int) -> None:
-        "Save `state` to `path` and prune; asynchronously, return once `state` is staged (the previous save landed)."
+        "Save `state` to `path` and prune; asynchronously, return once the rest of `state` (buffers, plain values) is staged."
         self.wait()                                  # one save in flight: the previous one is on disk (or raises) first
         if not self.asynchronous:
             save_file_atomic(state, path); prune_checkpoints(path.parent, keep)
             return
-        self.staged = stage_state(state, self.staged)
-        self.thread = threading.Thread(target=self._write, args=(self.staged, path, keep), name=f"writing {path.name}")
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.staged = _stage(state, self.staged, (self._later(), copies))
+        if torch.cuda.is_available() and torch.cuda.is_initialized(): torch.cuda.current_stream().synchronize()  # buffers
+        self.copied.clear()
+        self.thread = threading.Thread(target=self._write, args=(self.staged, copies, path, keep), name=f"writing {path.name}")
         self.thread.start()                          # not a daemon: the interpreter's exit waits for it too
 
-    def _write(self, staged: dict, path: Path, keep: int) -> None:
-        try: save_file_atomic(staged, path); prune_checkpoints(path.parent, keep)
+    def _write(self, staged: dict, copies: list, path: Path, keep: int) -> None:
+        try:
+            try:
+                for dst, src in copies: dst.copy_(src, non_blocking=src.is_cuda)
+                _synchronize(src for _, src in copies)
+            finally: self.copied.set()
+            save_file_atomic(staged, path); prune_checkpoints(path.parent, keep)
         except BaseException as e: self.error = e
 
     def wait(self) -> None:
@@ -387,6 +425,9 @@ def check_before_writing(stage: str, cfg: RunConfig, out: Path, extend: bool = F
     saved = newest.get("world_size")
     if None not in (saved, world_size) and saved != world_size and (newest.get("data") or {}).get("stream") is None:
         raise another_world_size(found[-1][1], saved, world_size)
+    if identity := (newest.get("data") or {}).get("identity"):       # the data it was written over: the same now?
+        from prepretrain_lit.loader import check_same_data, load_manifest, resolve_manifest
+        check_same_data(identity, load_manifest(resolve_manifest(cfg.data.dataset)), cfg.data.subset, found[-1][1])
     return extension
 
 # %% ../nbs/06b_checkpoint.ipynb #f0110a02

@@ -156,7 +156,7 @@ class Trainer:
             self.tb = SummaryWriter(str(self.out / "tensorboard")) if self.info.is_main else None
         else: self.tb = None
         self.ckpt_dir = self.out / "checkpoints"
-        self.writer = CheckpointWriter(t.async_checkpoint)    # rank 0's files: in the background, or not
+        self.writer = CheckpointWriter(t.async_checkpoint, self.optimizer, self.objective)   # rank 0's files, in the background
         if self.info.is_main and (record := self.out / "provenance.json").is_file():   # what 'auto' chose on this hardware
             atomic_write_text(record, json.dumps({**json.loads(record.read_text()), "resolved": {
                 "precision": self.precision, "compile": self.compile, "attention": self.attention}}, indent=2) + "\n")

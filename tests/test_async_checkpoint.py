@@ -176,3 +176,26 @@ def test_a_run_never_ends_before_its_last_save_is_on_disk(tmp_path, monkeypatch,
         assert status["state"] == {"normal": "complete", "error": "failed"}.get(ending, "preempted"), status
     finally:
         for g in list(gates.values()): g.set()                   # a failing run's writer is not left waiting
+
+
+def test_the_next_optimizer_step_waits_for_the_background_copy(tmp_path, monkeypatch):
+    """The thread copies the parameters and moments; the copy starts late here (a busy machine), and the optimizer
+    step called meanwhile must wait for it, or the checkpoint would hold the weights after that step."""
+    net = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.randn(2, 8)).sum().backward(); opt.step()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    moments = opt.state[net.weight]["exp_avg"].clone()
+    late, real_write = threading.Event(), C.CheckpointWriter._write
+    def delayed(self, *args):
+        late.wait(); real_write(self, *args)
+    monkeypatch.setattr(C.CheckpointWriter, "_write", delayed)
+    writer = C.CheckpointWriter(True, opt, net)
+    writer.write({"model": net.state_dict(), "optimizer": opt.state_dict()}, C.checkpoint_path(tmp_path, 1), keep=1)
+    threading.Timer(0.3, late.set).start()          # the thread gets the CPU only in 0.3 s
+    opt.step()                                       # waits for the copy (held_s), then changes every tensor
+    writer.wait()
+    saved = torch.load(C.checkpoint_path(tmp_path, 1), weights_only=True)
+    for k in before: assert torch.equal(saved["model"][k], before[k]), k
+    assert torch.equal(saved["optimizer"]["state"][0]["exp_avg"], moments)
+    assert not torch.equal(net.weight.detach(), before["weight"]) and writer.held_s > 0
