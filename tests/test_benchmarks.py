@@ -205,3 +205,18 @@ def test_loader_peers_quick_run_measures_ours_and_resumes_it_exactly(tmp_path):
     assert set(goals) == {"ours_ahead_of_every_peer", "generic_at_least_peers", "ratios"}
     assert "0/ImageFolder" in goals["ratios"] and "2/ImageFolder" in goals["ratios"]
     assert "goal, ours ahead of every peer" in run.stdout and "first batch s" in run.stdout
+
+
+def test_checkpoint_async_tiny_run_times_both_saves_and_the_background_write(tmp_path):
+    "`--preset tiny`: the synchronous save, the asynchronous one's blocking (cold, warm) and its background write."
+    out = tmp_path / "ckpt.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "checkpoint_async.py"), "--preset", "tiny",
+                          "--rounds", "2", "--dir", str(tmp_path), "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["preset"] == "tiny" and row["rounds"] == 2 and row["cpu"] and row["checkpoint_gb"] > 0
+    for key in ("sync_s", "async_blocking_warm_s", "async_blocking_cold_s", "async_background_s"): assert row[key] > 0, key
+    assert row["blocking_share"] == pytest.approx(row["async_blocking_warm_s"] / row["sync_s"])
+    assert "asynchronous, warm" in run.stdout and "of the synchronous save (goal <= 10%" in run.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.json"]        # its checkpoints went with its temporary folder
