@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/gpu_check.py tiny --objective mae --precision bf16 [--compile] [--device cpu]
     .venv/bin/python benchmarks/gpu_check.py fsdp [--device cpu]       # one rank: dtypes, DCP round trip, model.pt
     .venv/bin/python benchmarks/gpu_check.py lit-fsdp [--device cpu]
+    .venv/bin/python benchmarks/gpu_check.py parallel [--device cpu --backend aot_eager]   # per-block compile, FSDP2, AC
     .venv/bin/python benchmarks/gpu_check.py throughput --model vit_b16 [--compile] -- LOG   # parses mae_throughput.py
     .venv/bin/python benchmarks/gpu_check.py loader [--device cpu]
     .venv/bin/python benchmarks/gpu_check.py report RESULTS.jsonl --json OUT.json
@@ -12,7 +13,10 @@
 trainer checkpoints and raises `Preempted`) and resumed; the two final models must match. `fsdp` is a one-rank FSDP2
 step on NCCL (gloo with `--device cpu`) with this package's bf16 policy, printing the dtypes of the batch, the
 targets, the layers' outputs, the loss and the sharded gradients; then a torch.distributed.checkpoint save and load and
-a full `model.pt` export reloaded into an unsharded model. Run the whole check with `bash benchmarks/gpu_check.sh`.
+a full `model.pt` export reloaded into an unsharded model. `parallel` runs the trainer's `parallelize` on one rank
+(FSDP2, bf16): the MAE eager, then compiled per block with activation checkpointing none, full and selective; the
+compiled losses must follow the eager ones, and on a GPU the peak memory must not rise from none to selective and must fall to full.
+Run the whole check with `bash benchmarks/gpu_check.sh`.
 """
 import argparse
 import contextlib
@@ -225,6 +229,60 @@ def part_lit_fsdp(args) -> None:
     emit("lit-fsdp", name="LiT under FSDP2", ok=bool(ok), losses=losses)
 
 
+# -- per-block compile under FSDP2, and the three activation-checkpointing modes -------------------------------------
+
+def part_parallel(args) -> None:
+    """One rank, FSDP2 through `parallelize` (as the trainer): the same MAE and batch eager, then compiled per block with
+    checkpointing none, full, selective. Losses of every step (2 micro-batches each), compile seconds apart from the
+    median step time after the first, and on a GPU the peak memory of each."""
+    from prepretrain_lit.config import load_config
+    from prepretrain_lit.distributed import DistInfo, compile_seconds, parallelize
+    from prepretrain_lit.trainer import SyntheticImages, build_optimizer, mae_objective
+    device = device_of(args.device)
+    cuda = device.type == "cuda"
+    cfg = load_config(preset=args.preset, overrides=[*(TINY if args.preset == "tiny" else ["data.dataset=synthetic"]),
+                                                     f"data.batch_size={args.batch}"])
+    m = cfg.model
+    batch = {k: v.to(device) for k, v in next(SyntheticImages(args.batch, m.img_size, m.num_patches).batches(0)).items()}
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    runs = {}
+    with one_rank_group(device):
+        for label, mode, compiled in (("eager", "none", False), ("none", "none", True), ("full", "full", True),
+                                      ("selective", "selective", True)):
+            torch.manual_seed(0)
+            objective = mae_objective(cfg)
+            model = parallelize(objective, DistInfo(device=device), "fsdp", args.precision, mode, compiled, args.backend)
+            optimizer = build_optimizer(objective, cfg, 1e-4, device)
+            if cuda: torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device)
+            before, losses, times = compile_seconds(), [], []
+            for _ in range(args.steps):
+                tic = time.perf_counter()
+                for micro in range(2):
+                    objective.set_requires_gradient_sync(micro == 1)
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        loss, _ = model(batch)
+                    (loss / 2).backward()
+                    if micro == 0: losses.append(loss.item())
+                optimizer.step(); optimizer.zero_grad(set_to_none=True)
+                if cuda: torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - tic)
+            later = sorted(times[1:]) or times
+            runs[label] = {"losses": losses, "compile_s": round(compile_seconds() - before, 2),
+                           "first_step_s": round(times[0], 3), "step_s": round(later[len(later) // 2], 4),
+                           "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3) if cuda else None}
+            print(f"{label:>10}: losses {', '.join(f'{x:.4f}' for x in losses)}; compile {runs[label]['compile_s']} s, "
+                  f"first step {runs[label]['first_step_s']} s, then {runs[label]['step_s']} s/step; peak {runs[label]['peak_gib']} GiB")
+            del model, objective, optimizer
+    eager = runs["eager"]["losses"]
+    diffs = {label: max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"], eager)) for label, r in runs.items()}
+    finite = all(x == x and abs(x) < 1e4 for r in runs.values() for x in r["losses"])
+    # compiled "none" already recomputes some cheap ops (inductor's partitioner), so selective may only match it
+    memory_ok = not cuda or runs["full"]["peak_gib"] < runs["selective"]["peak_gib"] <= runs["none"]["peak_gib"]
+    ok = finite and max(diffs.values()) <= args.tolerance and runs["none"]["compile_s"] > 0 and memory_ok
+    emit("parallel", name=f"compile per block, FSDP2, AC ({args.backend})", ok=bool(ok), max_rel_loss_diff=max(diffs.values()),
+         memory_ordered=memory_ok, **{f"{k}_{label}": v for label, r in runs.items() for k, v in r.items() if k != "losses"})
+
+
 # -- throughput (parses benchmarks/mae_throughput.py's output) ------------------------------------------------------
 
 def parse_throughput(text: str) -> dict:
@@ -307,6 +365,14 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20, help="steps of each run (stopped after half of them)")
     for name in ("fsdp", "lit-fsdp"):
         sub.add_parser(name).add_argument("--device", default="cuda")
+    p = sub.add_parser("parallel")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--preset", default="vit_b16", help="the MAE's size (tiny on the CPU)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: the graphs without inductor)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--tolerance", type=float, default=0.02, help="largest relative loss difference from eager (bf16: 2%%)")
     p = sub.add_parser("throughput")
     p.add_argument("--model", required=True)
     p.add_argument("--compile", action="store_true")
@@ -319,7 +385,8 @@ def main(argv=None) -> None:
     p.add_argument("results")
     p.add_argument("--json", required=True)
     args = parser.parse_args(argv)
-    {"device": part_device, "tiny": part_tiny, "fsdp": part_fsdp, "lit-fsdp": part_lit_fsdp, "throughput": part_throughput,
+    {"device": part_device, "tiny": part_tiny, "fsdp": part_fsdp, "lit-fsdp": part_lit_fsdp, "parallel": part_parallel,
+     "throughput": part_throughput,
      "loader": part_loader, "report": part_report}[args.part](args)
 
 

@@ -2,7 +2,8 @@
 # One-GPU first-contact check (~7-8 minutes on one H100/H200; each part under its own `timeout`): the device and its
 # peak; 20-step tiny runs (MAE bf16, MAE fp16, SplitMask pixels and k-means, MAE compiled), each stopped by SIGTERM
 # after step 11 and resumed, matching the uninterrupted run; a one-rank NCCL FSDP2 step with its dtypes, a DCP save and
-# load and a model.pt export reloaded; LiT under FSDP2; MAE train-step images/s, MFU and peak memory for ViT-B/16,
+# load and a model.pt export reloaded; LiT under FSDP2; a ViT-B/16 MAE through `parallelize` on one rank (FSDP2, bf16),
+# eager and compiled per block with activation checkpointing none / full / selective (losses, compile s, peak memory); MAE train-step images/s, MFU and peak memory for ViT-B/16,
 # L/16 and H/14 at bf16, compile off and on (benchmarks/mae_throughput.py); the loader with pinned memory.
 # Prints one table and writes a JSON.
 #
@@ -24,7 +25,7 @@ WARMUP=3
 KEEP=0
 DRY=0
 BUDGET=
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-smoke) MODE=cpu ;;
@@ -61,6 +62,7 @@ if [ "$MODE" = gpu ]; then
     "tiny-mae-compiled|180|$PY $CHECK tiny --objective mae --precision bf16 --compile $DEV"
     "fsdp|90|$PY $CHECK fsdp $DEV"
     "lit-fsdp|90|$PY $CHECK lit-fsdp $DEV"
+    "parallel|240|$PY $CHECK parallel $DEV"
     "loader-pinned|90|$PY $CHECK loader $DEV"
     "mae-vit_b16|90|$PY benchmarks/mae_throughput.py --model vit_b16 $THR"
     "mae-vit_b16-compiled|150|$PY benchmarks/mae_throughput.py --model vit_b16 --compile $THR"
@@ -77,6 +79,7 @@ else
     "tiny-splitmask-kmeans|300|$PY $CHECK tiny --objective splitmask --target kmeans --precision fp32 --steps 6 $DEV"
     "fsdp|120|$PY $CHECK fsdp $DEV"
     "lit-fsdp|120|$PY $CHECK lit-fsdp $DEV"
+    "parallel|300|$PY $CHECK parallel $DEV --preset tiny --batch 8 --precision fp32 --backend aot_eager --steps 2 --tolerance 1e-5"
     "mae-tiny|120|$PY benchmarks/mae_throughput.py --model tiny --precision fp32 --device cpu --ours-only --steps 2 --warmup 1 --matmul-size 256"
     "loader|120|$PY $CHECK loader $DEV --images 256 --workers 0"
   )

@@ -6,7 +6,8 @@
 __all__ = ['DIST_TIMEOUT_ENV', 'DIST_TIMEOUT_S', 'DistInfo', 'first_slurm_host', 'slurm_master_port', 'dist_timeout',
            'process_placement', 'select_device', 'shared_devices', 'check_distinct_gpus', 'setup_distributed',
            'cleanup_distributed', 'RankFailed', 'agree', 'broadcast_from_main', 'fsdp_policies',
-           'load_full_state_from_rank0', 'threading_is_main', 'free_port', 'omp_threads', 'launch']
+           'load_full_state_from_rank0', 'compile_seconds', 'check_compile_backend', 'parallelize', 'threading_is_main',
+           'free_port', 'omp_threads', 'launch']
 
 # %% ../nbs/06a_distributed.ipynb #8b739e89
 import os
@@ -202,6 +203,53 @@ def load_full_state_from_rank0(module: nn.Module, full: dict, device: torch.devi
     set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for b in module.buffers(): dist.broadcast(b.data, src=0)
 
+
+# %% ../nbs/06a_distributed.ipynb #e1d10926
+def compile_seconds() -> float:
+    "Seconds `torch.compile` has spent compiling in this process (forward and backward graphs), from its own counters."
+    try: from torch._dynamo.utils import calculate_time_spent
+    except ImportError: return 0.0
+    return float(calculate_time_spent().get("total_wall_time", 0.0))
+
+def check_compile_backend(backend: str) -> str:
+    "`backend` if `torch.compile` knows it (inductor, aot_eager, eager, cudagraphs, ...), else a one-line error."
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise UserError(f"train.compile_backend={backend!r} is not a torch.compile backend; use one of {', '.join(known)}")
+    return backend
+
+def parallelize(objective: nn.Module, info: DistInfo, strategy: str = "ddp", precision: str = "fp32",
+                checkpointing: bool | str = "none", compile: bool = False, backend: str = "inductor",
+                on_meta: bool = False) -> nn.Module:
+    """Activation checkpointing, then `torch.compile`, then FSDP2's `fully_shard`, each per block of `objective.blocks()`.
+    FSDP2 with `strategy='fsdp'` where a process group exists (one rank is enough: the GPU check shards on one GPU),
+    DDP around the objective with `strategy='ddp'` on several ranks. Returns the module to call: the objective itself
+    (one process, FSDP2) or its DDP wrapper. With `on_meta`, this rank's objective is on the meta device and receives
+    rank 0's weights (FSDP2 only)."""
+    from prepretrain_lit.vit import checkpoint_block, checkpoint_mode
+    mode, blocks = checkpoint_mode(checkpointing), list(objective.blocks())
+    inner = getattr(objective, "model", None)
+    if hasattr(inner, "set_grad_checkpointing"): inner.set_grad_checkpointing(False)   # blocks checkpoint themselves, once
+    for block in blocks:
+        if mode != "none" and any(p.requires_grad for p in block.parameters()): checkpoint_block(block, mode)
+    if compile:
+        check_compile_backend(backend)
+        for block in blocks: block.compile(backend=backend)
+    if strategy == "fsdp" and dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(info.device.type, (dist.get_world_size(),))
+        full = objective.state_dict() if info.is_main else {}         # rank 0's weights: the ones every rank gets
+        block_mp, root_mp = fsdp_policies(precision)
+        for block in blocks: fully_shard(block, mesh=mesh, mp_policy=block_mp)
+        fully_shard(objective, mesh=mesh, mp_policy=root_mp)
+        if on_meta: objective.to_empty(device=info.device)           # this rank's shards, uninitialised
+        load_full_state_from_rank0(objective, full, info.device)
+        return objective
+    if info.distributed:
+        return nn.parallel.DistributedDataParallel(objective, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    return objective
 
 # %% ../nbs/06a_distributed.ipynb #97489ad3
 def threading_is_main() -> bool:

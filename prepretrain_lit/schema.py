@@ -150,10 +150,12 @@ class TrainConfig:
     accum_steps: int = 1            # micro-batches accumulated per optimizer step
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"  # auto: bf16 on CUDA / native-bf16 CPUs, else fp32; fp16 adds a grad scaler
     device: Literal["auto", "cpu", "cuda"] = "auto"      # auto: cuda when available
-    compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA, off on CPU (no gain measured there)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile each block; auto: on CUDA, off on CPU (no gain measured there)
+    compile_backend: str = "inductor"  # torch.compile's backend; aot_eager traces the same graphs without generating code
     attention: Literal["auto", "fused", "math"] = "auto"  # attention kernel; auto: math on CPU under bf16 (1.2x there), else fused SDPA
     strategy: Literal["ddp", "fsdp"] = "ddp"  # how several processes share the model: replicate, or shard (FSDP2)
-    activation_checkpointing: bool = False    # recompute block activations in backward (2B, 6.5B trunks)
+    activation_checkpointing: Literal["none", "full", "selective"] | bool = "none"  # recompute block activations in
+                                    # backward: full (2B, 6.5B trunks), selective (keep matmul/attention outputs); true = full
     checkpoint_every: int = 500     # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2       # newest checkpoints kept on disk
     async_checkpoint: bool = True   # write checkpoints from a CPU copy in a background thread (the loop waits for the copy only)
@@ -163,6 +165,8 @@ class TrainConfig:
     def check(self) -> None:
         _check_positive(self, "train", "steps", "accum_steps", "checkpoint_every", "keep_checkpoints",
                         "log_every")
+        if isinstance(self.activation_checkpointing, bool):      # the plain switch of older configs
+            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
 
 @dataclass
 class MAEConfig:

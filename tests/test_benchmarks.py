@@ -220,3 +220,27 @@ def test_checkpoint_async_tiny_run_times_both_saves_and_the_background_write(tmp
     assert row["blocking_share"] == pytest.approx(row["async_blocking_warm_s"] / row["sync_s"])
     assert "asynchronous, warm" in run.stdout and "of the synchronous save (goal <= 10%" in run.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.json"]        # its checkpoints went with its temporary folder
+
+
+def test_activation_memory_tiny_run_measures_the_three_modes(tmp_path):
+    "`--tiny`: each checkpointing mode measured in its own child process (RSS after forward and at the peak)."
+    out = tmp_path / "memory.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "activation_memory.py"), "--tiny", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert [r["mode"] for r in doc["rows"]] == ["none", "full", "selective"] and doc["cpu"]
+    assert all(r["peak_mib"] >= 0 and r["seconds"] > 0 for r in doc["rows"])
+    assert "kept after forward" in run.stdout and "selective" in run.stdout
+
+
+def test_compile_blocks_times_compilation_apart_from_the_steps(tmp_path):
+    "aot_eager (no code generation), one step: per-block compile counted apart, the same loss as eager."
+    out = tmp_path / "compile.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_blocks.py"), "--backend", "aot_eager",
+                          "--steps", "1", "--batch", "2", "--variants", "eager,blocks", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    eager, blocks = json.loads(out.read_text())["rows"]
+    assert eager["compile_s"] == 0 and blocks["compile_s"] > 0 and blocks["first_step_s"] >= blocks["compile_s"]
+    assert blocks["losses"] == pytest.approx(eager["losses"], rel=1e-5)
