@@ -243,9 +243,11 @@ class ProbeConfig:
                                     # unit-norm features need a weak penalty (C=1 underfits: 30% vs 70% 10-shot on digits)
     knn_k: int = 20                 # neighbours of the weighted k-NN (DINO: 20 on ImageNet)
     knn_temperature: float = 0.07   # T of the k-NN vote weights exp(cos / T) (DINO's)
+    pixels: int = 32                # side of the raw-pixel arm's images (larger ones area-averaged down); 0: no pixel arm
 
     def check(self) -> None:
         _check_positive(self, "probe", "splits", "lowshot_c", "knn_k", "knn_temperature")
+        if self.pixels < 0: raise ConfigError(f"probe.pixels={self.pixels} must be 0 (no pixel arm) or a positive side")
         if not self.shots or min(self.shots) < 1: raise ConfigError(f"probe.shots={self.shots} must be positive integers")
 
 @dataclass

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import prepretrain_lit.trainer as T
-from prepretrain_lit.config import ConfigError, load_config
+from prepretrain_lit.config import ConfigError, UserError, load_config
 from prepretrain_lit.distributed import DistInfo, compile_seconds, parallelize
 from prepretrain_lit.vit import CheckpointedBlock, checkpoint_mode
 
@@ -151,3 +151,14 @@ def test_the_gpu_checks_parallel_part_runs_on_the_cpu():
     result = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))[7:])
     assert result["ok"] and result["max_rel_loss_diff"] <= 1e-5 and result["compile_s_none"] > 0
     assert result["compile_s_eager"] == 0 and result["peak_gib_none"] is None      # no CUDA: memory not compared
+
+
+def test_the_trainer_compiles_blocks_never_the_wrapped_model(tmp_path):
+    cfg = tiny("train.compile=true", "train.compile_backend=aot_eager", "train.activation_checkpointing=full")
+    trainer = T.Trainer(cfg, T.mae_objective(cfg), T.SyntheticImages(4, 32, 64), tmp_path, progress=False)
+    assert trainer.compile and trainer.model is trainer.objective and trainer.objective._compiled_call_impl is None
+    assert all(b._compiled_call_impl is not None and b.checkpointing == "full" for b in trainer.objective.blocks())
+    assert trainer.objective.model.grad_checkpointing == "none"      # checkpointed once, by the blocks
+    with pytest.raises(UserError, match="not a torch.compile backend"):
+        T.Trainer(tiny("train.compile=true", "train.compile_backend=inductr"), T.mae_objective(cfg),
+                  T.SyntheticImages(4, 32, 64), tmp_path / "b", progress=False)
