@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import pandas as pd
 
-from .report_summary import _size_of, final_values, is_scratch, pretty, with_recipe
+from .report_summary import _size_of, distinct_evals, final_values, is_scratch, pretty, with_recipe
 from .registry import stage_kinds
 from .report_table import read_json
 
@@ -96,7 +96,7 @@ def plot_convergence(table: pd.DataFrame, objective: str = "wsp") -> "matplotlib
     if curves.empty: raise MissingData(f"no {pretty(objective)} training curves (curve rows with metric loss, objective {objective})")
     model, subset = main_setting(curves)                     # a grid's other settings: see the scaling figure
     curves = curves[_same(curves.model, model) & _same(curves.subset, subset)]
-    evals = with_recipe(table[(table.record == "eval") & (table.metric == "top1") & table.shots.isna()])
+    evals = distinct_evals(with_recipe(table[(table.record == "eval") & (table.metric == "top1") & table.shots.isna()]))
     evals = evals[_same(evals.model, model) & _same(evals.subset, subset)]
     # every arm evaluated in this setting: the objective's trunks and, beside them, MAE alone and random init
     setting = ", ".join(x for x in (None if model is None or pd.isna(model) else str(model),
@@ -172,7 +172,7 @@ def plot_scaling(table: pd.DataFrame) -> "matplotlib.figure.Figure":
 def plot_lowshot(table: pd.DataFrame) -> "matplotlib.figure.Figure":
     "Low-shot top1 against k (shots per class), one line per recipe, band = sd over seeds and splits, dots = each split."
     plt, sns = _plt()
-    rows = with_recipe(table[(table.record == "eval") & (table.metric == "top1") & table.shots.notna()])
+    rows = distinct_evals(with_recipe(table[(table.record == "eval") & (table.metric == "top1") & table.shots.notna()]))
     if rows.empty: raise MissingData("no low-shot records (eval rows with metric top1 and shots)")
     rows = rows.assign(shots=rows.shots.astype(int))
     datasets = sorted(rows.dataset.fillna("?").unique())

@@ -19,11 +19,12 @@ from .registry import display_name
 from .report_table import SCRATCH, preset_params
 
 # %% auto #0
-__all__ = ['RANDOM_INIT', 'TRUNK_NOT_FOUND', 'RECIPE_KEYS', 'NO_SPREAD', 'EVAL_KEYS', 'VERDICT_MIN_N', 'VERDICT_ALPHA',
+__all__ = ['RANDOM_INIT', 'PIXELS', 'TRUNK_NOT_FOUND', 'RECIPE_KEYS', 'NO_SPREAD', 'EVAL_KEYS', 'VERDICT_MIN_N', 'VERDICT_ALPHA',
            'NO_COMPARISON', 'pretty', 'is_scratch', 'recipe_label', 'with_recipe', 'fmt', 'spread', 'mean_std',
-           'in_setting_order', 'verdict', 'claim_verdict', 'settled', 'comparison_row', 'against_scratch',
-           'against_random', 'across_subsets', 'compare_evals', 'final_values', 'compare_convergence', 'eval_numbers',
-           'comparison_lines', 'number_lines', 'summarize', 'summary_markdown']
+           'in_setting_order', 'verdict', 'claim_verdict', 'holds_from', 'settled', 'comparison_row', 'pixel_verdict',
+           'against_scratch', 'against_random', 'distinct_evals', 'against_pixels', 'across_subsets', 'compare_evals',
+           'final_values', 'compare_convergence', 'eval_numbers', 'comparison_lines', 'number_lines', 'summarize',
+           'summary_markdown']
 
 # %% ../nbs/09b_report_summary.ipynb #9e6b8bf9
 def pretty(name) -> str:
@@ -35,11 +36,13 @@ def is_scratch(init) -> bool:
     return init is None or (isinstance(init, float) and math.isnan(init)) or str(init).lower() in SCRATCH
 
 RANDOM_INIT = "random init"    # the recipe of a trunk no objective trained (an evaluation without a checkpoint)
+PIXELS = "pixels"              # the arm of an evaluation's protocol on the raw pixels (results.json's `baselines`)
 TRUNK_NOT_FOUND = "trunk not found"   # the recipe of a trunk whose run folder is not here (lineage's `missing`)
 
 def recipe_label(objective, init, mae_length=None) -> str:
     "How a trunk was made, as the papers write it: `WSP`, `MAE→WSP`, `MAE(0.1 ep)→WSP`, `random init`."
     no_objective = objective is None or pd.isna(objective)
+    if no_objective and init == PIXELS: return PIXELS
     if no_objective and is_scratch(init): return RANDOM_INIT
     if no_objective and init == UNKNOWN: return TRUNK_NOT_FOUND
     obj = "?" if no_objective else pretty(objective)
@@ -138,23 +141,46 @@ def verdict(treat: str, base: str, diff: float, s_t: float, s_b: float, metric: 
 VERDICT_MIN_N = 3       # seeds a side before a claim is judged at all
 VERDICT_ALPHA = 0.05    # two-sided level of Welch's t-test; fixed before any result was seen, never tuned
 
+def _welch(s_t: float, n_t: int, s_b: float, n_b: int, fixed_base: bool = False) -> tuple[float, float]:
+    """(standard error of the difference, Welch-Satterthwaite degrees of freedom). `fixed_base`: the baseline is one
+    exact number no seed varies (pixels' k-NN): no variance, and the test is the one-sample t-test, df = n_t - 1."""
+    var_t, var_b = s_t ** 2 / n_t, (0.0 if fixed_base else s_b ** 2 / n_b)
+    se = math.sqrt(var_t + var_b)
+    if se == 0: return 0.0, float("inf")
+    df = (var_t + var_b) ** 2 / (var_t ** 2 / (n_t - 1) + (0.0 if fixed_base else var_b ** 2 / (n_b - 1)))
+    return se, df
+
+def _too_few(n_t: int, n_b: int, fixed_base: bool) -> str | None:
+    n = n_t if fixed_base else min(n_t, n_b)
+    if n < 2: return f"too few seeds ({NO_SPREAD}): no verdict"
+    if n < VERDICT_MIN_N: return f"too few seeds (n < {VERDICT_MIN_N}): no verdict"
+    return None
+
 def claim_verdict(m_t: float, s_t: float, n_t: int, m_b: float, s_b: float, n_b: int,
-                  higher_is_better: bool = True, alpha: float = VERDICT_ALPHA) -> str:
+                  higher_is_better: bool = True, alpha: float = VERDICT_ALPHA, fixed_base: bool = False) -> str:
     """A claim "treatment beats baseline" judged from mean, sample std and n a side: 'holds', 'does not hold at
     this scale', 'within the spread', or 'too few seeds' when a side has n < 3. Welch's two-sided t-test
-    (unequal variances): p >= alpha is 'within the spread'; otherwise the sign of the difference decides."""
-    if min(n_t, n_b) < 2: return f"too few seeds ({NO_SPREAD}): no verdict"
-    if min(n_t, n_b) < VERDICT_MIN_N: return f"too few seeds (n < {VERDICT_MIN_N}): no verdict"
+    (unequal variances): p >= alpha is 'within the spread'; otherwise the sign of the difference decides.
+    `fixed_base`: the baseline is one exact number (n_b and s_b are not used; see `_welch`)."""
+    if (few := _too_few(n_t, n_b, fixed_base)) is not None: return few
     diff = (m_t - m_b) if higher_is_better else (m_b - m_t)                  # > 0: the treatment is better
-    var_t, var_b = s_t ** 2 / n_t, s_b ** 2 / n_b
-    se = math.sqrt(var_t + var_b)
+    se, df = _welch(s_t, n_t, s_b, n_b, fixed_base)
     if se == 0: significant = diff != 0                                       # no spread at all: any difference is real
     else:
         from scipy.stats import t as student_t
-        df = (var_t + var_b) ** 2 / (var_t ** 2 / (n_t - 1) + var_b ** 2 / (n_b - 1))   # Welch-Satterthwaite
         significant = 2 * student_t.sf(abs(diff) / se, df) < alpha
     if not significant: return "within the spread"
     return "holds" if diff > 0 else "does not hold at this scale"
+
+def holds_from(s_t: float, n_t: int, s_b: float, n_b: int, alpha: float = VERDICT_ALPHA, fixed_base: bool = False) -> float:
+    """The power line: the smallest difference of means that `claim_verdict` would call 'holds' with these spreads and
+    n, t(1 - alpha/2, df) * se (Welch's se and df do not depend on the means); 0 when neither side
+    varies (any difference holds); NaN where no verdict is given (n < 3)."""
+    if _too_few(n_t, n_b, fixed_base) is not None: return float("nan")
+    se, df = _welch(s_t, n_t, s_b, n_b, fixed_base)
+    if se == 0: return 0.0
+    from scipy.stats import t as student_t
+    return float(student_t.isf(alpha / 2, df) * se)
 
 def settled(table: pd.DataFrame) -> pd.Series:
     "Rows of stages that finished (`complete`, or a folder that records no state): the only ones a comparison uses."
@@ -165,17 +191,33 @@ def _key(names: Sequence[str], values) -> dict:
     "A groupby key as a dict, NaN and None alike as None."
     return {k: (None if v is None or (not isinstance(v, str) and pd.isna(v)) else v) for k, v in zip(names, values)}
 
-def comparison_row(key: dict, recipe: str, treated: pd.DataFrame, base: str, baseline: pd.DataFrame, against: str) -> dict:
-    "One comparison (a row, and its sentence): the `value`s of `treated` (named `recipe`) against those of `baseline` (`base`)."
+def comparison_row(key: dict, recipe: str, treated: pd.DataFrame, base: str, baseline: pd.DataFrame, against: str,
+                   fixed_base: bool = False) -> dict:
+    """One comparison (a row, and its sentence): the `value`s of `treated` (named `recipe`) against those of `baseline`
+    (`base`); `fixed_base`: the baseline is one exact number no seed varies (see `claim_verdict`). The sentence ends with
+    the power line: the smallest difference that would have held (`holds_from`)."""
     m_t, s_t, n_t = spread(treated.value)
     m_b, s_b, n_b = spread(baseline.value)
-    diff = m_t - m_b
-    text = (f"{_where(key)}: {recipe} {mean_std(m_t, s_t, n_t, key['metric'])} vs {base} "
-            f"{mean_std(m_b, s_b, n_b, key['metric'])}: {verdict(recipe, base, diff, s_t, s_b, key['metric'])}")
-    claim = claim_verdict(m_t, s_t, n_t, m_b, s_b, n_b)
-    if min(n_t, n_b) >= VERDICT_MIN_N: text += f"; the claim '{recipe} beats {base}': {claim}"
+    diff, metric = m_t - m_b, key["metric"]
+    base_text = f"{fmt(m_b, metric)} (exact: no seed varies it)" if fixed_base else mean_std(m_b, s_b, n_b, metric)
+    ends = (verdict(recipe, base, diff, s_t, 0.0 if fixed_base else s_b, metric) if base != PIXELS
+            else pixel_verdict(recipe, diff, s_t, 0.0 if fixed_base else s_b, metric))
+    text = f"{_where(key)}: {recipe} {mean_std(m_t, s_t, n_t, metric)} vs {base} {base_text}: {ends}"
+    claim = claim_verdict(m_t, s_t, n_t, m_b, s_b, n_b, fixed_base=fixed_base)
+    power = holds_from(s_t, n_t, s_b, n_b, fixed_base=fixed_base)
+    if not math.isnan(power):
+        text += f"; the claim '{recipe} beats {base}': {claim} (it would hold from a difference of {fmt(power, metric)})"
     return {**key, "against": against, "treatment": recipe, "baseline": base, "mean": m_t, "std": s_t, "n": n_t,
-            "base_mean": m_b, "base_std": s_b, "base_n": n_b, "diff": diff, "verdict": claim, "text": text}
+            "base_mean": m_b, "base_std": s_b, "base_n": n_b, "diff": diff, "verdict": claim, "holds_from": power,
+            "text": text}
+
+def pixel_verdict(recipe: str, diff: float, s_t: float, s_b: float, metric: str) -> str:
+    "The end of a sentence against the raw pixels: `WSP beats pixels by 3.0` / `WSP is behind pixels by 25.1`."
+    noise = np.nanmax([s_t, s_b, 0.0])
+    within = ", within the spread over seeds" if not math.isnan(s_t) and abs(diff) <= noise and diff != 0 else ""
+    if diff > 0: return f"{recipe} beats pixels by {fmt(diff, metric)}{within}"
+    if diff == 0: return f"{recipe} equals pixels"
+    return f"{recipe} is behind pixels by {fmt(-diff, metric)}{within}"
 
 def against_scratch(t: pd.DataFrame) -> list[dict]:
     """Each pretrained init against the same objective from scratch (MAE→WSP vs WSP), per evaluation and setting; each
@@ -204,6 +246,30 @@ def against_random(t: pd.DataFrame) -> list[dict]:
             rows.append(comparison_row(key, recipe, treated, RANDOM_INIT, random, "random init"))
     return rows
 
+def distinct_evals(t: pd.DataFrame) -> pd.DataFrame:
+    """`t` with each raw-pixel number once: every evaluation of a trunk also measures its pixels, and the same images,
+    protocol and seed give the same number, so (evaluation, setting, seed, split) keeps its first row."""
+    if t.empty or "init" not in t: return t
+    pixels = t.init.eq(PIXELS) & t.objective.isna()
+    if not pixels.any(): return t
+    keys = [k for k in EVAL_KEYS + ["seed", "split_seed"] if k in t]
+    return pd.concat([t[~pixels], t[pixels].drop_duplicates(keys)]).sort_index()
+
+def against_pixels(t: pd.DataFrame) -> list[dict]:
+    """Each trunk (pretrained or random init) against the same evaluation of the raw pixels, per evaluation and setting;
+    a pixel number no seed varies (k-NN) is one exact baseline (`fixed_base`)."""
+    keys = [k for k in EVAL_KEYS if k != "objective"]
+    rows = []
+    for values, group in t.groupby(keys, dropna=False, sort=True):
+        key = {**_key(keys, values), "objective": None}
+        is_pixels = group.init.eq(PIXELS) & group.objective.isna()
+        pixels = group[is_pixels]
+        if pixels.empty: continue
+        fixed = len(pixels) == 1 and pixels.seed.isna().all() and pixels.split_seed.isna().all()
+        for recipe, treated in group[~is_pixels].groupby("recipe", sort=True):
+            rows.append(comparison_row(key, recipe, treated, PIXELS, pixels, "pixels", fixed_base=fixed))
+    return rows
+
 def across_subsets(t: pd.DataFrame) -> list[dict]:
     """Each recipe pretrained on a larger data subset against the same recipe on the smallest (MAE on 20k vs MAE on
     1k: Lu et al.'s data scaling), per evaluation and model; only evaluations of trunks from a named subset."""
@@ -226,9 +292,12 @@ def compare_evals(table: pd.DataFrame, metrics: Sequence[str] = ("top1",)) -> pd
     `scratch` (each pretrained init against the same objective from scratch), `random init` (each trunk against a
     random-init trunk, where there is one) and `smallest subset` (each larger pretraining subset against the smallest).
     Only `settled` rows: a stage still running or preempted is shown in the table and figures, never judged."""
-    t = with_recipe(table[(table.record == "eval") & table.metric.isin(metrics) & settled(table)])
+    t = distinct_evals(with_recipe(table[(table.record == "eval") & table.metric.isin(metrics) & settled(table)]))
     if t.empty: return pd.DataFrame([])
-    return in_setting_order(pd.DataFrame(against_scratch(t) + against_random(t) + across_subsets(t)))
+    pixels = t.init.eq(PIXELS) & t.objective.isna()
+    trunks = t[~pixels]                       # the pixel arm is judged against, never judged
+    return in_setting_order(pd.DataFrame(against_scratch(trunks) + against_random(trunks) + across_subsets(trunks)
+                                         + against_pixels(t)))
 
 # %% ../nbs/09b_report_summary.ipynb #f084068b
 def final_values(table: pd.DataFrame, metric: str = "loss") -> pd.DataFrame:
@@ -275,7 +344,7 @@ def compare_convergence(table: pd.DataFrame, objective: str = "wsp", metric: str
 # %% ../nbs/09b_report_summary.ipynb #e44f5cb3
 def eval_numbers(table: pd.DataFrame) -> pd.DataFrame:
     "Every evaluation number as mean, std, n per (evaluation, setting, recipe): the summary's full list."
-    t = with_recipe(table[table.record == "eval"])
+    t = distinct_evals(with_recipe(table[table.record == "eval"]))
     keys = EVAL_KEYS + ["recipe"]
     rows = [dict(zip(keys, key), **dict(zip(("mean", "std", "n"), spread(group.value))))   # `spread`, as the comparisons
             for key, group in t.groupby(keys, dropna=False, sort=True)]

@@ -292,6 +292,16 @@ def eval_rows(base: dict, results: dict | None, stage: dict | None, folder: Path
     records = results.get("records")
     if not isinstance(records, list):
         notes.append(f"{source}: no 'records' list; ignored"); records = []
+    rows = _record_rows(base, records, results, source, notes)
+    arms = results.get("baselines") if isinstance(results.get("baselines"), dict) else {}
+    for arm, section in arms.items():        # the raw-pixel arm: its own recipe, no trunk, seeded only by its records
+        arm_base = {**base, "objective": None, "init": str(arm), "trunk": str(arm), "trunk_id": None, "mae_length": None,
+                    "seed": None}
+        found = section.get("records") if isinstance(section, dict) else None
+        rows += _record_rows(arm_base, found if isinstance(found, list) else [], results, source, notes)
+    return rows
+
+def _record_rows(base: dict, records: list, results: dict, source: str, notes: list[str]) -> list[dict]:
     rows = []
     for r in records:
         if not isinstance(r, dict) or not is_number(r.get("value")) or not isinstance(r.get("metric"), str):
@@ -299,7 +309,7 @@ def eval_rows(base: dict, results: dict | None, stage: dict | None, folder: Path
         shots, step, rseed = r.get("shots"), r.get("step"), r.get("seed")
         rows.append({**base, "record": "eval", "dataset": _text(results.get("dataset")), "metric": r["metric"],
                      "value": float(r["value"]), "step": int(step) if is_number(step) else None,
-                     "seed": base["seed"] if base["seed"] is not None else (int(rseed) if is_number(rseed) else None),
+                     "seed": base["seed"] if base["seed"] is not None else (int(rseed) if is_number(rseed) and shots is None else None),
                      "split_seed": int(rseed) if is_number(rseed) and shots is not None else None,
                      "shots": int(shots) if is_number(shots) else None, "source": source})
     return rows

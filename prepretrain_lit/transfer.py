@@ -33,11 +33,12 @@ from .trainer import (DistInfo, agree, broadcast_from_main, cleanup_distributed,
 from .vit import ViT, vit_from_config
 
 # %% auto #0
-__all__ = ['RESULTS_SCHEMA_VERSION', 'summarize_records', 'write_results', 'read_results', 'topk_correct', 'accuracy_records',
-           'FeatureSet', 'pooled_features', 'eval_loader', 'labelled_manifest', 'extract_features', 'autocast_on_gpu',
-           'gather_features', 'trunk_from_config', 'feature_cache_path', 'unique_suffix', 'load_features',
-           'extract_to_cache', 'features_worker', 'cached_features', 'FeatureBatches', 'probe_data', 'lowshot_indices',
-           'lowshot_evaluate', 'knn_scores', 'knn_evaluate', 'count_correct', 'evaluate_classifier', 'load_classifier',
+__all__ = ['RESULTS_SCHEMA_VERSION', 'PIXELS', 'summarize_records', 'write_results', 'read_results', 'topk_correct',
+           'accuracy_records', 'FeatureSet', 'pooled_features', 'eval_loader', 'labelled_manifest', 'extract_features',
+           'autocast_on_gpu', 'gather_features', 'trunk_from_config', 'feature_cache_path', 'unique_suffix',
+           'load_features', 'extract_to_cache', 'features_worker', 'cached_features', 'FeatureBatches', 'probe_data',
+           'lowshot_indices', 'lowshot_evaluate', 'knn_scores', 'knn_evaluate', 'pixel_features', 'pixel_sets',
+           'train_probe', 'pixel_records', 'split_arms', 'count_correct', 'evaluate_classifier', 'load_classifier',
            'zeroshot_manifest', 'zeroshot_accuracy', 'zeroshot_evaluate', 'is_main_process', 'finetune_evaluation',
            'linear_probe_evaluation', 'lowshot_evaluation', 'knn_evaluation', 'zeroshot_evaluation', 'check_evaluation',
            'join_job_group', 'evaluate']
@@ -55,15 +56,23 @@ def summarize_records(records: Sequence[dict]) -> dict[str, dict]:
     return {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
             for k, v in groups.items()}
 
-def write_results(out_dir: str | os.PathLike, kind: str, dataset: str, records: Sequence[dict],
-                  init: str | None = None, train_dataset: str | None = None, cfg: RunConfig | None = None) -> Path:
-    "Write `results.json` of an evaluation into `out_dir` (atomically); returns its path."
-    if kind not in stage_kinds("evaluate"): raise ValueError(f"kind must be one of {stage_kinds('evaluate')}, not {kind!r}")
-    rows = [{"metric": r["metric"], "value": float(r["value"]), "seed": r.get("seed"), "shots": r.get("shots"),
+def _rows(records: Sequence[dict]) -> list[dict]:
+    return [{"metric": r["metric"], "value": float(r["value"]), "seed": r.get("seed"), "shots": r.get("shots"),
              "step": r.get("step")} for r in records]
+
+def write_results(out_dir: str | os.PathLike, kind: str, dataset: str, records: Sequence[dict],
+                  init: str | None = None, train_dataset: str | None = None, cfg: RunConfig | None = None,
+                  baselines: dict[str, Sequence[dict]] | None = None) -> Path:
+    """Write `results.json` of an evaluation into `out_dir` (atomically); returns its path. `baselines`: the records of
+    arms that are no trunk (`{'pixels': [...]}`), each kept apart under `baselines` with its own summary."""
+    if kind not in stage_kinds("evaluate"): raise ValueError(f"kind must be one of {stage_kinds('evaluate')}, not {kind!r}")
+    rows = _rows(records)
     doc = {"schema_version": RESULTS_SCHEMA_VERSION, "kind": kind, "dataset": dataset, "train_dataset": train_dataset,
            "init": None if init is None else str(init), "config_hash": config_hash(cfg) if cfg is not None else None,
            "records": rows, "summary": summarize_records(rows)}
+    if baselines:
+        doc["baselines"] = {arm: {"records": _rows(recs), "summary": summarize_records(_rows(recs))}
+                            for arm, recs in baselines.items()}
     path = Path(out_dir) / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
@@ -174,7 +183,10 @@ def trunk_from_config(cfg: RunConfig) -> ViT:
 def feature_cache_path(cfg: RunConfig, dataset: str, out_dir: str | os.PathLike) -> Path:
     "Where the features of `dataset` under `cfg`'s trunk are cached (see above)."
     m = cfg.model
-    shape = {"dataset": str(Path(dataset).resolve()), "img_size": m.img_size, "pool": cfg.probe.pool,
+    data = Path(dataset).resolve()
+    seen = data.stat() if data.is_file() else None       # a manifest rebuilt in place (other images) is another key
+    shape = {"dataset": str(data), "dataset_file": [seen.st_size, seen.st_mtime_ns] if seen else None,
+             "img_size": m.img_size, "pool": cfg.probe.pool,
              "model": {k: getattr(m, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}}
     if cfg.init.checkpoint is None:
         folder, shape["trunk"] = Path(out_dir) / "features", {"random_seed": cfg.seed}
@@ -328,6 +340,75 @@ def knn_evaluate(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: 
     scores = knn_scores(train, test, k, temperature)
     return accuracy_records(topk_correct(scores, test.labels), len(test), **fields)
 
+# %% ../nbs/07_transfer.ipynb #96bb26d5
+PIXELS = "pixels"     # the name of the raw-pixel arm, in results.json and in the report
+
+@torch.no_grad()
+def pixel_features(dataset: str, img_size: int, size: int = 32, batch_size: int = 256, num_workers: int = 0,
+                   manifest: Manifest | None = None) -> FeatureSet:
+    """The raw-pixel arm's features of manifest `dataset`: images (N, 3, H, W) under the evaluation transform at
+    `img_size`, area-averaged to `size` px when larger, flattened to (N, 3 * s * s), in key order."""
+    m = labelled_manifest(dataset, "dataset", manifest)
+    feats, labels, keys = [], [], []
+    for batch in eval_loader(dataset, img_size, batch_size, num_workers, manifest=m):
+        x = batch["image"].float()
+        if max(x.shape[-2:]) > size: x = F.adaptive_avg_pool2d(x, size)
+        feats.append(x.flatten(1)); labels.append(batch["label"]); keys.extend(batch["key"])
+    if not feats: raise UserError(f"{m.path}: no readable samples")
+    return gather_features([FeatureSet(torch.cat(feats), torch.cat(labels), m.name, keys)])
+
+def pixel_sets(cfg: RunConfig, manifests: dict | None = None) -> tuple[FeatureSet, FeatureSet] | None:
+    "(train, test) raw-pixel features of `cfg.data.dataset` and `cfg.eval.dataset`; None when `probe.pixels` is 0."
+    if not cfg.probe.pixels: return None
+    m = manifests or {"data": None, "eval": None}
+    get = lambda ds, man: pixel_features(ds, cfg.model.img_size, cfg.probe.pixels, cfg.eval.batch_size, cfg.eval.num_workers, man)
+    return get(cfg.data.dataset, m.get("data")), get(cfg.eval.dataset, m.get("eval"))
+
+def train_probe(train: FeatureSet, cfg: RunConfig) -> LinearProbe:
+    """The linear probe's recipe on features `train`, in this process: `LinearProbe` (BatchNorm without affine, then
+    linear), `optim.name` with `optim.scaled_lr` at `data.batch_size`, warmup then half-cosine over `train.steps`,
+    batches of `FeatureBatches` seeded by `cfg.seed`. The trunk's probe runs the same through the trainer."""
+    from prepretrain_lit.optim import build_optimizer, lr_at, set_lr
+    torch.manual_seed(derive_seed(cfg.seed, 2 ** 31 - 2))
+    num_classes = int(train.labels.max()) + 1
+    probe = LinearProbe(train.features.shape[1], num_classes, cfg.head.init_std)
+    peak, steps = cfg.optim.scaled_lr(cfg.data.batch_size), cfg.train.steps
+    warmup = round(cfg.optim.warmup_fraction * steps)
+    opt = build_optimizer(probe, cfg, peak, torch.device("cpu"))
+    batches = FeatureBatches(train, cfg.data.batch_size, cfg.seed).batches()
+    probe.train()
+    with torch.enable_grad():                     # a caller's no_grad (an evaluation's test pass) stops no step here
+        for step in range(steps):
+            set_lr(opt, lr_at(step, steps, warmup, peak, cfg.optim.min_lr))
+            batch = next(batches)
+            loss = F.cross_entropy(probe(batch["feature"].float()), batch["label"])
+            opt.zero_grad(set_to_none=True); loss.backward()
+            if cfg.optim.clip_grad is not None: torch.nn.utils.clip_grad_norm_(probe.parameters(), cfg.optim.clip_grad)
+            opt.step()
+    return probe.eval().requires_grad_(False)
+
+def pixel_records(kind: str, cfg: RunConfig, manifests: dict | None = None) -> list[dict]:
+    """The raw-pixel arm of evaluation `kind` (`knn`, `lowshot` or `linear_probe`) on `cfg`'s sets, each record marked
+    `arm: pixels`; none when `probe.pixels` is 0. No seed varies k-NN's number (its seed is None)."""
+    sets = pixel_sets(cfg, manifests)
+    if sets is None: return []
+    train, test = sets
+    if kind == "knn": records = knn_evaluate(train, test, cfg.probe.knn_k, cfg.probe.knn_temperature, seed=None)
+    elif kind == "lowshot": records = lowshot_evaluate(train, test, cfg.probe.shots, cfg.probe.splits, cfg.probe.lowshot_c)
+    elif kind == "linear_probe":
+        with torch.no_grad(): scores = train_probe(train, cfg)(test.features)
+        records = accuracy_records(topk_correct(scores, test.labels), len(test), seed=cfg.seed, step=cfg.train.steps)
+    else: raise ValueError(f"no raw-pixel arm for evaluation {kind!r}")
+    return [{**r, "arm": PIXELS} for r in records]
+
+def split_arms(records: Sequence[dict]) -> tuple[list[dict], dict[str, list[dict]]]:
+    "(the trunk's records, {arm: its records}) of an evaluation's records: those marked `arm` are another arm's."
+    trunk, arms = [], {}
+    for r in records:
+        if r.get("arm") is None: trunk.append(r)
+        else: arms.setdefault(r["arm"], []).append(r)
+    return trunk, arms
+
 # %% ../nbs/07_transfer.ipynb #fe8692bc
 @torch.no_grad()
 def count_correct(score_fn, loader, device: str | torch.device = "cpu") -> tuple[dict[int, int], int]:
@@ -432,7 +513,8 @@ def linear_probe_evaluation(cfg: RunConfig, out: Path, progress: bool, nprocs: i
     probe = LinearProbe(test.features.shape[1], len(m["data"].classes) if m["data"].classes else m["data"].num_classes)
     probe.load_state_dict(load_state_dict_file(out / "model.pt"))
     with torch.no_grad(): scores = probe.eval()(test.features)
-    return accuracy_records(topk_correct(scores, test.labels), len(test), seed=cfg.seed, step=cfg.train.steps)
+    return (accuracy_records(topk_correct(scores, test.labels), len(test), seed=cfg.seed, step=cfg.train.steps)
+            + pixel_records("linear_probe", cfg, m))
 
 def _frozen_features(cfg: RunConfig, out: Path, progress: bool, nprocs: int,
                      manifests: dict | None = None) -> tuple[FeatureSet, FeatureSet]:
@@ -447,12 +529,14 @@ def _frozen_features(cfg: RunConfig, out: Path, progress: bool, nprocs: int,
 def lowshot_evaluation(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
     train_fs, test_fs = _frozen_features(cfg, out, progress, nprocs, manifests)
     if not is_main_process(): return []
-    return lowshot_evaluate(train_fs, test_fs, cfg.probe.shots, cfg.probe.splits, cfg.probe.lowshot_c)
+    return (lowshot_evaluate(train_fs, test_fs, cfg.probe.shots, cfg.probe.splits, cfg.probe.lowshot_c)
+            + pixel_records("lowshot", cfg, manifests))
 
 def knn_evaluation(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
     train_fs, test_fs = _frozen_features(cfg, out, progress, nprocs, manifests)
     if not is_main_process(): return []
-    return knn_evaluate(train_fs, test_fs, cfg.probe.knn_k, cfg.probe.knn_temperature, seed=cfg.seed)
+    return (knn_evaluate(train_fs, test_fs, cfg.probe.knn_k, cfg.probe.knn_temperature, seed=cfg.seed)
+            + pixel_records("knn", cfg, manifests))
 
 def zeroshot_evaluation(cfg: RunConfig, out: Path, progress: bool, nprocs: int = 1, manifests: dict | None = None) -> list[dict]:
     return zeroshot_evaluate(cfg, out, progress, nprocs, (manifests or {}).get("eval"))["records"]
@@ -508,7 +592,8 @@ def evaluate(kind: str, cfg: RunConfig, out_dir: str | os.PathLike, progress: bo
             try:
                 test_name = manifests["eval"].name
                 train_name = None if manifests["data"] is None else manifests["data"].name
-                path = write_results(out, kind, test_name, records, cfg.init.checkpoint, train_name, cfg)
+                trunk_records, arms = split_arms(records)     # the raw-pixel arm, where the evaluation has one
+                path = write_results(out, kind, test_name, trunk_records, cfg.init.checkpoint, train_name, cfg, arms)
                 if recipe_stage(kind).objective is None:         # no trainer ran (k-NN, low-shot): say the stage is done
                     atomic_write_text(out / "status.json", json.dumps({"state": "complete", "step": 0, "message": ""}) + "\n")
                 doc = read_results(path)

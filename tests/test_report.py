@@ -297,7 +297,9 @@ def test_verdict_on_constructed_tables(tmp_path, mae, scratch, expected):
     "Welch's two-sided t-test at 0.05 with n >= 3 a side: the verdict column and the summary's sentence agree."
     row = compare_evals(gather(_probe_runs(tmp_path, mae=mae, scratch=scratch))).iloc[0]
     assert row.verdict == expected
-    if len(mae) >= 3: assert row.text.endswith(f"the claim 'MAE→WSP beats WSP': {expected}")
+    if len(mae) >= 3:      # the claim, then the power line: the difference these spreads would have called 'holds'
+        assert row.text.endswith(f"the claim 'MAE→WSP beats WSP': {expected} (it would hold from a difference of "
+                                 f"{row.holds_from:.1f})")
     else: assert "the claim" not in row.text                                  # the sentence says "one seed" / "spread" already
     assert any(line == row.text for line in summarize(gather(tmp_path / "x")))
 
@@ -545,3 +547,58 @@ def test_evaluations_whose_trunks_are_not_here_are_neither_random_nor_pooled(sta
     assert "k-NN on digits-test (vit_tiny_cpu), top1: trunk not found [runs/mae100/model.pt] 36.0 (n=1, no spread)" in lines
     assert not any("random init" in line or "(n=2)" in line for line in lines), lines
     assert sum("runs/mae25/model.pt, is not found here" in note for note in table.attrs["notes"]) == 1
+
+
+def _knn_with_pixels(root: Path, arm: str, init: str, objective, seeds, values, pixels, lowshot=None):
+    "k-NN (and low-shot) runs of one arm, each results.json carrying the raw-pixel arm beside the trunk's records."
+    for seed, value in zip(seeds, values):
+        axes = {"objective": objective, "init": init, "seed": seed, "model": "tiny"}
+        write_stage(root / "knn" / f"{arm}-{seed}", dict(experiment="e", stage="knn", variant=f"{arm}-{seed}", kind="knn", axes=axes),
+                    results=dict(kind="knn", dataset="digits-test", records=[{"metric": "top1", "value": value, "seed": seed}],
+                                 baselines={"pixels": {"records": [{"metric": "top1", "value": pixels, "seed": None}]}}))
+        if lowshot is not None:
+            write_stage(root / "lowshot" / f"{arm}-{seed}", dict(experiment="e", stage="lowshot", variant=f"{arm}-{seed}",
+                                                                 kind="lowshot", axes=axes),
+                        results=dict(kind="lowshot", dataset="digits-test",
+                                     records=[{"metric": "top1", "value": lowshot + s, "seed": s, "shots": 5} for s in range(3)],
+                                     baselines={"pixels": {"records": [{"metric": "top1", "value": 40.0 + s, "seed": s, "shots": 5}
+                                                                       for s in range(3)]}}))
+
+
+def test_the_pixel_arm_is_read_once_judged_against_and_drawn(tmp_path):
+    "results.json's `baselines.pixels`: rows of recipe 'pixels', each number once, every trunk set against it, in the figures."
+    root = tmp_path / "e"
+    _knn_with_pixels(root, "wsp", "scratch", "wsp", [0, 1, 2], [80.0, 81.0, 82.0], 70.0, lowshot=60.0)
+    _knn_with_pixels(root, "random", "scratch", None, [0, 1, 2], [50.0, 52.0, 51.0], 70.0, lowshot=20.0)
+    table = gather(root)
+    pix = table[table.init.eq("pixels")]
+    assert len(pix[pix.kind.eq("knn")]) == 6 and pix.objective.isna().all() and pix.trunk.eq("pixels").all()
+    evals = compare_evals(table)
+    px = {(r.kind, r.treatment): r for r in evals[evals.against == "pixels"].itertuples()}
+    assert set(px) == {("knn", "WSP"), ("knn", "random init"), ("lowshot", "WSP"), ("lowshot", "random init")}
+    assert (px["knn", "WSP"].base_mean, px["knn", "WSP"].base_n) == (70.0, 1)        # six copies of one number: one
+    assert (px["lowshot", "WSP"].base_mean, px["lowshot", "WSP"].base_n) == (41.0, 3)  # three split seeds
+    assert px["knn", "WSP"].verdict == "holds" and "WSP beats pixels by 11.0" in px["knn", "WSP"].text
+    assert px["knn", "random init"].verdict == "does not hold at this scale"
+    assert "random init is behind pixels by 19.0" in px["knn", "random init"].text
+    lines = summarize(table)
+    assert any(l.startswith("k-NN on digits-test (tiny), top1: pixels 70.0 (n=1, no spread)") for l in lines), lines
+    assert not any("pixels" in l and "MAE" in l for l in lines)
+    # the old readers' view is unchanged: the trunk's records alone
+    assert table[table.init.ne("pixels") & table.kind.eq("knn")].value.tolist() == [50.0, 52.0, 51.0, 80.0, 81.0, 82.0]
+    from prepretrain_lit.report_figures import plot_lowshot
+    fig = plot_lowshot(table)
+    assert "pixels" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_the_power_line_is_the_smallest_difference_that_holds(tmp_path):
+    "Each judged comparison says the difference that would have held: scipy's Welch test agrees at that difference."
+    from scipy.stats import ttest_ind_from_stats
+    root = tmp_path / "e"
+    _knn_with_pixels(root, "wsp", "scratch", "wsp", [0, 1, 2], [80.0, 84.0, 82.0], 70.0)
+    _knn_with_pixels(root, "random", "scratch", None, [0, 1, 2], [79.0, 81.0, 86.0], 70.0)
+    row = compare_evals(gather(root)).query("against == 'random init'").iloc[0]
+    d = row.holds_from
+    p = lambda diff: ttest_ind_from_stats(row.base_mean + diff, row["std"], 3, row.base_mean, row.base_std, 3, equal_var=False).pvalue
+    assert row.verdict == "within the spread" and p(d * 0.999) > 0.05 > p(d * 1.001)
+    assert f"within the spread (it would hold from a difference of {d:.1f})" in row.text

@@ -139,6 +139,13 @@ def test_each_evaluation_loads_a_wsp_checkpoint_and_writes_results(tmp_path, dig
         assert sorted(doc["summary"]) == ["top1@1shot", "top1@2shot"] and len(doc["records"]) == 4
     else:
         assert {r["metric"] for r in doc["records"]} == {"top1", "top5"}
+    if kind == "finetune": assert "baselines" not in doc             # no frozen features: no pixel arm
+    else:                                                            # the same protocol on the raw pixels, its own arm
+        pixels = doc["baselines"]["pixels"]
+        assert sorted(pixels["summary"]) == sorted(doc["summary"]) and len(pixels["records"]) == len(doc["records"])
+        top1 = [r["value"] for r in pixels["records"] if r["metric"] == "top1"]
+        assert min(top1) > {"lowshot": 40, "knn": 85, "linear_probe": 60}[kind], top1   # digits' pixels are strong
+        if kind == "knn": assert all(r["seed"] is None for r in pixels["records"])    # nothing seeds it
     mtime = (out / "results.json").stat().st_mtime_ns
     assert evaluate(kind, cfg, out, progress=False) == doc                     # done: returned, not recomputed
     assert (out / "results.json").stat().st_mtime_ns == mtime
@@ -305,3 +312,40 @@ def test_the_linear_probe_trains_in_two_processes_with_its_data_builder(tmp_path
     doc = evaluate("linear_probe", cfg, tmp_path / "probe", progress=False, nprocs=2)
     assert {r["metric"] for r in doc["records"]} == {"top1", "top5"}
     assert json.loads((tmp_path / "probe" / "status.json").read_text())["state"] == "complete"
+
+
+def test_pixel_features_are_the_normalised_image_area_averaged(digits_manifests):
+    "The raw-pixel arm's vector is the evaluation image itself, averaged over s x s blocks when larger than `size`."
+    from prepretrain_lit.transfer import eval_loader, pixel_features
+    test = str(digits_manifests[1])
+    full, small = pixel_features(test, 16, size=32), pixel_features(test, 16, size=4)
+    assert full.features.shape == (450, 3 * 16 * 16) and small.features.shape == (450, 3 * 4 * 4)
+    images = torch.cat([b["image"] for b in eval_loader(test, 16, 450, 0)])          # one batch, key order as read
+    keys = [k for b in eval_loader(test, 16, 450, 0) for k in b["key"]]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    blocks = images[order].reshape(450, 3, 4, 4, 4, 4).mean(dim=(3, 5))               # 4x4 blocks by hand
+    assert torch.allclose(full.features, images[order].flatten(1))
+    assert torch.allclose(small.features, blocks.flatten(1), atol=1e-6)
+
+
+def test_probe_pixels_zero_turns_the_pixel_arm_off(tmp_path, digits_manifests):
+    train_m, test_m = digits_manifests
+    cfg = load_config(preset="tiny", stage="knn", overrides=TINY_MODEL + [
+        "probe.knn_k=5", "probe.pixels=0", f"data.dataset={train_m}", f"eval.dataset={test_m}"])
+    assert "baselines" not in evaluate("knn", cfg, tmp_path / "knn", progress=False)
+    with pytest.raises(Exception, match="probe.pixels=-1"):
+        load_config(preset="tiny", stage="knn", overrides=["probe.pixels=-1"]).check()
+
+
+def test_a_manifest_rebuilt_in_place_is_another_feature_cache_key(tmp_path):
+    "Features cached for one build of a manifest are never read for another build at the same path (other images)."
+    import os
+    ckpt = _wsp_checkpoint(tmp_path)
+    cfg = load_config(preset="tiny", overrides=[f"init.checkpoint={ckpt}"])
+    manifest = tmp_path / "data" / "set.yaml"
+    manifest.parent.mkdir(); manifest.write_text("name: set\n")
+    before = feature_cache_path(cfg, str(manifest), tmp_path / "eval")
+    assert before == feature_cache_path(cfg, str(manifest), tmp_path / "eval")
+    manifest.write_text("name: set\nnum_samples: 3\n")                 # rebuilt: new contents and time
+    os.utime(manifest, ns=(1, 1))
+    assert feature_cache_path(cfg, str(manifest), tmp_path / "eval") != before
