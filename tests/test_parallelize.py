@@ -162,3 +162,24 @@ def test_the_trainer_compiles_blocks_never_the_wrapped_model(tmp_path):
     with pytest.raises(UserError, match="not a torch.compile backend"):
         T.Trainer(tiny("train.compile=true", "train.compile_backend=inductr"), T.mae_objective(cfg),
                   T.SyntheticImages(4, 32, 64), tmp_path / "b", progress=False)
+
+
+def test_lit_text_blocks_of_open_clip_checkpoint_and_compile_too():
+    "Another library's blocks (open_clip's, called with an attention mask keyword): the same loss and gradients."
+    import warnings
+    from prepretrain_lit.objectives import lit_objective
+    cfg = load_config(preset="tiny", stage="lit", overrides=["model.depth=2", "model.patch_size=8", "lit.embed_dim=32",
+                      "lit.text_width=32", "lit.text_layers=2", "lit.text_heads=4", "lit.context_length=16"])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                       # a random locked tower: this checks the blocks only
+        eager = lit_objective(cfg)
+    compiled = parallelize(copy.deepcopy(eager), DistInfo(), checkpointing="selective", compile=True, backend="aot_eager")
+    assert all(isinstance(b, CheckpointedBlock) for b in compiled.model.text.transformer.resblocks)
+    assert not any(isinstance(b, CheckpointedBlock) for b in compiled.model.image.blocks)   # frozen: nothing to keep
+    batch = {"image": torch.randn(4, 3, 32, 32), "caption": [f"a photo of shape {i}" for i in range(4)]}
+    (a, _), (b, _) = compiled(batch), eager(batch)
+    a.backward(); b.backward()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        if q.grad is not None: torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
