@@ -464,7 +464,7 @@ def shipped_manifest(name: str) -> Path:
     return (wheel if wheel.is_dir() else package.parent / "data_manifests") / f"{name}.yaml"
 
 def recipe_source(manifest: Manifest) -> Source:
-    "The `Source` a recipe manifest describes (`generator: shapes | digits`)."
+    "The `Source` a recipe manifest describes (`generator: shapes | digits | shape_id`)."
     recipe = dict(manifest.recipe or {})
     generator = recipe.pop("generator", None)
     size = int(recipe.pop("image_size", 64 if generator == "shapes" else 32))
@@ -475,7 +475,14 @@ def recipe_source(manifest: Manifest) -> Source:
         if src.n != manifest.num_samples:
             raise ManifestError(f"{manifest.path}: field 'num_samples' is {manifest.num_samples}, the digits split has {src.n}")
         return dataclasses.replace(src, name=manifest.name)
-    raise ManifestError(f"{manifest.path}: field 'recipe.generator' is {generator!r}; generators: shapes, digits")
+    if generator == "shape_id":                  # one fixed split of `shape-id` (01_render), by name, as digits
+        split = recipe.pop("split", None)
+        if split not in SHAPE_ID_SPLITS: raise ManifestError(f"{manifest.path}: shape-id has splits {', '.join(SHAPE_ID_SPLITS)}, not {split!r}")
+        seed, n = SHAPE_ID_SPLITS[split]
+        if n != manifest.num_samples:
+            raise ManifestError(f"{manifest.path}: field 'num_samples' is {manifest.num_samples}, the shape-id {split} split has {n}")
+        return Source(manifest.name, n, partial(render_shape_id, seed, size=size), list(SHAPES), list(SHAPE_ID_HASHTAGS))
+    raise ManifestError(f"{manifest.path}: field 'recipe.generator' is {generator!r}; generators: shapes, digits, shape_id")
 
 def build_from_recipe(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike, workers: int = 1,
                       num_samples: int | None = None, progress: bool = True) -> Path:

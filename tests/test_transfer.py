@@ -349,3 +349,16 @@ def test_a_manifest_rebuilt_in_place_is_another_feature_cache_key(tmp_path):
     manifest.write_text("name: set\nnum_samples: 3\n")                 # rebuilt: new contents and time
     os.utime(manifest, ns=(1, 1))
     assert feature_cache_path(cfg, str(manifest), tmp_path / "eval") != before
+
+
+def test_shape_id_is_a_judge_raw_pixels_do_not_pass(tmp_path):
+    "The built-in shape-id splits: built from their manifests, disjoint, balanced enough, and far from solved by pixels."
+    from prepretrain_lit.data import build_from_recipe, load_manifest, shipped_manifest
+    from prepretrain_lit.transfer import knn_evaluate, pixel_features
+    train, test = (build_from_recipe(shipped_manifest(f"shape-id-{s}"), tmp_path / s, progress=False) for s in ("train", "test"))
+    assert (load_manifest(train).num_samples, load_manifest(test).num_samples) == (2000, 1000)
+    a, b = pixel_features(str(train), 32), pixel_features(str(test), 32)
+    assert set(a.labels.tolist()) == set(range(6)) and min(np.bincount(b.labels.numpy())) > 100
+    assert torch.cdist(b.features[:50], a.features).min() > 1.0                 # no test image is a training image
+    top1 = knn_evaluate(a, b)[0]["value"]
+    assert 20 < top1 < 40, top1                                                   # above chance (16.7%), far below a learner
