@@ -7,12 +7,13 @@ __all__ = ['STOP_SIGNALS', 'LOCK_FILE', 'HELD_LOCKS_ENV', 'ORPHAN_WAIT_S', 'deri
            'set_main_catches_stop', 'ignore_stop_signals', 'release_inherited_locks', 'run_dir', 'create_run_dir',
            'has_progress', 'stored_run_values', 'check_run_folder', 'init_run_folder', 'RunFolderBusy', 'run_lock',
            'lock_holder', 'run_is_alive', 'git_state', 'package_versions', 'usable_cpus', 'device_names',
-           'collect_provenance', 'write_provenance', 'UserError', 'ConfigError', 'unknown_choice', 'EXTRA_SECTIONS',
-           'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig', 'MAEConfig', 'SplitMaskConfig', 'InitConfig',
-           'HeadConfig', 'EvalConfig', 'ProbeConfig', 'LiTConfig', 'RunConfig', 'type_name', 'coerce', 'merge',
-           'parse_overrides', 'PRESETS', 'NOT_IDENTITY', 'PATH_KEYS', 'get_preset', 'stage_recipe', 'load_yaml',
-           'load_config', 'config_to_dict', 'config_identity', 'config_hash', 'legacy_config_hash', 'config_to_yaml',
-           'atomic_write_text', 'save_config', 'flat_config', 'config_defaults', 'recorded_hashes', 'run_changes']
+           'collect_provenance', 'write_provenance', 'UserError', 'ConfigError', 'RunRefused', 'unknown_choice',
+           'EXTRA_SECTIONS', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig', 'MAEConfig', 'SplitMaskConfig',
+           'InitConfig', 'HeadConfig', 'EvalConfig', 'ProbeConfig', 'LiTConfig', 'RunConfig', 'type_name', 'coerce',
+           'merge', 'parse_overrides', 'PRESETS', 'NOT_IDENTITY', 'PATH_KEYS', 'get_preset', 'stage_recipe',
+           'load_yaml', 'load_config', 'config_to_dict', 'config_identity', 'config_hash', 'legacy_config_hash',
+           'config_to_yaml', 'atomic_write_text', 'save_config', 'flat_config', 'config_defaults', 'recorded_hashes',
+           'run_changes']
 
 # %% ../nbs/00c_config.ipynb #2674f19b
 import contextlib
@@ -38,7 +39,7 @@ from .presets import *    # presets, stage recipes, loading, saving and the hash
 
 # %% ../nbs/00c_config.ipynb #81a7eec2
 # the re-exported names belong to this module's public face too (`from ... import *`)
-_all_ = ['UserError', 'ConfigError', 'unknown_choice', 'EXTRA_SECTIONS', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig',
+_all_ = ['UserError', 'ConfigError', 'RunRefused', 'unknown_choice', 'EXTRA_SECTIONS', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig',
          'MAEConfig', 'SplitMaskConfig', 'InitConfig', 'HeadConfig', 'EvalConfig', 'ProbeConfig', 'LiTConfig',
          'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'PRESETS', 'NOT_IDENTITY',
          'PATH_KEYS', 'get_preset', 'stage_recipe', 'load_yaml', 'load_config', 'config_to_dict', 'config_identity',

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import UserError, atomic_write_text, run_lock, usable_cpus
+from .schema import RunRefused
 from .pipeline_stage import STAGE_NOTEBOOK_ENV, notebook_parameters
 from .registry import find_stage
 from .pipeline_spec import AXIS_KEYS, StageRun
@@ -111,6 +112,8 @@ def _execute_locked(run: StageRun, progress: bool, log_output: bool) -> str:
     if missing:
         write_stage_json(run, "failed", started=now(), finished=now(), error=f"missing inputs: {', '.join(missing)}")
         return "failed"
+    record = run.folder / "stage.json"
+    before = record.read_text() if record.is_file() else None
     if run.extend: write_stage_json(run, "running", extended={k: list(v) for k, v in run.extend.items()})
     write_stage_json(run, "running", started=now(), finished=None, error=None, pid=os.getpid(), host=socket.gethostname())
     state, error = "complete", None
@@ -120,6 +123,10 @@ def _execute_locked(run: StageRun, progress: bool, log_output: bool) -> str:
             papermill.execute_notebook(str(run.notebook), str(run.folder / "executed.ipynb"), parameters=run.params,
                                        cwd=run.cwd, kernel_name="python3", progress_bar=progress, log_output=log_output)
     except Exception as e:  # papermill's PapermillExecutionError, a dead kernel, ...
+        if getattr(e, "ename", None) == "RunRefused":     # the trainer refused before writing: nothing changes here either
+            if before is None: record.unlink(missing_ok=True)
+            else: atomic_write_text(record, before)
+            raise RunRefused(f"{run.id}: {e.evalue}") from None
         from prepretrain_lit.trainer import read_status
         trainer = read_status(run.folder) or {}
         dead = type(e).__name__ == "DeadKernelError"             # killed (SIGKILL, out of memory) or crashed

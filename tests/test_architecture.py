@@ -15,7 +15,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "prepretrain_lit"
-MAX_LINES = 650          # "no module over ~600 lines": one idea a module
 
 
 def source_notebook(path: Path) -> str | None:
@@ -95,10 +94,3 @@ def test_the_layers_come_in_the_documented_order():
               "pipeline", "report", "cli"]
     notebooks = [order[m] for m in layers]
     assert notebooks == sorted(notebooks), dict(zip(layers, notebooks))
-
-
-@pytest.mark.parametrize("module", sorted(module_order()))
-def test_one_idea_a_module(module):
-    lines = len((PACKAGE / f"{module}.py").read_text().splitlines())
-    assert lines <= MAX_LINES, (f"prepretrain_lit/{module}.py has {lines} lines (> {MAX_LINES}): split its notebook "
-                                f"into chapters of one idea each, the old module re-exporting the moved names")

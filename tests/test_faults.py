@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prepretrain_lit.config import load_config
+from prepretrain_lit.config import UserError, load_config
 from prepretrain_lit.data import build_shards, shapes_source
 from prepretrain_lit.trainer import EXIT_PREEMPTED
 
@@ -521,3 +521,146 @@ def test_bit_rot_in_a_weights_file_is_refused_by_init_and_export(tmp_path):
         with pytest.raises(UserError, match=r"model\.pt is damaged: its SHA-256 differs"):
             read()
     assert not (tmp_path / "export-safetensors").exists()
+
+
+# -- 15. a loader worker that dies, a shard that vanishes: the run ends at once, in one line ------------------
+
+def loader_workers(pid: int) -> list[int]:
+    "The child processes of `pid` (a trainer's loader workers)."
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def run_until_logged(cmd: list[str], run: Path, lines: int = 3) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert wait_for(lambda: (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= lines)
+    return proc
+
+
+def ended_within(proc: subprocess.Popen, seconds: float = 60) -> str:
+    "`proc`'s stderr once it has ended; a process still alive after `seconds` fails the test (and is killed)."
+    try: return proc.communicate(timeout=seconds)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the process was still running {seconds} s after the fault")
+
+
+@pytest.mark.slow
+def test_a_loader_worker_killed_ends_the_run_in_one_line_naming_it_and_the_rerun_resumes(tmp_path, shapes):
+    run = tmp_path / "run"
+    proc = run_until_logged(train_cmd(shapes, run, 25), run)
+    victim = loader_workers(proc.pid)[-1]
+    os.kill(victim, signal.SIGKILL)                           # as the out-of-memory killer does
+    err = ended_within(proc)
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert f"(pid {victim}) was killed by SIGKILL, most likely the out-of-memory killer" in last, last
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and f"pid {victim}" in status["message"] and "\n" not in status["message"]
+    again = subprocess.run(train_cmd(shapes, run, 25), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert steps_logged(run) == list(range(1, 26))
+
+
+@pytest.mark.slow
+def test_a_shard_that_vanishes_mid_run_ends_the_run_in_one_line(tmp_path, shapes):
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(shapes.parent), str(data)], check=True)
+    run = tmp_path / "run"
+    proc = run_until_logged(train_cmd(data / shapes.name, run, 2000), run)
+    for shard in sorted(data.glob("*.tar"))[2:6]: shard.rename(shard.with_suffix(".gone"))   # storage lost under it
+    err = ended_within(proc)
+    assert proc.returncode == 2 and "Traceback" not in err and "Original Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert "skipped as bad" in last and "in loader worker" in last, last
+    assert any("No such file or directory" in line for line in err.splitlines()), err[-3000:]   # the warning names the shard
+
+
+# -- 16. storage that turns read-only, memory that runs out: one line, the run folder as it was --------------
+
+def test_a_run_folder_turned_read_only_mid_run_ends_in_one_line_naming_the_path_and_errno(tmp_path, monkeypatch):
+    import errno
+    from prepretrain_lit import trainer as T
+    real = T.Trainer._metrics
+    def remounted(self, record):
+        if record["step"] == 3: raise OSError(errno.EROFS, "Read-only file system", str(self.out / "metrics.jsonl"))
+        return real(self, record)
+    monkeypatch.setattr(T.Trainer, "_metrics", remounted)
+    with pytest.raises(T.CheckpointIOError, match=r"^cannot write .*metrics.jsonl: Read-only file system") as caught:
+        T.train("mae", tiny("train.steps=6", "train.checkpoint_every=2"), tmp_path, progress=False)
+    assert "\n" not in str(caught.value)
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
+    assert (tmp_path / "checkpoints" / "step_00000002.pt").exists()          # what was written before stays
+
+
+def test_a_step_that_cannot_allocate_its_memory_names_the_batch_size_and_the_size_asked(tmp_path, monkeypatch):
+    from prepretrain_lit import trainer as T
+    def too_big(self, batches, step):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 53687091200 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(T.Trainer, "train_step", too_big)
+    with pytest.raises(T.UserError, match=r"out of memory: one step of data.batch_size=\d+ per process asked for 50.00 GiB"):
+        T.train("mae", tiny("train.steps=2"), tmp_path, progress=False)
+    assert "out of memory" in json.loads((tmp_path / "status.json").read_text())["message"]
+
+
+# -- 17. the manifest edited between a run's start and its resume --------------------------------------------
+
+@pytest.mark.parametrize("edit, change", [
+    ("remove", r"1 shard\(s\) removed: shapes-000003\.tar"),
+    ("append", r"1 shard\(s\) added: shapes-000008\.tar"),
+    ("rebuild", r"1 shard\(s\) with other bytes \(checksum\): shapes-000001\.tar"),
+])
+def test_a_resume_over_an_edited_manifest_is_refused_listing_the_changes_and_writes_nothing(tmp_path, shapes, edit, change):
+    import shutil
+    import yaml
+    from prepretrain_lit.manifest import expand_braces
+    from prepretrain_lit.trainer import train
+    data = tmp_path / "data"
+    shutil.copytree(shapes.parent, data)
+    manifest = data / shapes.name
+    sets = [f"data.dataset={manifest}", "data.batch_size=16", "data.num_workers=0", "train.keep_checkpoints=5"]
+    run = tmp_path / "run"
+    train("mae", staged("mae", *sets), run, progress=False)
+    m = yaml.safe_load(manifest.read_text())
+    shards, counts = expand_braces(m["shards"]), list(m["shard_samples"])
+    if edit == "remove":
+        del shards[3], counts[3]
+    elif edit == "append":
+        shutil.copy(data / shards[0], data / "shapes-000008.tar")
+        shards.append("shapes-000008.tar"); counts.append(counts[0])
+    m.update(shards=shards, shard_samples=counts, num_samples=sum(counts))
+    if edit == "rebuild": m["sha256"] = [m["sha256"][0], "0" * 64, *m["sha256"][2:]]
+    else: m["sha256"] = [s for i, s in enumerate(m["sha256"]) if not (edit == "remove" and i == 3)] + (
+        [m["sha256"][0]] if edit == "append" else [])
+    manifest.write_text(yaml.safe_dump(m))
+    before = folder_bytes(run)
+    with pytest.raises(UserError, match=rf"(?s)written over other data .*{change}.*start a new run folder"):
+        train("mae", staged("mae", *sets, "train.steps=4"), run, progress=False, extend=True)
+    assert folder_bytes(run) == before
+
+
+# -- 18. a rank killed: the others end by themselves (no launcher agent to kill them, as under plain srun) ------
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_when_one_rank_is_killed_the_other_ends_by_itself_in_one_line(tmp_path, shapes):
+    from prepretrain_lit.distributed import free_port
+    run, port = tmp_path / "run", str(free_port())
+    procs = []
+    for rank in range(2):                                     # started as srun starts tasks: no torchrun agent
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(train_cmd(shapes, run, 2000, "data.batch_size=8"), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True))
+    try:
+        assert wait_for(lambda: (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        err = ended_within(procs[0])
+    finally:
+        for p in procs:
+            try: os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError: pass
+    assert procs[0].returncode == 2, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("prepretrain: error: another rank of this run stopped answering"), err[-3000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"

@@ -652,3 +652,24 @@ def test_sigterm_to_the_process_group_leaves_runs_in_flight_interrupted_and_a_re
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert [read_json(f / "stage.json")["state"] for f in folders] == ["complete"] * 3
+
+
+def test_a_run_the_trainer_refuses_leaves_its_stage_json_as_it_was(tmp_path):
+    """The trainer refuses a resume or an extension before writing anything (`RunRefused`); the runner had already
+    marked the run `running` (and `extended`): it puts stage.json back, byte for byte, and says why in one line."""
+    stages = tmp_path / "stages"
+    write_stage_notebook(stages / "train.ipynb", OUT + "steps = 10  # steps", [
+        "import os, pathlib\nfrom prepretrain_lit.schema import RunRefused\n"
+        "if os.environ.get('PREPRETRAIN_EXTEND') == '1': raise RunRefused('checkpoint step 5 was written over other data')\n"
+        "pathlib.Path(out_dir, 'model.pt').write_text(str(steps))"])
+    data = {"name": "toy", "defaults": {"steps": 5}, "stages": {"train": {"notebook": "train", "params": {}}}}
+    path = write_yaml(tmp_path / "toy.yaml", data)
+    runs = tmp_path / "runs"
+    assert [o.state for o in run_experiment(path, out=runs, stages_dir=stages, progress=False)] == ["complete"]
+    record = runs / "toy/train/main/stage.json"
+    before = record.read_bytes()
+    data["defaults"]["steps"] = 8
+    write_yaml(path, data)
+    with pytest.raises(UserError, match=r"^train/main: checkpoint step 5 was written over other data$"):
+        run_experiment(path, out=runs, stages_dir=stages, progress=False, extend=True)
+    assert record.read_bytes() == before
