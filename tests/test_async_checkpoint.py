@@ -7,38 +7,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from prepretrain_lit import checkpoint as C
-from prepretrain_lit.config import load_config
 from prepretrain_lit.trainer import (Preempted, SyntheticImages, complete_checkpoints, train, verify_checkpoint_file)
-
-TINY = ["data.dataset=synthetic", "model.depth=2", "model.decoder_depth=1", "train.log_every=1"]
-
-
-def tiny(*overrides: str):
-    return load_config(preset="tiny", overrides=[*TINY, *overrides])
-
-
-def weights(run: Path) -> dict:
-    return torch.load(run / "model.pt", weights_only=True)["model"]
-
-
-def steps_logged(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def wait_for(predicate, timeout=120.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate(): return True
-        time.sleep(0.02)
-    return False
-
+from tiny_runs import TINY, tiny, weights, steps_logged, wait_for
 
 def assert_same(a, b, where=""):
     "Equal nested checkpoint contents: tensors bit for bit, everything else by value."

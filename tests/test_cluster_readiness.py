@@ -14,14 +14,10 @@ import torch
 
 from prepretrain_lit import trainer as T
 from prepretrain_lit.config import UserError, load_config
+from tiny_runs import TINY, tiny
 
-TINY = ["data.dataset=synthetic", "model.depth=2", "model.decoder_depth=1", "train.log_every=1"]
 TINY_TEXT = ["lit.embed_dim=32", "lit.text_width=32", "lit.text_layers=2", "lit.text_heads=4", "lit.context_length=16"]
 TINY_MODEL = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
-
-
-def tiny(*overrides: str, stage: str | None = None):
-    return load_config(preset="tiny", stage=stage, overrides=[*TINY, *overrides])
 
 
 # -- SLURM and torchrun environments -----------------------------------------------------------------------------

@@ -15,29 +15,9 @@ import torch
 from prepretrain_lit.config import UserError, load_config
 from prepretrain_lit.data import build_shards, shapes_source
 from prepretrain_lit.trainer import EXIT_PREEMPTED
+from tiny_runs import TINY, tiny, weights, steps_logged, wait_for
 
 PRETRAIN = Path(sys.executable).parent / "prepretrain"
-TINY = ["data.dataset=synthetic", "model.depth=2", "model.decoder_depth=1", "train.log_every=1"]
-
-
-def tiny(*overrides: str):
-    return load_config(preset="tiny", overrides=[*TINY, *overrides])
-
-
-def weights(run: Path) -> dict:
-    return torch.load(run / "model.pt", weights_only=True)["model"]
-
-
-def steps_logged(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def wait_for(predicate, timeout=120.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate(): return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -457,8 +437,8 @@ def whole_identity_hash(values: dict) -> str:
 def test_a_run_folder_from_before_the_schema_grew_resumes_extends_and_shows_its_status(finished_mae, monkeypatch):
     import yaml
     from prepretrain_lit import presets
-    from prepretrain_lit.config import ConfigError
     from prepretrain_lit.pipeline import status_rows
+    from prepretrain_lit.schema import RunRefused
     from prepretrain_lit.trainer import train
     run, saved = finished_mae, (finished_mae / "config.yaml").read_bytes()
     edit_checkpoints(run, config_hash=whole_identity_hash(yaml.safe_load(saved)))  # as the version before this one wrote them
@@ -470,7 +450,7 @@ def test_a_run_folder_from_before_the_schema_grew_resumes_extends_and_shows_its_
     row, = status_rows(run)
     assert (row["state"], row["step"]) == ("complete", 4), row
     before = folder_bytes(run)
-    with pytest.raises(ConfigError, match=r"grown\.weight: \(absent.*1\.0\) -> 2\.0"):   # the new key off its default
+    with pytest.raises(RunRefused, match=r"grown\.weight: \(absent.*1\.0\) -> 2\.0"):   # the new key off its default
         train("mae", staged("mae", "train.steps=4", "grown.weight=2"), run, progress=False)
     assert folder_bytes(run) == before
 
@@ -478,7 +458,8 @@ def test_a_run_folder_from_before_the_schema_grew_resumes_extends_and_shows_its_
 def test_a_changed_default_is_refused_on_resume_and_changes_nothing(finished_mae, monkeypatch):
     "The hash leaves defaults out, so it cannot see a default change: the stored values do."
     from prepretrain_lit import presets
-    from prepretrain_lit.config import ConfigError, OptimConfig, RunConfig
+    from prepretrain_lit.config import OptimConfig, RunConfig
+    from prepretrain_lit.schema import RunRefused
     from prepretrain_lit.trainer import train
     @dataclasses.dataclass
     class ClippingOptim(OptimConfig):
@@ -488,7 +469,7 @@ def test_a_changed_default_is_refused_on_resume_and_changes_nothing(finished_mae
         optim: ClippingOptim = dataclasses.field(default_factory=ClippingOptim)
     before = folder_bytes(finished_mae)
     monkeypatch.setattr(presets, "RunConfig", ChangedRunConfig)
-    with pytest.raises(ConfigError, match=r"optim\.clip_grad: None -> 1\.0"):
+    with pytest.raises(RunRefused, match=r"optim\.clip_grad: None -> 1\.0"):
         train("mae", staged("mae"), finished_mae, resume=True, progress=False)
     assert folder_bytes(finished_mae) == before
 

@@ -178,8 +178,7 @@ def test_lazy_jpegs_and_damaged_images():
 from prepretrain_lit import trainer as trainer_module
 from prepretrain_lit.config import load_config
 from prepretrain_lit.trainer import SyntheticImages, Trainer, mae_objective, resolve_compile, resolve_precision
-
-TINY = ["data.dataset=synthetic", "model.depth=2", "model.decoder_depth=1", "train.log_every=1"]
+from tiny_runs import TINY
 
 
 def test_auto_precision_and_compile_follow_the_hardware(monkeypatch):

@@ -5,7 +5,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,9 @@ from prepretrain_lit.data import build_shards, shapes_source
 from prepretrain_lit.trainer import (EXIT_PREEMPTED, MODEL_INIT_STREAM, MAEObjective, SyntheticImages, Trainer, TrainingDiverged,
                                      complete_checkpoints, first_slurm_host, grad_norm_, launch, lr_at, mae_objective,
                                      param_groups, save_file_atomic, train, train_worker)
+from tiny_runs import TINY, tiny, weights, wait_for
 
 PRETRAIN = Path(sys.executable).parent / "prepretrain"
-TINY = ["data.dataset=synthetic", "model.depth=2", "model.decoder_depth=1", "train.log_every=1"]
-
-
-def tiny(*overrides: str):
-    return load_config(preset="tiny", overrides=[*TINY, *overrides])
-
-
-def weights(run: Path) -> dict:
-    return torch.load(run / "model.pt", weights_only=True)["model"]
-
-
 def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -173,14 +162,6 @@ def train_cmd(shapes: Path, out: Path, steps: int) -> list[str]:
     return [str(PRETRAIN), "train", "mae", "--preset", "tiny", "--out", str(out), "--set", f"data.dataset={shapes}",
             "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=10", "--set", "train.log_every=1",
             "--set", "data.batch_size=16", "--set", "data.num_workers=1", "--set", "train.keep_checkpoints=10"]
-
-
-def wait_for(predicate, timeout=120.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate(): return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.mark.slow
