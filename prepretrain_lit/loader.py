@@ -572,9 +572,10 @@ def loader_failure(e: BaseException, packs=None) -> BaseException:
         try: return type(e)(f"{cause.strip()} (in loader worker {worker.group(1) if worker else '?'})")
         except Exception: return e       # an exception type that cannot be rebuilt from a message
     if died := TORCH_WORKER_DIED.search(text):    # torch's SIGCHLD handler: raised wherever the main thread was
-        pid, how = died.group(1), died.group(2)
+        pid, how = int(died.group(1)), died.group(2)
         name = STRSIGNAL_NAMES.get(how, how)
-        return LoaderWorkerDied(f"loader worker (pid {pid}) was killed by {name}, "
+        index = next((f" {i}" for i, w in enumerate(getattr(packs, "_workers", [])) if w.pid == pid), "")
+        return LoaderWorkerDied(f"loader worker{index} (pid {pid}) was killed by {name}, "
                                 f"{SIGNAL_CAUSES.get(name, 'sent by another process or the system')}; rerun the same "
                                 "command to resume from the last checkpoint")
     if dead := dead_workers(packs):
