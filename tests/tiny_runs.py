@@ -21,8 +21,9 @@ def weights(run: Path) -> dict:
 
 
 def steps_logged(run: Path) -> list[int]:
-    "The steps of `run`'s metrics.jsonl, in the order they were written."
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """The steps of `run`'s metrics.jsonl, in the order they were written; complete lines only, so that a test polling
+    a file another process is writing never reads a line half-written."""
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().split("\n")[:-1] if line]
 
 
 def wait_for(predicate, timeout: float = 120.0) -> bool:
