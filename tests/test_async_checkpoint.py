@@ -59,6 +59,7 @@ def test_async_writes_the_synchronous_checkpoints_and_resumes_exactly(tmp_path, 
 KILLED_MID_WRITE = """
 import sys, threading
 from pathlib import Path
+import torch
 from prepretrain_lit import checkpoint as C
 from prepretrain_lit.config import load_config
 from prepretrain_lit.trainer import train
@@ -69,7 +70,8 @@ def write(self, b):                              # step 4's checkpoint: stuck af
         self.f.flush(); marker.touch(); threading.Event().wait()
     return n
 C.HashingWriter.write = write
-train("mae", load_config(preset="tiny", overrides=sys.argv[3:]), sys.argv[2], progress=False)
+torch.set_num_threads(int(sys.argv[3]))          # the test process's threads: the same sums, the same bits
+train("mae", load_config(preset="tiny", overrides=sys.argv[4:]), sys.argv[2], progress=False)
 """
 
 
@@ -78,7 +80,7 @@ def test_a_kill_in_the_middle_of_an_async_save_leaves_the_previous_checkpoint_th
         tmp_path, synchronous, capsys):
     run, marker = tmp_path / "run", tmp_path / "writing"
     sets = [*TINY, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=1"]
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(marker), str(run), *sets],
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(marker), str(run), str(torch.get_num_threads()), *sets],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # the loop trained on to step 6 while step 4 was being written (asynchronous), then waited for it there
