@@ -5,15 +5,15 @@
 # %% auto #0
 __all__ = ['STOP_SIGNALS', 'LOCK_FILE', 'HELD_LOCKS_ENV', 'ORPHAN_WAIT_S', 'derive_seed', 'seed_everything', 'seed_worker',
            'set_main_catches_stop', 'ignore_stop_signals', 'release_inherited_locks', 'run_dir', 'create_run_dir',
-           'has_progress', 'stored_run_values', 'check_run_folder', 'init_run_folder', 'RunFolderBusy', 'run_lock',
-           'lock_holder', 'run_is_alive', 'git_state', 'package_versions', 'usable_cpus', 'device_names',
-           'collect_provenance', 'write_provenance', 'UserError', 'ConfigError', 'RunRefused', 'unknown_choice',
-           'EXTRA_SECTIONS', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig', 'MAEConfig', 'SplitMaskConfig',
-           'InitConfig', 'HeadConfig', 'EvalConfig', 'ProbeConfig', 'LiTConfig', 'RunConfig', 'type_name', 'coerce',
-           'merge', 'parse_overrides', 'PRESETS', 'NOT_IDENTITY', 'PATH_KEYS', 'get_preset', 'stage_recipe',
-           'load_yaml', 'load_config', 'config_to_dict', 'config_identity', 'config_hash', 'legacy_config_hash',
-           'config_to_yaml', 'atomic_write_text', 'save_config', 'flat_config', 'config_defaults', 'recorded_hashes',
-           'run_changes']
+           'has_progress', 'stored_run_values', 'check_run_folder', 'init_run_folder', 'RunFolderBusy',
+           'process_exists', 'run_lock', 'lock_holder', 'run_is_alive', 'git_state', 'package_versions', 'usable_cpus',
+           'device_names', 'collect_provenance', 'write_provenance', 'UserError', 'ConfigError', 'RunRefused',
+           'unknown_choice', 'EXTRA_SECTIONS', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig', 'MAEConfig',
+           'SplitMaskConfig', 'InitConfig', 'HeadConfig', 'EvalConfig', 'ProbeConfig', 'LiTConfig', 'RunConfig',
+           'type_name', 'coerce', 'merge', 'parse_overrides', 'PRESETS', 'NOT_IDENTITY', 'PATH_KEYS', 'get_preset',
+           'stage_recipe', 'load_yaml', 'load_config', 'config_to_dict', 'config_identity', 'config_hash',
+           'legacy_config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config', 'flat_config', 'config_defaults',
+           'recorded_hashes', 'run_changes']
 
 # %% ../nbs/00c_config.ipynb #2674f19b
 import contextlib
@@ -166,13 +166,20 @@ def _held_by_parent(folder: Path) -> bool:
 
 ORPHAN_WAIT_S = 15.0   # how long a dead holder's forked children (loader workers) may keep its lock
 
+def process_exists(pid: int) -> bool:
+    """Whether process `pid` of this host still runs. A zombie (ended, not yet reaped: an orphan whose new parent
+    never waits, as PID 1 of many containers) does not, though `kill(pid, 0)` still finds it."""
+    try: os.kill(int(pid), 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    try: stat = Path(f"/proc/{int(pid)}/stat").read_text()
+    except OSError: return True                       # no /proc (macOS): kill's answer stands
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]   # the state follows the command name, which may hold spaces
+
 def _gone(holder: dict) -> bool:
     "Whether the lock's recorded holder is a process of this host that no longer exists."
     if holder.get("host") != socket.gethostname() or not holder.get("pid"): return False
-    try: os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError: return True
-    except PermissionError: return False
-    return False
+    return not process_exists(holder["pid"])
 
 def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
@@ -230,11 +237,7 @@ def lock_holder(folder: str | os.PathLike) -> dict | None:
 
 def run_is_alive(folder: str | os.PathLike, host: str | None, pid: int | None) -> bool:
     "Whether the process `pid` on `host` that wrote a `running` record into `folder` still runs."
-    if host == socket.gethostname() and pid:
-        try: os.kill(int(pid), 0)
-        except ProcessLookupError: return False
-        except PermissionError: return True
-        return True
+    if host == socket.gethostname() and pid: return process_exists(pid)
     return lock_holder(folder) is not None    # another host: its lock is held while it runs (flock works over NFS)
 
 # %% ../nbs/00c_config.ipynb #f1001727
