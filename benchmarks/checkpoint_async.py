@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from prepretrain_lit.checkpoint import CheckpointWriter, checkpoint_path
-from prepretrain_lit.config import load_config
-from prepretrain_lit.trainer import SyntheticImages, Trainer, mae_objective
+from prepretrain_lit.presets import load_config
+from prepretrain_lit.trainer import SyntheticImages, Trainer
+from prepretrain_lit.objectives import mae_objective
 
 
 def cpu_name() -> str:

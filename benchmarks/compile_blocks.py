@@ -25,9 +25,11 @@ VARIANTS = ("eager", "whole", "blocks")
 def measure(variant: str, args) -> dict:
     "Train `args.steps` steps of the `variant` in this process; compile and step seconds."
     import torch
-    from prepretrain_lit.config import load_config
+    from prepretrain_lit.presets import load_config
     from prepretrain_lit.distributed import DistInfo, compile_seconds, parallelize
-    from prepretrain_lit.trainer import SyntheticImages, build_optimizer, mae_objective
+    from prepretrain_lit.trainer import SyntheticImages
+    from prepretrain_lit.optim import build_optimizer
+    from prepretrain_lit.objectives import mae_objective
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = load_config(preset=args.preset, overrides=["data.dataset=synthetic", f"data.batch_size={args.batch}"])

@@ -20,8 +20,12 @@ from pathlib import Path
 import numpy as np
 
 import prepretrain_lit.loader as loader_module
-from prepretrain_lit.data import encode_image, nested_subsets, subset_score, write_manifest, write_shard
-from prepretrain_lit.loader import ShardStream, StreamLoader, StreamPlan, eval_transform
+from prepretrain_lit.data import encode_image
+from prepretrain_lit.subsets import nested_subsets, subset_score
+from prepretrain_lit.manifest import write_manifest, write_shard
+from prepretrain_lit.loader import ShardStream, StreamLoader
+from prepretrain_lit.stream import StreamPlan
+from prepretrain_lit.decode import eval_transform
 
 
 def write_corpus(out: Path, n: int, shard_size: int, side: int, subsets: dict, record_shards: bool, name: str) -> Path:

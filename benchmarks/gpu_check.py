@@ -90,7 +90,7 @@ def stop_after(data, step: int):
 
 def part_tiny(args) -> None:
     from prepretrain_lit import trainer as T
-    from prepretrain_lit.config import load_config
+    from prepretrain_lit.presets import load_config
     stage = args.objective
     overrides = [*TINY, f"train.steps={args.steps}", f"train.device={args.device}", f"train.precision={args.precision}",
                  f"train.compile={'true' if args.compile else 'false'}"]
@@ -128,7 +128,7 @@ def part_tiny(args) -> None:
 def one_rank_group(device: torch.device):
     "A process group of one rank (NCCL on a GPU, gloo on the CPU) on a free local port."
     import torch.distributed as dist
-    from prepretrain_lit.trainer import free_port
+    from prepretrain_lit.distributed import free_port
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if device.type == "cuda": torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
@@ -140,7 +140,7 @@ def shard(objective, device: torch.device, precision: str) -> None:
     "fully_shard each block, then the root, with the trainer's policies (as `Trainer._wrap` does)."
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from prepretrain_lit.trainer import fsdp_policies
+    from prepretrain_lit.distributed import fsdp_policies
     mesh = init_device_mesh(device.type, (1,))
     block_mp, root_mp = fsdp_policies(precision)
     for block in objective.blocks(): fully_shard(block, mesh=mesh, mp_policy=block_mp)
@@ -151,8 +151,10 @@ def part_fsdp(args) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
     from prepretrain_lit import mae as M
-    from prepretrain_lit.config import load_config
-    from prepretrain_lit.trainer import SyntheticImages, build_optimizer, mae_objective
+    from prepretrain_lit.presets import load_config
+    from prepretrain_lit.trainer import SyntheticImages
+    from prepretrain_lit.optim import build_optimizer
+    from prepretrain_lit.objectives import mae_objective
     device = device_of(args.device)
     cfg = load_config(preset="tiny", overrides=TINY)
     seen: dict = {}
@@ -201,9 +203,9 @@ def part_fsdp(args) -> None:
 
 
 def part_lit_fsdp(args) -> None:
-    from prepretrain_lit.config import load_config
-    from prepretrain_lit.lit import lit_objective
-    from prepretrain_lit.trainer import build_optimizer
+    from prepretrain_lit.presets import load_config
+    from prepretrain_lit.objectives import lit_objective
+    from prepretrain_lit.optim import build_optimizer
     device = device_of(args.device)
     cfg = load_config(preset="tiny", stage="lit", overrides=[
         "model.depth=2", "lit.embed_dim=32", "lit.text_width=32", "lit.text_layers=2", "lit.text_heads=4",
@@ -235,9 +237,11 @@ def part_parallel(args) -> None:
     """One rank, FSDP2 through `parallelize` (as the trainer): the same MAE and batch eager, then compiled per block with
     checkpointing none, full, selective. Losses of every step (2 micro-batches each), compile seconds apart from the
     median step time after the first, and on a GPU the peak memory of each."""
-    from prepretrain_lit.config import load_config
+    from prepretrain_lit.presets import load_config
     from prepretrain_lit.distributed import DistInfo, compile_seconds, parallelize
-    from prepretrain_lit.trainer import SyntheticImages, build_optimizer, mae_objective
+    from prepretrain_lit.trainer import SyntheticImages
+    from prepretrain_lit.optim import build_optimizer
+    from prepretrain_lit.objectives import mae_objective
     device = device_of(args.device)
     cuda = device.type == "cuda"
     cfg = load_config(preset=args.preset, overrides=[*(TINY if args.preset == "tiny" else ["data.dataset=synthetic"]),
@@ -309,9 +313,10 @@ def part_throughput(args) -> None:
 
 def part_loader(args) -> None:
     import dataclasses
-    from prepretrain_lit.config import load_config
+    from prepretrain_lit.presets import load_config
     from prepretrain_lit.data import build_shards, shapes_source
-    from prepretrain_lit.loader import TRANSFORMS, make_loader
+    from prepretrain_lit.decode import TRANSFORMS
+    from prepretrain_lit.loader import make_loader
     device = device_of(args.device)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-loader-"))
     manifest = build_shards(shapes_source(args.images, seed=0, size=64), work / "shapes", shard_size=max(1, args.images // 8),

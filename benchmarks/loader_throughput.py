@@ -37,8 +37,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from prepretrain_lit.data import SHAPES, SHAPES_HASHTAGS, Source, build_shards, encode_image, render_shapes, shapes_source
-from prepretrain_lit.loader import ShardStream, StreamLoader, mae_transform
+from prepretrain_lit.render import SHAPES, SHAPES_HASHTAGS, render_shapes
+from prepretrain_lit.data import Source, build_shards, encode_image, shapes_source
+from prepretrain_lit.loader import ShardStream, StreamLoader
+from prepretrain_lit.decode import mae_transform
 
 
 def photo_like(seed: int, i: int, size=(500, 375)) -> tuple[np.ndarray, dict]:

@@ -36,8 +36,12 @@ from typing import Callable
 
 import torch
 
-from prepretrain_lit.config import MAEConfig, ModelConfig, RunConfig, load_config
-from prepretrain_lit.trainer import DistInfo, SyntheticImages, Trainer, mae_objective, param_groups
+from prepretrain_lit.schema import MAEConfig, ModelConfig, RunConfig
+from prepretrain_lit.presets import load_config
+from prepretrain_lit.distributed import DistInfo
+from prepretrain_lit.trainer import SyntheticImages, Trainer
+from prepretrain_lit.objectives import mae_objective
+from prepretrain_lit.optim import param_groups
 
 # Peak dense bf16 tensor-core rates (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name(); the
 # longest key found in the name wins ("NVIDIA H200 NVL" is an H200 NVL, not an H200; "GH200" not "H200").

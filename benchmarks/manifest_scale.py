@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import yaml
 
-from prepretrain_lit.data import (_MANIFESTS, inspect_shards, load_manifest, parse_manifest, shard_order, shard_paths,
-                                  write_img2dataset_like, write_manifest)
+from prepretrain_lit.manifest import _MANIFESTS, load_manifest, parse_manifest, write_manifest
+from prepretrain_lit.tars import inspect_shards, shard_paths, write_img2dataset_like
+from prepretrain_lit.subsets import shard_order
 from prepretrain_lit.loader import collate_samples
 
 

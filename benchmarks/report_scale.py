@@ -38,7 +38,7 @@ WAYS = {"plain": dict(columnar=False, max_points=2000, csv=True),
 
 def make_runs(root: Path, runs: int, lines: int) -> Path:
     "N WSP stage folders of `lines` metric lines each, and a linear probe per 10; returns the experiment folder."
-    from prepretrain_lit.config import load_config, save_config
+    from prepretrain_lit.presets import load_config, save_config
     exp = root / "scale"
     cfg_path = root / "config.yaml"
     save_config(load_config(preset="tiny", overrides=["data.subset=5k"]), cfg_path)
@@ -68,7 +68,8 @@ def make_runs(root: Path, runs: int, lines: int) -> Path:
 
 def worker(way: str, exp: Path, out: Path) -> dict:
     "One way's gather and save, timed, in this (fresh) process."
-    from prepretrain_lit.report import build_report, gather, save_table
+    from prepretrain_lit.report import build_report
+    from prepretrain_lit.report_table import gather, save_table
     opts = WAYS[way]
     if opts.get("report"):
         import matplotlib

@@ -16,8 +16,10 @@ import time
 
 import torch
 
-from prepretrain_lit.config import load_config
-from prepretrain_lit.trainer import DistInfo, SyntheticImages, Trainer, mae_objective
+from prepretrain_lit.presets import load_config
+from prepretrain_lit.distributed import DistInfo
+from prepretrain_lit.trainer import SyntheticImages, Trainer
+from prepretrain_lit.objectives import mae_objective
 
 # The FLOP count and the peak rates are the ones tests/test_benchmarks.py checks (sys.path holds this folder).
 from mae_throughput import mae_flops, peak_tflops

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import atomic_write_text
+from .presets import atomic_write_text
 
 # %% auto #0
 __all__ = ['write_stage', 'tiny_mae_config', 'write_tiny_mae', 'example_runs']
@@ -26,7 +26,7 @@ def _curve(start: float, end: float, rate: float, steps: Sequence[int], jitter: 
 def write_stage(folder: str | os.PathLike, stage: dict, metrics: Sequence[dict] = (), results: dict | None = None,
                 config=None) -> Path:
     "Write a stage run folder as the runner and trainer would: `stage.json`, `metrics.jsonl`, `results.json`, `config.yaml`."
-    from prepretrain_lit.config import save_config
+    from prepretrain_lit.presets import save_config
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "stage.json", json.dumps({"state": "complete", **stage}, indent=1) + "\n")
     if metrics: atomic_write_text(folder / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
@@ -36,7 +36,7 @@ def write_stage(folder: str | os.PathLike, stage: dict, metrics: Sequence[dict] 
 
 def tiny_mae_config(overrides: Sequence[str] = ()):
     "The `tiny` preset made smaller still (16 px, 4 px patches, width 32, depth 2): a MAE that saves in kilobytes."
-    from prepretrain_lit.config import load_config
+    from prepretrain_lit.presets import load_config
     return load_config(preset="tiny", overrides=["model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
                                                  "model.depth=2", "model.num_heads=2", "model.decoder_embed_dim=32",
                                                  "model.decoder_depth=1", "model.decoder_num_heads=2", *overrides])
@@ -44,7 +44,7 @@ def tiny_mae_config(overrides: Sequence[str] = ()):
 def write_tiny_mae(folder: str | os.PathLike, cfg=None, seed: int = 0) -> Path:
     "Save a freshly initialised tiny MAE as `folder/model.pt` (`{'model': state_dict}`) with its `config.yaml`."
     import torch
-    from prepretrain_lit.config import save_config
+    from prepretrain_lit.presets import save_config
     from prepretrain_lit.mae import mae_from_config
     cfg = cfg or tiny_mae_config()
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,9 @@ from typing import Callable, Sequence
 
 import prepretrain_lit
 from .registry import TRAINS, recipe_stage, stage_kinds, stage_spec, use_stage_modules
-from .config import (PRESETS, RunConfig, UserError, collect_provenance,
-                                    config_hash, config_to_dict, config_to_yaml, get_preset, load_config, usable_cpus)
+from .presets import PRESETS, config_hash, config_to_dict, config_to_yaml, get_preset, load_config
+from .schema import RunConfig, UserError
+from .config import collect_provenance, usable_cpus
 
 # %% ../nbs/10_cli.ipynb #e030c1c7
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -88,8 +89,8 @@ def parse_split(items: list[str]) -> dict[str, float]:
 
 def cmd_shards_build(args: argparse.Namespace) -> int:
     from pathlib import Path
-    from prepretrain_lit.data import (build_from_recipe, build_shards, build_split, imagefolder_source, load_manifest,
-                                      table_source)
+    from prepretrain_lit.data import build_from_recipe, build_shards, build_split, imagefolder_source, table_source
+    from prepretrain_lit.manifest import load_manifest
     source = Path(args.source)
     subsets = dict(parse_subset(s) for s in args.subset)
     if source.suffix in (".yaml", ".yml"):
@@ -153,7 +154,8 @@ def cmd_shards_reshard(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_shards_verify(args: argparse.Namespace) -> int:
-    from prepretrain_lit.data import load_manifest, verify_manifest, verify_notes
+    from prepretrain_lit.manifest import load_manifest
+    from prepretrain_lit.data import verify_manifest, verify_notes
     m = load_manifest(args.manifest)
     problems = verify_manifest(m, progress=True)
     for p in problems: print(p)
@@ -207,7 +209,8 @@ def add_shards_parser(sub) -> None:
 
 # %% ../nbs/10_cli.ipynb #155afe77
 def cmd_train(args: argparse.Namespace) -> int:
-    from prepretrain_lit.trainer import EXIT_PREEMPTED, Preempted, train
+    from prepretrain_lit.checkpoint import EXIT_PREEMPTED, Preempted
+    from prepretrain_lit.trainer import train
     spec = stage_spec(args.stage)           # the stages `train` runs: those that pretrain, or train for another stage
     if not spec.trains:
         if spec.role == "evaluate": raise UserError(f"'{args.stage}' is an evaluation: run `prepretrain evaluate {args.stage} ...`")
@@ -264,7 +267,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try: from prepretrain_lit.report import build_report
     except ImportError as e: raise UserError(f"the report module is not available ({e}); see nbs/09d_report.ipynb") from None
     out = build_report(args.run_dirs, out_dir=args.out)
-    from prepretrain_lit.report import load_table
+    from prepretrain_lit.report_table import load_table
     print(results_table(load_table(out["parquet"])))
     for key, value in out.items():
         print(f"{key}: {len(value)}" if isinstance(value, (list, tuple, dict)) else f"{key}: {value}")
@@ -275,7 +278,8 @@ def report_files(root: Path) -> list[Path]:
     return sorted(root.rglob("summary.md"), key=lambda p: p.stat().st_mtime, reverse=True)
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from prepretrain_lit.pipeline import EXPERIMENTS_DIR, run_experiment
+    from prepretrain_lit.pipeline_spec import EXPERIMENTS_DIR
+    from prepretrain_lit.pipeline import run_experiment
     # the demo's runs are disposable: those made with other parameters (an older demo.yaml) are simply re-run
     outcomes = run_experiment(EXPERIMENTS_DIR / "demo.yaml", out=args.out, overrides=args.overrides, only=args.only,
                               dry_run=args.dry_run, force=True, progress=not args.quiet, jobs=args.jobs or usable_cpus())
@@ -306,7 +310,7 @@ EXPORT_FORMATS = ("timm", "safetensors", "hf", "hf-vit")
 def export_hf(run: Path, cfg: RunConfig, trunk, dest: Path, to: str, meta: dict) -> dict:
     """`export_trunk`'s Hugging Face formats (`07c_hf_export`): `hf` writes an MAE run whole (decoder included) as
     `ViTMAEForPreTraining` and any other run's trunk as `ViTModel`; `hf-vit` the trunk as `ViTModel` for every run."""
-    from prepretrain_lit.config import atomic_write_text
+    from prepretrain_lit.presets import atomic_write_text
     from prepretrain_lit.hf_export import write_hf
     from prepretrain_lit.mae import load_mae_checkpoint, mae_from_config
     whole = to == "hf" and cfg.stage == "mae"
@@ -328,8 +332,8 @@ def export_trunk(run_dir: str | os.PathLike, to: str = "timm", out: str | os.Pat
     `model.safetensors` and timm's `config.json`; `to='safetensors'` a `trunk.safetensors`. Both get `README.md`
     and `export.json` with the `timm.create_model` call; returns that record. `to='hf'` / `'hf-vit'`: for Hugging
     Face `transformers` (`export_hf`)."""
-    from prepretrain_lit.config import atomic_write_text
-    from prepretrain_lit.loader import IMAGENET_MEAN, IMAGENET_STD
+    from prepretrain_lit.presets import atomic_write_text
+    from prepretrain_lit.decode import IMAGENET_MEAN, IMAGENET_STD
     from prepretrain_lit.vit import load_trunk, save_trunk, vit_from_config
     run = Path(run_dir)
     if to not in EXPORT_FORMATS: raise UserError(f"--to {to}: choose one of {', '.join(EXPORT_FORMATS)}")
@@ -377,7 +381,7 @@ def results_table(table) -> str:
     """The report's numbers as a compact text table: every evaluation and every run's final training loss as mean ±
     sample std (n) over seeds and splits, per setting and recipe; columns that are empty throughout are left out."""
     import pandas as pd
-    from prepretrain_lit.report import eval_numbers, final_values, fmt, spread
+    from prepretrain_lit.report_summary import eval_numbers, final_values, fmt, spread
     text = lambda v: "" if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v)
     value = lambda m, s, n, metric: fmt(m, metric) + (f" ± {fmt(s, metric)}" if n > 1 else "") + f" (n={n})"
     rows = [("kind", "dataset", "metric", "shots", "model", "subset", "objective", "recipe", "value")]

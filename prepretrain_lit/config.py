@@ -7,13 +7,7 @@ __all__ = ['STOP_SIGNALS', 'LOCK_FILE', 'HELD_LOCKS_ENV', 'ORPHAN_WAIT_S', 'deri
            'set_main_catches_stop', 'ignore_stop_signals', 'release_inherited_locks', 'run_dir', 'create_run_dir',
            'has_progress', 'stored_run_values', 'check_run_folder', 'init_run_folder', 'RunFolderBusy',
            'process_exists', 'run_lock', 'lock_holder', 'run_is_alive', 'git_state', 'package_versions', 'usable_cpus',
-           'device_names', 'collect_provenance', 'write_provenance', 'UserError', 'ConfigError', 'RunRefused',
-           'unknown_choice', 'EXTRA_SECTIONS', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig', 'MAEConfig',
-           'SplitMaskConfig', 'InitConfig', 'HeadConfig', 'EvalConfig', 'ProbeConfig', 'LiTConfig', 'RunConfig',
-           'type_name', 'coerce', 'merge', 'parse_overrides', 'PRESETS', 'NOT_IDENTITY', 'PATH_KEYS', 'get_preset',
-           'stage_recipe', 'load_yaml', 'load_config', 'config_to_dict', 'config_identity', 'config_hash',
-           'legacy_config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config', 'flat_config', 'config_defaults',
-           'recorded_hashes', 'run_changes']
+           'device_names', 'collect_provenance', 'write_provenance']
 
 # %% ../nbs/00c_config.ipynb #2674f19b
 import contextlib
@@ -34,17 +28,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .schema import *     # the config tree, its errors and checked values (00a_schema)
-from .presets import *    # presets, stage recipes, loading, saving and the hash (00b_presets)
-
-# %% ../nbs/00c_config.ipynb #81a7eec2
-# the re-exported names belong to this module's public face too (`from ... import *`)
-_all_ = ['UserError', 'ConfigError', 'RunRefused', 'unknown_choice', 'EXTRA_SECTIONS', 'ModelConfig', 'DataConfig', 'OptimConfig', 'TrainConfig',
-         'MAEConfig', 'SplitMaskConfig', 'InitConfig', 'HeadConfig', 'EvalConfig', 'ProbeConfig', 'LiTConfig',
-         'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides', 'PRESETS', 'NOT_IDENTITY',
-         'PATH_KEYS', 'get_preset', 'stage_recipe', 'load_yaml', 'load_config', 'config_to_dict', 'config_identity',
-         'config_hash', 'legacy_config_hash', 'config_to_yaml', 'atomic_write_text', 'save_config', 'flat_config',
-         'config_defaults', 'recorded_hashes', 'run_changes']
+from .schema import UserError, ConfigError, RunConfig, merge
+from .presets import (get_preset, load_yaml, load_config, config_to_dict, config_hash, run_changes,
+                                     atomic_write_text, save_config)
 
 # %% ../nbs/00c_config.ipynb #efac9a69
 def derive_seed(seed: int, *keys: int) -> int:

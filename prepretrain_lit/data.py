@@ -8,18 +8,7 @@ __all__ = ['STORED_FORMATS', 'encode_image', 'FileBytes', 'Source', 'shapes_sour
            'shard_jobs', 'check_unreadable', 'build_shards', 'source_rows', 'split_rows', 'build_split',
            'count_samples', 'shard_check', 'shard_problems', 'total_problems', 'verify_notes', 'missing_shards',
            'missing_shards_verdict', 'verify_share', 'verify_manifest', 'verify_across_ranks', 'verify_worker',
-           'shipped_manifest', 'recipe_source', 'build_from_recipe', 'FORMATS', 'SIDECAR_MIN_SHARDS', 'KEY_EXT',
-           'ManifestError', 'Digests', 'Manifest', 'expand_braces', 'read_sidecar', 'parse_manifest', 'load_manifest',
-           'sha256_file', 'write_shard', 'write_sidecar', 'write_manifest', 'TarError', 'tar_members', 'SHAPES',
-           'COLORS', 'TEXTURES', 'BACKGROUNDS', 'BACKGROUND_STYLES', 'COUNT_WORDS', 'SHAPES_HASHTAGS', 'DIGIT_CLASSES',
-           'SHAPE_ID_FACTORS', 'SHAPE_ID_HASHTAGS', 'SHAPE_ID_SPLITS', 'shape_mask', 'render_shapes', 'digits_split',
-           'render_digit', 'render_shape_id', 'subset_score', 'subset_scores', 'score_buckets', 'score_histogram',
-           'bucket_scores', 'thresholds_from_buckets', 'nested_subsets', 'in_subset', 'prefix_subsets', 'shard_scores',
-           'shard_order', 'shard_subsets', 'SubsetReads', 'subset_reads', 'ShardInfo', 'shard_stem',
-           'img2dataset_stats', 'inspect_shard', 'TEMPLATE_MARK', 'read_shard_samples', 'source_shard_size', 'ROW',
-           'write_shard_metadata', 'ReshardPlan', 'reshard', 'shard_keys', 'shard_paths', 'shard_patterns',
-           'inspect_shards', 'index_fields', 'index_shards', 'shard_of_key', 'sample_metadata',
-           'write_img2dataset_like']
+           'shipped_manifest', 'recipe_source', 'build_from_recipe']
 
 # %% ../nbs/01a_data.ipynb #d5571f4d
 import csv
@@ -38,25 +27,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import UserError
-from .manifest import *                   # the manifest and the shard format (01_manifest)
+from .schema import UserError
+from .manifest import (KEY_EXT, ManifestError, Manifest, load_manifest, sha256_file, write_shard,
+                                      write_manifest, TarError, tar_members)
 from .manifest import _MANIFESTS, _member # the parse cache (benchmarks clear it); one tar member
-from .render import *                     # the built-in datasets (01_render)
-from .subsets import *                    # nested subsets (01_subsets)
-from .tars import *                       # tars that exist already: indexed, resharded (01_tars)
-
-# %% ../nbs/01a_data.ipynb #f051a9f9
-# the re-exported names belong to this module's public face too (`from ... import *`)
-_all_ = ['FORMATS', 'SIDECAR_MIN_SHARDS', 'KEY_EXT', 'ManifestError', 'Digests', 'Manifest', 'expand_braces', 'read_sidecar',
-         'parse_manifest', 'load_manifest', 'sha256_file', 'write_shard', 'write_sidecar', 'write_manifest',
-         'TarError', 'tar_members', 'SHAPES', 'COLORS', 'TEXTURES', 'BACKGROUNDS', 'BACKGROUND_STYLES',
-         'COUNT_WORDS', 'SHAPES_HASHTAGS', 'DIGIT_CLASSES', 'SHAPE_ID_FACTORS', 'SHAPE_ID_HASHTAGS', 'SHAPE_ID_SPLITS',
-         'shape_mask', 'render_shapes', 'digits_split', 'render_digit', 'render_shape_id', 'subset_score', 'subset_scores', 'score_buckets', 'score_histogram', 'bucket_scores',
-         'thresholds_from_buckets', 'nested_subsets', 'in_subset', 'prefix_subsets', 'shard_scores', 'shard_order',
-         'shard_subsets', 'SubsetReads', 'subset_reads', 'ShardInfo', 'shard_stem', 'img2dataset_stats',
-         'inspect_shard', 'TEMPLATE_MARK', 'read_shard_samples', 'source_shard_size', 'ROW',
-         'write_shard_metadata', 'ReshardPlan', 'reshard', 'shard_keys', 'shard_paths', 'shard_patterns', 'inspect_shards', 'index_fields', 'index_shards',
-         'shard_of_key', 'sample_metadata', 'write_img2dataset_like']
+from .render import (SHAPES, SHAPES_HASHTAGS, DIGIT_CLASSES, SHAPE_ID_HASHTAGS, SHAPE_ID_SPLITS,
+                                    render_shapes, digits_split, render_digit, render_shape_id)
+from .subsets import subset_score, subset_scores, score_buckets, prefix_subsets
 
 # %% ../nbs/01a_data.ipynb #a56d2c89
 def encode_image(image: np.ndarray | Image.Image, fmt: str = "jpg", quality: int = 95, max_side: int | None = None) -> bytes:

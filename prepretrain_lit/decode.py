@@ -24,7 +24,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode
 
-from .config import UserError
+from .schema import UserError
 from .manifest import Manifest
 
 # %% ../nbs/01c_decode.ipynb #080ce1aa

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import UserError, usable_cpus
+from .schema import UserError
+from .config import usable_cpus
 
 # %% ../nbs/06a_distributed.ipynb #48798d61
 @dataclass

@@ -12,7 +12,8 @@ from typing import Mapping
 
 import torch
 
-from .config import MAEConfig, ModelConfig, UserError, atomic_write_text
+from .schema import MAEConfig, ModelConfig, UserError
+from .presets import atomic_write_text
 
 # %% auto #0
 __all__ = ['hf_state_dict', 'hf_config', 'write_hf']

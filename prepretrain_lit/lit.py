@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import RunConfig, UserError
+from .schema import RunConfig, UserError
 from .splitmask import all_gather_with_grad
 from .vit import ViT, check_state_dict, load_init, load_state_dict_file, vit_from_config
 

@@ -7,12 +7,7 @@ __all__ = ['SKIP_TEST_ALPHA', 'INT_FIELDS', 'OPEN_WORKERS', 'SIGNAL_CAUSES', 'TO
            'ShardStream', 'check_enough_shards', 'skip_p_value', 'check_skip_fraction', 'pad_indices',
            'collate_samples', 'PackedBatch', 'pack_batch', 'unpack_batch', 'StreamLoader', 'resolve_manifest',
            'make_loader', 'data_identity', 'identity_changes', 'check_same_data', 'LoaderWorkerDied', 'dead_workers',
-           'loader_failure', 'end_workers', 'shard_assignment', 'buffer_order', 'Window', 'StreamPlan', 'tar_samples',
-           'IMAGE_EXTS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TRANSFORMS', 'BadSample', 'DataQualityError',
-           'jpeg_is_complete', 'jpeg_header', 'EncodedJpeg', 'decode_jpeg_rgb', 'as_pil', 'open_image', 'decode_sample',
-           'sample_seed', 'seeded_rng', 'CropFlipParts', 'crop_flip_parts', 'crop_flip_draws', 'jpeg_draft_scale',
-           'to_normalized', 'fast_crop_flip', 'mae_transform', 'eval_transform', 'posterize_any_bits',
-           'finetune_transform', 'light_transform']
+           'loader_failure', 'end_workers']
 
 # %% ../nbs/01d_loader.ipynb #626c21df
 import math
@@ -23,20 +18,15 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .config import DataConfig, UserError, derive_seed, ignore_stop_signals
-from .data import (TEMPLATE_MARK, Manifest, count_samples, load_manifest, shipped_manifest,
-                                  missing_shards_verdict, subset_reads, subset_score, verify_across_ranks)
-from .stream import *    # the order of an epoch, positions, reading a shard (01b_stream)
-from .decode import *    # decoding, bad samples, seeded augmentation, transforms (01c_decode)
-
-# %% ../nbs/01d_loader.ipynb #aab03762
-# the re-exported names belong to this module's public face too (`from ... import *`)
-_all_ = ['shard_assignment', 'buffer_order', 'Window', 'StreamPlan', 'tar_samples', 'IMAGE_EXTS',
-         'IMAGENET_MEAN', 'IMAGENET_STD', 'TRANSFORMS', 'BadSample', 'DataQualityError', 'jpeg_is_complete',
-         'jpeg_header', 'EncodedJpeg', 'decode_jpeg_rgb', 'as_pil', 'open_image', 'decode_sample',
-         'sample_seed', 'seeded_rng', 'CropFlipParts', 'crop_flip_parts', 'crop_flip_draws', 'jpeg_draft_scale',
-         'to_normalized', 'fast_crop_flip', 'mae_transform', 'eval_transform', 'posterize_any_bits',
-         'finetune_transform', 'light_transform']
+from .schema import DataConfig, UserError
+from .config import derive_seed, ignore_stop_signals
+from .manifest import TEMPLATE_MARK, Manifest, load_manifest
+from .data import count_samples, shipped_manifest, missing_shards_verdict, verify_across_ranks
+from .subsets import subset_reads, subset_score
+from .stream import Window, StreamPlan, tar_samples
+from .decode import (IMAGENET_MEAN, IMAGENET_STD, BadSample, DataQualityError, as_pil, decode_sample,
+                                    sample_seed, seeded_rng, crop_flip_parts, fast_crop_flip, mae_transform,
+                                    eval_transform)
 
 # %% ../nbs/01d_loader.ipynb #451794ed
 class ShardStream(torch.utils.data.IterableDataset):

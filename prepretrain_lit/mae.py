@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from .config import MAEConfig, ModelConfig
+from .schema import MAEConfig, ModelConfig
 from .vit import (VIT_SIZES, LayerNorm6, ViT, check_state_dict, init_linear_and_norm,
                                  load_state_dict_file, run_blocks, sincos_pos_embed_2d)
 

@@ -21,7 +21,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import yaml
 
-from .config import UserError, atomic_write_text
+from .schema import UserError
+from .presets import atomic_write_text
 
 # %% ../nbs/01_manifest.ipynb #417119b1
 FORMATS = ("webdataset", "recipe")

@@ -15,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .config import InitConfig, ModelConfig, RunConfig, UserError
+from .schema import InitConfig, ModelConfig, RunConfig, UserError
 from .lit import clip_loss, lit_from_config
 from .mae import mae_from_config
 from .splitmask import SplitMaskViT, splitmask_from_config
-from .vit import LayerNorm6, ViT, init_state_dict, load_init   # load_init: re-exported (02_vit)
+from .vit import LayerNorm6, ViT, init_state_dict, load_init
 
 # %% auto #0
 __all__ = ['Objective', 'MAEObjective', 'mae_objective', 'SplitMaskObjective', 'splitmask_objective', 'LiTObjective',
@@ -223,7 +223,7 @@ class ClassificationObjective(Objective):
 # %% ../nbs/05_objectives.ipynb #ff576254
 def manifest_of(cfg: RunConfig):
     "The training manifest of `cfg.data.dataset` (loaded and checked)."
-    from prepretrain_lit.data import load_manifest
+    from prepretrain_lit.manifest import load_manifest
     from prepretrain_lit.loader import resolve_manifest
     return load_manifest(resolve_manifest(cfg.data.dataset))
 

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .config import RunConfig
+from .schema import RunConfig
 
 # %% ../nbs/06c_optim.ipynb #fad64e04
 def steps_for(epochs: float, num_samples: int, global_batch: int) -> int:

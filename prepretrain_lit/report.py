@@ -9,10 +9,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .config import UserError, atomic_write_text
-from .report_table import *      # the table: gather, save_table, load_table, ...
-from .report_summary import *    # the comparisons in words: compare_evals, summary_markdown, ...
-from .report_figures import *    # the figures: plot_convergence, make_figures, ...
+from .schema import UserError
+from .presets import atomic_write_text
+from .report_table import gather, save_table, load_table
+from .report_summary import summary_markdown
+from .report_figures import make_figures
 
 # %% auto #0
 __all__ = ['build_report']

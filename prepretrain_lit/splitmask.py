@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig, SplitMaskConfig
+from .schema import ModelConfig, SplitMaskConfig
 from .mae import MaskedAutoencoderViT, patchify
 
 # %% ../nbs/04_splitmask.ipynb #f5c9d6bf

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from .config import UserError
+from .schema import UserError
 from .manifest import Manifest
 
 # %% ../nbs/01_subsets.ipynb #48074dfd

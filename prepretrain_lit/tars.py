@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import UserError
+from .schema import UserError
 from .manifest import (KEY_EXT, TEMPLATE_MARK, Manifest, ManifestError, TarError, _member, expand_braces,
                                       load_manifest, sha256_file, tar_members, write_manifest, write_shard)
 from .subsets import nested_subsets, shard_subsets, subset_reads, subset_score

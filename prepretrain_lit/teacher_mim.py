@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError, InitConfig, ModelConfig, RunConfig, UserError, load_config
+from .schema import ConfigError, InitConfig, ModelConfig, RunConfig, UserError
+from .presets import load_config
 from .lit import load_lit
 from .mae import MaskedAutoencoderViT
 from .objectives import Objective

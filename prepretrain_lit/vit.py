@@ -27,7 +27,7 @@ from timm.layers import resample_abs_pos_embed
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from timm.models.vision_transformer import Block, PatchEmbed
 
-from .config import InitConfig, ModelConfig, UserError
+from .schema import InitConfig, ModelConfig, UserError
 from .registry import not_trunk_prefixes
 
 # %% ../nbs/02_vit.ipynb #55676f31

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from prepretrain_lit import checkpoint as C
-from prepretrain_lit.trainer import (Preempted, SyntheticImages, complete_checkpoints, train, verify_checkpoint_file)
+from prepretrain_lit.checkpoint import Preempted, complete_checkpoints
+from prepretrain_lit.trainer import SyntheticImages, train
+from prepretrain_lit.vit import verify_checkpoint_file
 from tiny_runs import TINY, tiny, weights, steps_logged, wait_for
 
 def assert_same(a, b, where=""):

@@ -12,7 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from prepretrain_lit.config import MAEConfig, ModelConfig
+from prepretrain_lit.schema import MAEConfig, ModelConfig
 from prepretrain_lit.mae import mae_from_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from prepretrain_lit.cli import main
-from prepretrain_lit.config import config_hash, load_config
+from prepretrain_lit.presets import config_hash, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = Path(sys.executable).parent / "prepretrain"
@@ -104,7 +104,7 @@ def test_run_status_and_report_subcommands(tmp_path):
 
 def test_train_applies_the_stage_recipe(tmp_path, shapes_manifest):
     from prepretrain_lit.cli import main
-    from prepretrain_lit.config import load_config
+    from prepretrain_lit.presets import load_config
     out = tmp_path / "wsp"
     assert main(["train", "wsp", "--preset", "tiny", "--set", f"data.dataset={shapes_manifest}", "--set", "train.steps=2",
                  "--set", "data.num_workers=0", "--set", "data.batch_size=8", "--out", str(out)]) == 0
@@ -207,8 +207,9 @@ def tiny_form(command: str, tmp: Path, example: Path) -> list[str] | None:
     """`command`'s arguments made dry or tiny: experiments dry-run into `tmp` (template manifests swapped for the
     built-in shapes, as experiments/README.md's tiny mode does), training a few steps, status/report on `example`."""
     import shlex
-    from prepretrain_lit.data import TEMPLATE_MARK, shipped_manifest
-    from prepretrain_lit.pipeline import load_experiment
+    from prepretrain_lit.manifest import TEMPLATE_MARK
+    from prepretrain_lit.data import shipped_manifest
+    from prepretrain_lit.pipeline_spec import load_experiment
     if "..." in command: return None                                   # a placeholder, not a command
     def relocate(arg: str) -> str:
         key, sep, value = arg.rpartition("=")

@@ -12,8 +12,11 @@ import pytest
 from prepretrain_lit.registry import objective_factory
 import torch
 
+from prepretrain_lit import checkpoint as C
+from prepretrain_lit import distributed as D
 from prepretrain_lit import trainer as T
-from prepretrain_lit.config import UserError, load_config
+from prepretrain_lit.schema import UserError
+from prepretrain_lit.presets import load_config
 from tiny_runs import TINY, tiny
 
 TINY_TEXT = ["lit.embed_dim=32", "lit.text_width=32", "lit.text_layers=2", "lit.text_heads=4", "lit.context_length=16"]
@@ -31,34 +34,34 @@ TINY_MODEL = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "
     ("x-[12]", "x-12"),
 ])
 def test_first_slurm_host_reads_brackets_anywhere(nodelist, host):
-    assert T.first_slurm_host(nodelist) == host
+    assert D.first_slurm_host(nodelist) == host
 
 
 def test_first_slurm_host_refuses_a_broken_list():
     with pytest.raises(UserError, match="cannot read the SLURM node list"):
-        T.first_slurm_host("gpu[01-02")
+        D.first_slurm_host("gpu[01-02")
 
 
 def test_the_slurm_port_is_below_the_ephemeral_range():
-    ports = {T.slurm_master_port(j) for j in [0, 1, 12_345, 19_999, 20_000, 39_999, 987_654_321]}
+    ports = {D.slurm_master_port(j) for j in [0, 1, 12_345, 19_999, 20_000, 39_999, 987_654_321]}
     assert all(20_000 <= p < 32_768 for p in ports) and len(ports) > 3   # Linux hands out 32768-60999 to clients
 
 
 def test_process_placement_reads_torchrun_and_slurm():
-    assert T.process_placement({"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8"}) == (9, 16, 1, 8)
+    assert D.process_placement({"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8"}) == (9, 16, 1, 8)
     slurm = {"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "8",
              "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "77"}
-    assert T.process_placement(slurm) == (11, 16, 3, 8)
+    assert D.process_placement(slurm) == (11, 16, 3, 8)
     torchrun_in_slurm = {**slurm, "RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2"}   # torchrun inside a SLURM job wins
-    assert T.process_placement(torchrun_in_slurm) == (2, 4, 2, None)
-    assert T.process_placement({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == (0, 1, 0, 1)
-    assert T.process_placement({}) == (0, 1, 0, 1)
+    assert D.process_placement(torchrun_in_slurm) == (2, 4, 2, None)
+    assert D.process_placement({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == (0, 1, 0, 1)
+    assert D.process_placement({}) == (0, 1, 0, 1)
 
 
 def test_a_plain_python_in_a_batch_script_with_several_tasks_is_refused():
     batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "77"}   # no job step
     with pytest.raises(UserError, match=r"batch script of SLURM job 77.*8 tasks.*srun python"):
-        T.process_placement(batch)
+        D.process_placement(batch)
 
 
 @pytest.fixture
@@ -74,21 +77,21 @@ def fake_gpus(monkeypatch):
 def test_device_selection_with_faked_gpu_counts(fake_gpus, monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     fake_gpus(8)
-    assert T.select_device("auto", 3, 8) == torch.device("cuda:3")
-    assert T.select_device("cpu", 3, 8) == torch.device("cpu")
+    assert D.select_device("auto", 3, 8) == torch.device("cuda:3")
+    assert D.select_device("cpu", 3, 8) == torch.device("cpu")
     with pytest.raises(UserError, match=r"8 processes on this node but 4 visible GPU\(s\).*launch\(nprocs=4\)"):
-        fake_gpus(4); T.select_device("auto", 1, 8)                # every rank refuses, rank 1 too
+        fake_gpus(4); D.select_device("auto", 1, 8)                # every rank refuses, rank 1 too
     with pytest.raises(UserError, match="5 processes on this node but 4"):
-        T.select_device("auto", 4, None)                           # the local world unknown: the rank alone tells
+        D.select_device("auto", 4, None)                           # the local world unknown: the rank alone tells
     fake_gpus(1)                                                   # SLURM --gpus-per-task=1: each task sees its own GPU
-    assert T.select_device("auto", 5, 8) == torch.device("cuda:0")
+    assert D.select_device("auto", 5, 8) == torch.device("cuda:0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                   # torchrun's 2 processes on a one-GPU machine
     with pytest.raises(UserError, match="2 processes on this node but 1 visible"):
-        T.select_device("auto", 1, 2)
+        D.select_device("auto", 1, 2)
     fake_gpus(0)
-    assert T.select_device("auto", 0, 1) == torch.device("cpu")
+    assert D.select_device("auto", 0, 1) == torch.device("cpu")
     with pytest.raises(UserError, match="sees no CUDA device"):
-        T.select_device("cuda", 0, 1)
+        D.select_device("cuda", 0, 1)
 
 
 def test_setup_refuses_too_many_processes_before_any_process_group(fake_gpus, monkeypatch):
@@ -101,8 +104,8 @@ def test_setup_refuses_too_many_processes_before_any_process_group(fake_gpus, mo
 
 def test_ranks_sharing_a_gpu_are_named():
     placements = [("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a"), ("n1", "GPU-a")]
-    assert T.shared_devices(placements) == [(0, 3)]            # the same uuid on another host is another GPU
-    assert T.shared_devices(placements[:3]) == []
+    assert D.shared_devices(placements) == [(0, 3)]            # the same uuid on another host is another GPU
+    assert D.shared_devices(placements[:3]) == []
 
 
 def test_setup_fills_slurm_rendezvous_from_brackets(monkeypatch):
@@ -116,7 +119,7 @@ def test_setup_fills_slurm_rendezvous_from_brackets(monkeypatch):
                     addr=os.environ["MASTER_ADDR"], port=int(os.environ["MASTER_PORT"]))
         raise RuntimeError("stop here")
     monkeypatch.setattr(T.dist, "init_process_group", fake_init)
-    monkeypatch.setenv(T.DIST_TIMEOUT_ENV, "7200")
+    monkeypatch.setenv(D.DIST_TIMEOUT_ENV, "7200")
     with pytest.raises(RuntimeError, match="stop here"):
         T.setup_distributed("cpu")
     assert seen["addr"] == "rack1-01-gpu" and seen["port"] == 20000 + 123456 % 10000 < 32768
@@ -124,15 +127,15 @@ def test_setup_fills_slurm_rendezvous_from_brackets(monkeypatch):
 
 
 def test_collective_timeout(monkeypatch):
-    monkeypatch.delenv(T.DIST_TIMEOUT_ENV, raising=False)
-    assert T.dist_timeout().total_seconds() == 3600             # not NCCL's 10 minutes
-    monkeypatch.setenv(T.DIST_TIMEOUT_ENV, "soon")
+    monkeypatch.delenv(D.DIST_TIMEOUT_ENV, raising=False)
+    assert D.dist_timeout().total_seconds() == 3600             # not NCCL's 10 minutes
+    monkeypatch.setenv(D.DIST_TIMEOUT_ENV, "soon")
     with pytest.raises(UserError, match="positive number of seconds"):
-        T.dist_timeout()
+        D.dist_timeout()
 
 
 def test_omp_threads_share_the_cores():
-    assert T.omp_threads(8, cpus=64) == 8 and T.omp_threads(8, cpus=4) == 1 and T.omp_threads(1, cpus=3) == 3
+    assert D.omp_threads(8, cpus=64) == 8 and D.omp_threads(8, cpus=4) == 1 and D.omp_threads(1, cpus=3) == 3
 
 
 def report_threads() -> tuple[str | None, int]:
@@ -142,7 +145,7 @@ def report_threads() -> tuple[str | None, int]:
 @pytest.mark.multiproc
 def test_launch_sets_omp_threads_for_its_processes(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    expected = T.omp_threads(2)
+    expected = D.omp_threads(2)
     out = T.launch(report_threads, nprocs=2)
     assert out[0] == out[1] == (str(expected), expected)
     assert "OMP_NUM_THREADS" not in os.environ                   # the caller's environment is left as it was
@@ -151,10 +154,10 @@ def test_launch_sets_omp_threads_for_its_processes(monkeypatch):
 # -- FSDP2: mixed precision, scalars, the meta device -------------------------------------------------------------
 
 def test_fsdp_root_keeps_its_inputs_fp32():
-    block, root = T.fsdp_policies("bf16")
+    block, root = D.fsdp_policies("bf16")
     assert block.param_dtype == root.param_dtype == torch.bfloat16 and root.reduce_dtype == torch.float32
     assert root.cast_forward_inputs is False
-    assert T.fsdp_policies("fp32")[1].param_dtype is None
+    assert D.fsdp_policies("fp32")[1].param_dtype is None
 
 
 def test_lit_scale_is_not_a_scalar_and_old_files_still_load():
@@ -314,7 +317,7 @@ def test_rank0_decides_the_resume_and_a_checkpoint_one_rank_cannot_load_stops_al
     T.launch(T.train_worker, "mae", cfg, str(blind), nprocs=2)
     (blind / "model.pt").unlink()
     shutil.copytree(blind, broken)
-    T.remove_checkpoint(blind / "checkpoints" / "step_00000004.pt")     # as if stopped after step 3: resume at 2
+    C.remove_checkpoint(blind / "checkpoints" / "step_00000004.pt")     # as if stopped after step 3: resume at 2
     out = T.launch(lagging_rank1_worker, str(blind), cfg, "blind", nprocs=2)   # rank 1 sees no checkpoint at all
     assert out[0]["step"] == out[1]["step"] == 4
     assert _steps(blind) == [1, 2, 3, 4]                         # both resumed at 2: steps 3-4 redone once

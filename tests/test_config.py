@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from prepretrain_lit.config import (PRESETS, ConfigError, OptimConfig, RunConfig, UserError, collect_provenance,
-                                    config_hash, config_to_dict, create_run_dir, derive_seed, get_preset, git_state,
-                                    load_config, merge, parse_overrides, save_config, seed_everything, write_provenance)
+from prepretrain_lit.presets import PRESETS, config_hash, config_to_dict, get_preset, load_config, save_config
+from prepretrain_lit.schema import ConfigError, OptimConfig, RunConfig, UserError, merge, parse_overrides
+from prepretrain_lit.config import (collect_provenance, create_run_dir, derive_seed, git_state, seed_everything,
+                                    write_provenance)
 
 
 def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
@@ -279,7 +280,7 @@ def test_stage_recipe_sits_between_preset_and_overrides():
 
 def test_stage_recipe_survives_a_save_and_reload(tmp_path):
     cfg = load_config(preset="tiny", stage="linear_probe", overrides=["optim.base_lr=0.5"])
-    from prepretrain_lit.config import save_config
+    from prepretrain_lit.presets import save_config
     back = load_config(save_config(cfg, tmp_path / "config.yaml"))
     assert back == cfg and back.optim.name == "lars" and back.optim.base_lr == 0.5
 
@@ -327,7 +328,7 @@ def every_shipped_config():
 
 
 def test_a_new_section_with_defaults_leaves_every_shipped_configs_identity_unchanged(monkeypatch, tmp_path):
-    from prepretrain_lit.config import config_identity, run_changes
+    from prepretrain_lit.presets import config_identity, run_changes
     before = every_shipped_config()
     hashes = {k: config_hash(c) for k, c in before.items()}
     grow_schema(monkeypatch)
@@ -357,7 +358,7 @@ class ChangedDefaultRunConfig(RunConfig):
 def test_a_changed_default_of_an_existing_key_is_still_another_run(monkeypatch):
     "The hash names a config by what differs from the defaults; the stored values decide `same run`."
     from prepretrain_lit import presets
-    from prepretrain_lit.config import run_changes
+    from prepretrain_lit.presets import run_changes
     cfg = load_config(preset="tiny", stage="mae")
     monkeypatch.setattr(presets, "RunConfig", ChangedDefaultRunConfig)
     now = load_config(preset="tiny", stage="mae")
@@ -366,7 +367,7 @@ def test_a_changed_default_of_an_existing_key_is_still_another_run(monkeypatch):
 
 
 def test_identity_leaves_out_what_sits_at_its_default_and_what_cannot_change_the_result():
-    from prepretrain_lit.config import config_identity
+    from prepretrain_lit.presets import config_identity
     assert config_identity(RunConfig()) == {}
     cfg = load_config(preset="tiny", overrides=["data.num_workers=5", "optim.clip_grad=0.5"])
     ident = config_identity(cfg)

@@ -12,12 +12,14 @@ import torch
 import yaml
 from PIL import Image
 
-from prepretrain_lit.config import DataConfig, UserError
-from prepretrain_lit.data import (SHAPES, SHAPES_HASHTAGS, ManifestError, build_from_recipe, build_shards,
-                                  imagefolder_source, in_subset, load_manifest, parse_manifest, render_shapes,
-                                  shapes_source, table_source, verify_manifest, write_shard)
-from prepretrain_lit.loader import (DataQualityError, ShardStream, StreamLoader, eval_transform, finetune_transform,
-                                    make_loader, mae_transform)
+from prepretrain_lit.schema import DataConfig, UserError
+from prepretrain_lit.render import SHAPES, SHAPES_HASHTAGS, render_shapes
+from prepretrain_lit.manifest import ManifestError, load_manifest, parse_manifest, write_shard
+from prepretrain_lit.data import (build_from_recipe, build_shards, imagefolder_source, shapes_source, table_source,
+                                  verify_manifest)
+from prepretrain_lit.subsets import in_subset
+from prepretrain_lit.decode import DataQualityError, eval_transform, finetune_transform, mae_transform
+from prepretrain_lit.loader import ShardStream, StreamLoader, make_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = Path(sys.executable).parent / "prepretrain"

@@ -15,11 +15,14 @@ import yaml
 from PIL import Image
 
 import prepretrain_lit.data as data
+from prepretrain_lit.subsets import score_histogram
+from prepretrain_lit.tars import read_shard_samples, reshard
 import prepretrain_lit.manifest as manifest_module
-from prepretrain_lit.config import DataConfig, UserError, load_config
-from prepretrain_lit.data import (ManifestError, build_shards, imagefolder_source, in_subset, load_manifest,
-                                  nested_subsets, parse_manifest, shapes_source, subset_score, table_source,
-                                  verify_manifest, write_manifest, write_shard)
+from prepretrain_lit.schema import DataConfig, UserError
+from prepretrain_lit.presets import load_config
+from prepretrain_lit.manifest import ManifestError, load_manifest, parse_manifest, write_manifest, write_shard
+from prepretrain_lit.data import build_shards, imagefolder_source, shapes_source, table_source, verify_manifest
+from prepretrain_lit.subsets import in_subset, nested_subsets, subset_score
 from prepretrain_lit.loader import ShardStream, collate_samples, make_loader
 
 TINY_MODEL = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
@@ -166,7 +169,8 @@ def test_a_manifest_without_a_hashtag_vocabulary_is_refused_before_compute(tmp_p
 
 
 def test_pin_memory_follows_the_trainers_device(tmp_path):
-    from prepretrain_lit.trainer import DistInfo, build_data
+    from prepretrain_lit.distributed import DistInfo
+    from prepretrain_lit.trainer import build_data
     cfg = load_config(preset="tiny", stage="mae", overrides=TINY_MODEL + [f"data.dataset={shapes(tmp_path)}",
                                                                           "data.num_workers=0"])
     assert build_data("mae", cfg, DistInfo(device=torch.device("cpu"))).loader.pin_memory is False
@@ -229,8 +233,8 @@ def test_bucketed_subsets_equal_the_sorted_ones(num_buckets):
 
 def test_histograms_of_key_shards_add_up():
     keys = [f"k{i}" for i in range(2000)]
-    whole = data.score_histogram(keys, 32)
-    parts = data.score_histogram(keys[:700], 32) + data.score_histogram(keys[700:], 32)
+    whole = score_histogram(keys, 32)
+    parts = score_histogram(keys[:700], 32) + score_histogram(keys[700:], 32)
     assert (whole == parts).all() and whole.sum() == 2000
 
 
@@ -252,7 +256,7 @@ def test_each_rank_verifies_its_share_once_and_all_get_the_verdict(tmp_path, mon
 def members_by_shard(m, subset):
     "For each shard, how many of its samples belong to `subset`."
     stream = ShardStream(m, shuffle_buffer=1)
-    return [sum(in_subset(s["__key__"], m, subset) for s in data.read_shard_samples(shard)) for shard in m.shards]
+    return [sum(in_subset(s["__key__"], m, subset) for s in read_shard_samples(shard)) for shard in m.shards]
 
 
 def test_build_writes_subsets_as_nested_shard_prefixes(tmp_path):
@@ -265,7 +269,7 @@ def test_build_writes_subsets_as_nested_shard_prefixes(tmp_path):
     for name, size in sizes.items():
         per_shard = members_by_shard(m, name)
         assert sum(per_shard[:m.subset_shards(name)]) == size and sum(per_shard[m.subset_shards(name):]) == 0
-    scores = [subset_score(s["__key__"]) for shard in m.shards for s in data.read_shard_samples(shard)]
+    scores = [subset_score(s["__key__"]) for shard in m.shards for s in read_shard_samples(shard)]
     assert scores == sorted(scores)                                     # written in subset-score order
 
 
@@ -277,9 +281,9 @@ def test_reshard_makes_a_corpus_built_elsewhere_a_prefix_corpus(tmp_path):
     path = write_manifest(out / "p.yaml", {"name": "p", "format": "webdataset", "num_samples": 90,
                                            "shards": "p-{0..2}.tar", "shard_samples": [r[0] for r in results],
                                            "subsets": {"10": 10, "45": {"size": 45, "threshold": 0.5}}})
-    new = load_manifest(data.reshard(path, tmp_path / "re", shard_size=20, progress=False))
+    new = load_manifest(reshard(path, tmp_path / "re", shard_size=20, progress=False))
     assert new.shard_samples == [20, 20, 20, 20, 10] and verify_manifest(new) == []
-    got = {s["__key__"]: s for shard in new.shards for s in data.read_shard_samples(shard)}
+    got = {s["__key__"]: s for shard in new.shards for s in read_shard_samples(shard)}
     assert {k: (v["png"], v["cls"]) for k, v in got.items()} == {s["__key__"]: (s["png"], str(s["cls"]).encode()) for s in samples}
     old = load_manifest(path)
     assert new.subsets["45"]["threshold"] == 0.5                       # membership unchanged
@@ -288,7 +292,7 @@ def test_reshard_makes_a_corpus_built_elsewhere_a_prefix_corpus(tmp_path):
         per_shard = members_by_shard(new, name)
         assert sum(per_shard[:new.subset_shards(name)]) == len(members) and sum(per_shard[new.subset_shards(name):]) == 0
     assert len({s for s in got if in_subset(s, new, "10")}) == 10       # a size-only subset got its exact threshold
-    deep = load_manifest(data.reshard(path, tmp_path / "deep", shard_size=20, max_open=2, progress=False))
+    deep = load_manifest(reshard(path, tmp_path / "deep", shard_size=20, max_open=2, progress=False))
     assert list(deep.sha256) == list(new.sha256) and deep.subsets == new.subsets   # spilled in 3 levels: the same shards
     assert not (tmp_path / "deep" / ".reshard-spill").exists()
 
@@ -338,7 +342,7 @@ def test_too_many_unreadable_files_fail_with_the_list(tmp_path):
 
 @pytest.mark.multiproc
 def test_two_gloo_ranks_split_verification_and_agree(tmp_path):
-    from prepretrain_lit.trainer import launch
+    from prepretrain_lit.distributed import launch
     m = load_manifest(shapes(tmp_path, n=100, shard_size=20))            # 5 shards: 3 on rank 0, 2 on rank 1
     with open(m.shards[3], "r+b") as f: f.seek(2000); f.write(b"\x00damage\x00")   # rank 1's
     out = launch(data.verify_worker, str(m.path), nprocs=2)

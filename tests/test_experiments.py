@@ -4,7 +4,7 @@ from collections import Counter
 from pathlib import Path
 
 from prepretrain_lit.cli import main
-from prepretrain_lit.pipeline import expand, load_experiment
+from prepretrain_lit.pipeline_spec import expand, load_experiment
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

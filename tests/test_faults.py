@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prepretrain_lit.config import UserError, load_config
+from prepretrain_lit.schema import UserError
+from prepretrain_lit.presets import load_config
 from prepretrain_lit.data import build_shards, shapes_source
-from prepretrain_lit.trainer import EXIT_PREEMPTED
+from prepretrain_lit.checkpoint import EXIT_PREEMPTED
 from tiny_runs import TINY, tiny, weights, steps_logged, wait_for
 
 PRETRAIN = Path(sys.executable).parent / "prepretrain"
@@ -79,7 +80,7 @@ if p.is_alive(): p.kill()                       # hung: end it, so the test fail
 
 
 def test_warnings_requeue_unless_submitit_runs_the_job(monkeypatch):
-    from prepretrain_lit.trainer import requeues_on
+    from prepretrain_lit.checkpoint import requeues_on
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
     assert requeues_on(signal.SIGUSR1) and requeues_on(signal.SIGUSR2) and not requeues_on(signal.SIGTERM)
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")           # submitit requeues on its own USR2: not twice
@@ -89,7 +90,8 @@ def test_warnings_requeue_unless_submitit_runs_the_job(monkeypatch):
 # -- 3. a non-finite state is never checkpointed ------------------------------------------------------------
 
 def test_weights_made_non_finite_by_the_update_are_never_checkpointed(tmp_path):
-    from prepretrain_lit.trainer import TrainingDiverged, complete_checkpoints, train
+    from prepretrain_lit.trainer import TrainingDiverged, train
+    from prepretrain_lit.checkpoint import complete_checkpoints
     cfg = tiny("optim.lr=1e39", "optim.warmup_fraction=0", "train.steps=4", "train.checkpoint_every=1")
     with pytest.raises(TrainingDiverged, match=r"weights or the optimizer state became NaN.*last finite state checked is at "
                                                r"step 0.*Lower optim.lr"):
@@ -122,7 +124,7 @@ def test_a_damaged_checkpoint_that_still_loads_is_skipped_with_a_warning_naming_
 
 
 def test_resume_with_no_loadable_checkpoint_refuses_naming_the_files(tmp_path):
-    from prepretrain_lit.config import UserError
+    from prepretrain_lit.schema import UserError
     from prepretrain_lit.trainer import train
     cfg = tiny("train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5")
     train("mae", cfg, tmp_path, progress=False)
@@ -196,7 +198,7 @@ def test_a_damaged_metrics_file_does_not_block_resume(tmp_path):
     ("model.mlp_ratio=0", "model.mlp_ratio=0.0 must be > 0"),
 ])
 def test_out_of_range_values_are_refused_when_the_config_is_built(override, message):
-    from prepretrain_lit.config import ConfigError
+    from prepretrain_lit.schema import ConfigError
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         tiny(override)
 
@@ -204,7 +206,7 @@ def test_out_of_range_values_are_refused_when_the_config_is_built(override, mess
 # -- 8. a failed start, and the identity of a run -------------------------------------------------------------
 
 def test_a_run_that_failed_before_its_first_step_leaves_a_usable_folder(tmp_path):
-    from prepretrain_lit.config import UserError
+    from prepretrain_lit.schema import UserError
     from prepretrain_lit.trainer import train
     bad = tiny("train.steps=2", "data.dataset=/no/such/manifest.yaml")        # fails after config.yaml is written
     with pytest.raises(UserError):
@@ -214,7 +216,7 @@ def test_a_run_that_failed_before_its_first_step_leaves_a_usable_folder(tmp_path
 
 
 def test_what_cannot_change_the_result_is_not_part_of_a_runs_identity(tmp_path, monkeypatch):
-    from prepretrain_lit.config import config_hash, legacy_config_hash
+    from prepretrain_lit.presets import config_hash, legacy_config_hash
     import torch as _t
     from prepretrain_lit.trainer import train
     cfg = tiny("train.steps=2", "train.checkpoint_every=2")
@@ -230,7 +232,7 @@ def test_what_cannot_change_the_result_is_not_part_of_a_runs_identity(tmp_path, 
     assert train("mae", same, run, progress=False)["state"] == "complete"   # resumed under another cadence and workers
     ckpt = run / "checkpoints" / "step_00000002.pt"         # a checkpoint written before identities: still loads
     state = _t.load(ckpt, weights_only=True); state["config_hash"] = legacy_config_hash(cfg)
-    from prepretrain_lit.trainer import save_file_atomic
+    from prepretrain_lit.checkpoint import save_file_atomic
     save_file_atomic(state, ckpt); (run / "model.pt").unlink()
     assert train("mae", cfg, run, progress=False)["state"] == "complete"
 
@@ -240,7 +242,7 @@ def test_what_cannot_change_the_result_is_not_part_of_a_runs_identity(tmp_path, 
 def rank1_fails_at_batch(out_dir: str, fail_at: int) -> dict:
     "A 2-rank worker (importable: `launch` spawns it) whose rank 1 only raises a DataQualityError at batch `fail_at`."
     from prepretrain_lit import trainer as T
-    from prepretrain_lit.loader import DataQualityError
+    from prepretrain_lit.decode import DataQualityError
     real = T.build_data
     class RottenOnRank1:
         seen = skipped = 0
@@ -258,7 +260,7 @@ def rank1_fails_at_batch(out_dir: str, fail_at: int) -> dict:
 
 @pytest.mark.multiproc
 def test_an_error_on_one_rank_stops_both_promptly_with_that_error(tmp_path):
-    from prepretrain_lit.trainer import launch
+    from prepretrain_lit.distributed import launch
     tic = time.time()
     with pytest.raises(Exception) as raised:
         launch(rank1_fails_at_batch, str(tmp_path), 3, nprocs=2)
@@ -298,8 +300,8 @@ def test_a_second_run_into_a_folder_names_who_holds_it_and_a_dead_holders_lock_i
 # -- 12. status.json and stage.json tell the truth ------------------------------------------------------------
 
 def test_a_killed_run_reads_as_interrupted_not_running(tmp_path):
-    from prepretrain_lit.pipeline import live_state
-    from prepretrain_lit.trainer import read_status
+    from prepretrain_lit.pipeline_plan import live_state
+    from prepretrain_lit.run_folder import read_status
     proc = subprocess.Popen([str(PRETRAIN), "train", "mae", "--preset", "tiny", "--out", str(tmp_path),
                              *[a for s in TINY + ["train.steps=100000"] for a in ("--set", s)]],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -315,7 +317,8 @@ def test_a_killed_run_reads_as_interrupted_not_running(tmp_path):
 @pytest.mark.slow
 def test_stage_json_records_every_ending_and_the_pipeline_holds_the_lock(tmp_path):
     from prepretrain_lit.config import RunFolderBusy
-    from prepretrain_lit.pipeline import run_experiment, write_stage_notebook
+    from prepretrain_lit.pipeline import run_experiment
+    from prepretrain_lit.pipeline_stage import write_stage_notebook
     d = tmp_path / "stages"
     write_stage_notebook(d / "train.ipynb", 'out_dir = "."  # the run folder\nending = "complete"  # how it ends', [
         "import json, os, pathlib, signal\nfrom prepretrain_lit.config import run_lock\n"
@@ -367,7 +370,7 @@ def finished_mae(tmp_path) -> Path:
 
 def edit_checkpoints(run: Path, **changes) -> None:
     "Make every checkpoint of `run` record `changes` (e.g. another config hash), their checksum sidecars kept valid."
-    from prepretrain_lit.trainer import save_file_atomic
+    from prepretrain_lit.checkpoint import save_file_atomic
     for ckpt in (run / "checkpoints").glob("step_*.pt"):
         save_file_atomic({**torch.load(ckpt, weights_only=True), **changes}, ckpt)
 
@@ -379,7 +382,7 @@ def edit_checkpoints(run: Path, **changes) -> None:
     ("mae", ["train.steps=1"], True, "would shorten it"),
 ])
 def test_a_refused_resume_or_extend_leaves_the_folder_byte_identical(finished_mae, stage, overrides, extend, message):
-    from prepretrain_lit.config import UserError
+    from prepretrain_lit.schema import UserError
     from prepretrain_lit.trainer import train
     before = folder_bytes(finished_mae)
     with pytest.raises(UserError, match=message):
@@ -388,7 +391,7 @@ def test_a_refused_resume_or_extend_leaves_the_folder_byte_identical(finished_ma
 
 
 def test_an_extend_refused_for_a_checkpoint_of_another_config_writes_nothing(finished_mae):
-    from prepretrain_lit.config import UserError
+    from prepretrain_lit.schema import UserError
     from prepretrain_lit.trainer import train
     edit_checkpoints(finished_mae, config_hash="0123456789ab")
     before = folder_bytes(finished_mae)
@@ -414,7 +417,7 @@ class GrownConfig:
 
 
 def grown_schema():
-    from prepretrain_lit.config import RunConfig
+    from prepretrain_lit.schema import RunConfig
     @dataclasses.dataclass
     class GrownRunConfig(RunConfig):
         grown: GrownConfig = dataclasses.field(default_factory=GrownConfig)
@@ -424,7 +427,7 @@ def grown_schema():
 def whole_identity_hash(values: dict) -> str:
     "The hash checkpoints recorded before identities left out keys at their defaults (every key but NOT_IDENTITY)."
     import copy, hashlib
-    from prepretrain_lit.config import NOT_IDENTITY
+    from prepretrain_lit.presets import NOT_IDENTITY
     d = copy.deepcopy(values)
     for key in NOT_IDENTITY:
         *parents, leaf = key.split(".")
@@ -458,7 +461,7 @@ def test_a_run_folder_from_before_the_schema_grew_resumes_extends_and_shows_its_
 def test_a_changed_default_is_refused_on_resume_and_changes_nothing(finished_mae, monkeypatch):
     "The hash leaves defaults out, so it cannot see a default change: the stored values do."
     from prepretrain_lit import presets
-    from prepretrain_lit.config import OptimConfig, RunConfig
+    from prepretrain_lit.schema import OptimConfig, RunConfig
     from prepretrain_lit.schema import RunRefused
     from prepretrain_lit.trainer import train
     @dataclasses.dataclass
@@ -475,7 +478,7 @@ def test_a_changed_default_is_refused_on_resume_and_changes_nothing(finished_mae
 
 
 def test_a_resume_refused_for_another_number_of_processes_writes_nothing(finished_mae):
-    from prepretrain_lit.config import UserError
+    from prepretrain_lit.schema import UserError
     from prepretrain_lit.trainer import train
     edit_checkpoints(finished_mae, world_size=2)                # as if 2 ranks wrote them (no data stream to re-deal)
     before = folder_bytes(finished_mae)
@@ -487,7 +490,8 @@ def test_a_resume_refused_for_another_number_of_processes_writes_nothing(finishe
 def test_bit_rot_in_a_weights_file_is_refused_by_init_and_export(tmp_path):
     "A `model.pt` whose `.sha256` sidecar no longer matches is refused, naming the file (evaluations read trunks through load_init)."
     from prepretrain_lit.checkpoint import save_file_atomic
-    from prepretrain_lit.config import InitConfig, UserError, load_config, save_config
+    from prepretrain_lit.schema import InitConfig, UserError
+    from prepretrain_lit.presets import load_config, save_config
     from prepretrain_lit.cli import export_trunk
     from prepretrain_lit.vit import load_init, vit_from_config
     cfg = load_config(preset="tiny")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prepretrain_lit.cli import export_trunk, main
-from prepretrain_lit.config import load_config
+from prepretrain_lit.presets import load_config
 from prepretrain_lit.mae import load_mae_checkpoint, mae_from_config
 from prepretrain_lit.trainer import train
 from prepretrain_lit.vit import load_trunk, vit_from_config
@@ -77,6 +77,6 @@ def test_a_trunk_exports_as_vitmodel_with_our_features(runs, stage, to):
 
 
 def test_an_unknown_format_is_refused_naming_the_choices(runs):
-    from prepretrain_lit.config import UserError
+    from prepretrain_lit.schema import UserError
     with pytest.raises(UserError, match="choose one of timm, safetensors, hf, hf-vit"):
         export_trunk(runs["mae"], "onnx")

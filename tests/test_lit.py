@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from prepretrain_lit import lit, transfer
-from prepretrain_lit.config import UserError, load_config
+from prepretrain_lit.schema import UserError
+from prepretrain_lit.presets import load_config
 from prepretrain_lit.objectives import lit_objective
-from prepretrain_lit.data import COLORS, Source, build_shards, render_shapes, shapes_source
-from prepretrain_lit.trainer import build_optimizer, launch
+from prepretrain_lit.render import COLORS, render_shapes
+from prepretrain_lit.data import Source, build_shards, shapes_source
+from prepretrain_lit.optim import build_optimizer
+from prepretrain_lit.distributed import launch
 from prepretrain_lit.vit import CheckpointMismatchError, ViT, vit_from_config
 
 TINY_TEXT = ["lit.embed_dim=32", "lit.text_width=32", "lit.text_layers=2", "lit.text_heads=4", "lit.context_length=16"]

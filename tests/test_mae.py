@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from prepretrain_lit.config import MAEConfig, get_preset
+from prepretrain_lit.schema import MAEConfig
+from prepretrain_lit.presets import get_preset
 from prepretrain_lit.mae import (MaskedAutoencoderViT, load_mae_checkpoint, mae_from_config, mae_vit_2b_patch14,
                                  mae_vit_6_5b_patch14, mae_vit_base_patch16, patchify, random_masking, reconstruct,
                                  unpatchify)

@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prepretrain_lit.config import InitConfig, UserError, load_config
+from prepretrain_lit.schema import InitConfig, UserError
+from prepretrain_lit.presets import load_config
 from prepretrain_lit.mae import MaskedAutoencoderViT
-from prepretrain_lit.objectives import (ClassificationObjective, ViTClassifier, hashtag_targets, load_init,
-                                        soft_cross_entropy, wsp_loss)
-from prepretrain_lit.trainer import build_optimizer, param_groups
+from prepretrain_lit.objectives import (ClassificationObjective, ViTClassifier, hashtag_targets, soft_cross_entropy,
+                                        wsp_loss)
+from prepretrain_lit.vit import load_init
+from prepretrain_lit.optim import build_optimizer, param_groups
 from prepretrain_lit.vit import CheckpointMismatchError
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -88,7 +90,7 @@ def test_wsp_objective_from_config_loads_the_mae_trunk(tmp_path, shapes_manifest
 
 
 def test_a_checkpoint_that_does_not_fit_names_the_sizes_its_run_recorded(tmp_path):
-    from prepretrain_lit.config import save_config
+    from prepretrain_lit.presets import save_config
     from prepretrain_lit.vit import vit_from_config
     trained = load_config(preset="tiny")                                  # the run that wrote model.pt: width 64
     torch.save(vit_from_config(trained.model).state_dict(), tmp_path / "model.pt")

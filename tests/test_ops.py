@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from prepretrain_lit.cli import main
-from prepretrain_lit.trainer import write_status
+from prepretrain_lit.run_folder import write_status
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -126,9 +126,9 @@ def test_a_checkpoint_of_another_config_still_refuses_even_after_an_extension(tm
     out = tmp_path / "run"
     assert train_tiny(out, 4)[0] == 0
     assert train_tiny(out, 6, "--extend")[0] == 0
-    from prepretrain_lit.config import load_config
-    from prepretrain_lit.trainer import extended_from
-    from prepretrain_lit.config import config_hash
+    from prepretrain_lit.presets import load_config
+    from prepretrain_lit.checkpoint import extended_from
+    from prepretrain_lit.presets import config_hash
     cfg6 = load_config(out / "config.yaml")
     assert len(extended_from(out, cfg6)) == 1
     other = load_config(out / "config.yaml", overrides=["seed=5"])
@@ -161,7 +161,7 @@ def test_data_and_runs_are_ignored():
 def test_export_is_read_by_timm_and_gives_our_features(tmp_path, to):
     import timm
     from safetensors.torch import load_file
-    from prepretrain_lit.config import load_config
+    from prepretrain_lit.presets import load_config
     from prepretrain_lit.vit import load_trunk, vit_from_config
     run = tmp_path / "run"
     assert train_tiny(run, 2)[0] == 0
@@ -233,7 +233,8 @@ def test_a_wheel_installed_outside_the_clone_runs_the_demo_dry_run(tmp_path):
 @pytest.mark.slow
 def test_a_slurm_job_output_shows_the_step_lines(tmp_path, capfd):
     "What a SLURM job runs (`execute_run(..., log_output=True)`) prints the kernel's step lines to the job's output."
-    from prepretrain_lit.pipeline import execute_run, expand, load_experiment
+    from prepretrain_lit.pipeline_exec import execute_run
+    from prepretrain_lit.pipeline_spec import expand, load_experiment
     (tmp_path / "exp.yaml").write_text("name: logs\nstages:\n  mae:\n    notebook: mae\n    params: {steps: 4, overrides: "
                                        "[train.log_every=1, model.depth=2, data.batch_size=4]}\n")
     run, = expand(load_experiment(tmp_path / "exp.yaml"), tmp_path / "runs")
@@ -259,8 +260,9 @@ def test_report_prints_a_compact_results_table(tmp_path):
 
 def test_a_stage_notebook_extends_through_the_environment(tmp_path, monkeypatch):
     "The papermill path: a stage notebook's `train` reads PREPRETRAIN_EXTEND=1 (the runner or the user sets it)."
-    from prepretrain_lit.config import load_config
-    from prepretrain_lit.trainer import EXTEND_ENV, train
+    from prepretrain_lit.presets import load_config
+    from prepretrain_lit.checkpoint import EXTEND_ENV
+    from prepretrain_lit.trainer import train
     cfg = lambda steps: load_config(preset="tiny", overrides=["data.dataset=synthetic", "data.batch_size=4", "model.depth=2",
                                                                 f"train.steps={steps}", "train.log_every=2"])
     out = tmp_path / "mae"
@@ -286,7 +288,7 @@ def test_the_venvs_papermill_finds_the_project_kernel_with_nothing_in_home(tmp_p
 
 def test_status_shows_the_last_logged_step_and_the_newest_checkpoint_between_checkpoints(tmp_path):
     "status.json is written at checkpoints; metrics.jsonl at every log line: status shows the later of the two."
-    from prepretrain_lit.config import load_config, save_config
+    from prepretrain_lit.presets import load_config, save_config
     from prepretrain_lit.pipeline import format_status, status_rows
     run = tmp_path / "mae"
     run.mkdir()

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import prepretrain_lit.trainer as T
-from prepretrain_lit.config import ConfigError, UserError, load_config
+from prepretrain_lit.schema import ConfigError, UserError
+from prepretrain_lit.presets import load_config
 from prepretrain_lit.distributed import DistInfo, compile_seconds, parallelize
 from prepretrain_lit.vit import CheckpointedBlock, checkpoint_mode
 

@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 from prepretrain_lit.cli import main
-from prepretrain_lit.config import UserError
-from prepretrain_lit.pipeline import (STAGES_DIR, EXPERIMENTS_DIR, StageJob, expand, format_dag, load_experiment,
-                                      notebook_parameters, parse_experiment, run_experiment, slurm_job_params,
-                                      submit_slurm, write_stage_notebook)
+from prepretrain_lit.schema import UserError
+from prepretrain_lit.pipeline_stage import STAGES_DIR, notebook_parameters, write_stage_notebook
+from prepretrain_lit.pipeline_spec import EXPERIMENTS_DIR, expand, load_experiment, parse_experiment
+from prepretrain_lit.pipeline_exec import StageJob, slurm_job_params, submit_slurm
+from prepretrain_lit.pipeline_plan import format_dag
+from prepretrain_lit.pipeline import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = 'out_dir = "."  # the run folder\n'
@@ -384,7 +386,7 @@ def test_every_stage_notebook_executes_with_tiny_parameters(tmp_path):
 def test_a_reduced_demo_gives_the_same_results_table_twice(tmp_path):
     """Same seed -> same numbers: the demo's DAG up to the frozen-trunk evaluations, twice, gives identical tables:
     once one run at a time in this process and once two at a time, each on one thread (as `make demo`)."""
-    from prepretrain_lit.report import gather
+    from prepretrain_lit.report_table import gather
     spec = yaml.safe_load((EXPERIMENTS_DIR / "demo.yaml").read_text())
     for stage in ("finetune", "zeroshot", "report"): spec["stages"].pop(stage)
     path = write_yaml(tmp_path / "demo_reduced.yaml", spec)
@@ -478,7 +480,7 @@ def test_dry_run_finds_missing_shards_and_unset_datasets(tmp_path, shapes_manife
 
 def test_papermill_refuses_a_misspelt_parameter(tmp_path):
     import papermill
-    from prepretrain_lit.pipeline import venv_kernel
+    from prepretrain_lit.pipeline_exec import venv_kernel
     with venv_kernel(), pytest.raises(papermill.PapermillExecutionError, match=r"unknown parameter 'stepz' \(did you mean 'steps'\?\)"):
         papermill.execute_notebook(str(STAGES_DIR / "mae.ipynb"), str(tmp_path / "out.ipynb"), progress_bar=False,
                                    parameters={"stepz": 3, "out_dir": str(tmp_path / "run")}, kernel_name="python3")
@@ -635,25 +637,26 @@ def test_sigterm_to_the_process_group_leaves_runs_in_flight_interrupted_and_a_re
     import subprocess
     import sys
     import time
-    from prepretrain_lit.pipeline_plan import live_state, read_json
+    from prepretrain_lit.pipeline_plan import live_state
+    from prepretrain_lit.run_folder import read_stage
     runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path)], start_new_session=True)
     folders = [tmp_path / f"runs/naps/nap/seed={s}" for s in range(3)]
     deadline = time.monotonic() + 120
-    while not all((read_json(f / "stage.json") or {}).get("state") == "running" and (f / "executed.ipynb").exists()
+    while not all((read_stage(f) or {}).get("state") == "running" and (f / "executed.ipynb").exists()
                   for f in folders[:2]):
         assert runner.poll() is None and time.monotonic() < deadline, "the two runs did not start"
         time.sleep(0.5)
     os.killpg(runner.pid, signal.SIGTERM)
     runner.wait(timeout=60)
     deadline = time.monotonic() + 30                # the kernels, in the same group, end as well
-    while [live_state(f, read_json(f / "stage.json")) for f in folders[:2]] != ["interrupted"] * 2:
-        assert time.monotonic() < deadline, [read_json(f / "stage.json") for f in folders[:2]]
+    while [live_state(f, read_stage(f)) for f in folders[:2]] != ["interrupted"] * 2:
+        assert time.monotonic() < deadline, [read_stage(f) for f in folders[:2]]
         time.sleep(0.5)
     assert not (folders[2] / "stage.json").exists()
     again = subprocess.run([sys.executable, "-c", RUNNER.replace("time.sleep(120)", "x = 1"), str(tmp_path)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert [read_json(f / "stage.json")["state"] for f in folders] == ["complete"] * 3
+    assert [read_stage(f)["state"] for f in folders] == ["complete"] * 3
 
 
 def test_a_run_the_trainer_refuses_leaves_its_stage_json_as_it_was(tmp_path):

@@ -45,7 +45,7 @@ def test_an_outside_stage_trains_with_its_own_section_and_recipe_and_exports_its
     res = cli("export", str(out), "--to", "safetensors", env={"PREPRETRAIN_STAGE_MODULES": str(STAGE_MODULE)})
     assert res.returncode == 0, res.stderr
     from safetensors.torch import load_file
-    from prepretrain_lit.config import load_config
+    from prepretrain_lit.presets import load_config
     from prepretrain_lit.vit import vit_from_config
     trunk = load_file(str(out / "export-safetensors" / "trunk.safetensors"))
     assert not any(k.startswith("simmim_") for k in trunk)                 # `not_trunk` of its spec

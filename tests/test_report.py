@@ -10,12 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from prepretrain_lit.config import UserError, load_config, save_config
+from prepretrain_lit.schema import UserError
+from prepretrain_lit.presets import load_config, save_config
 from prepretrain_lit.mae import mae_from_config
 from prepretrain_lit._fixtures import example_runs, write_stage
-from prepretrain_lit.report import (COLUMNS, build_report, compare_convergence, compare_evals, gather,
-                                    held_out_images, load_stage_mae, load_table, make_figures, plot_convergence,
-                                    MissingData, summarize, with_recipe)
+from prepretrain_lit.report_table import COLUMNS, gather, load_table
+from prepretrain_lit.report import build_report
+from prepretrain_lit.report_summary import compare_convergence, compare_evals, summarize, with_recipe
+from prepretrain_lit.report_figures import (held_out_images, load_stage_mae, make_figures, plot_convergence,
+                                            MissingData)
 
 torch.set_num_threads(1)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -223,8 +226,8 @@ def test_reconstructions_from_a_real_tiny_mae(tmp_path):
 
 def test_held_out_images_are_past_the_training_set():
     from PIL import Image
-    from prepretrain_lit.data import render_shapes
-    from prepretrain_lit.loader import TRANSFORMS
+    from prepretrain_lit.render import render_shapes
+    from prepretrain_lit.decode import TRANSFORMS
     cfg = load_config(preset="tiny")                       # data.dataset = shapes: 20,000 training images
     imgs, what = held_out_images(cfg, n=2)
     assert imgs.shape == (2, 3, 32, 32) and "20000" in what
@@ -394,21 +397,20 @@ def test_dead_and_unfinished_stages_never_enter_a_verdict(tmp_path):
 
 
 def test_save_table_writes_a_csv_when_asked_or_small(tmp_path, monkeypatch):
-    from prepretrain_lit import report, report_table
-    assert report.save_table is report_table.save_table                  # re-exported by the report module
+    from prepretrain_lit import report_table
     table = gather(example_runs(tmp_path, mae_model=False))
-    csv, parquet = report.save_table(table, tmp_path / "a")
+    csv, parquet = report_table.save_table(table, tmp_path / "a")
     assert csv == tmp_path / "a/results.csv" and csv.is_file()          # a demo-sized table: both
     monkeypatch.setattr(report_table, "CSV_MAX_ROWS", 10)                # the module save_table reads it from
-    csv, parquet = report.save_table(table, tmp_path / "b")
+    csv, parquet = report_table.save_table(table, tmp_path / "b")
     assert csv is None and not (tmp_path / "b/results.csv").exists()    # a big one: parquet only ...
-    csv, _ = report.save_table(table, tmp_path / "c", csv=True)          # ... unless asked
+    csv, _ = report_table.save_table(table, tmp_path / "c", csv=True)          # ... unless asked
     pd.testing.assert_frame_equal(load_table(csv), table)
     pd.testing.assert_frame_equal(load_table(parquet), table)
 
 
 def test_curve_bands_are_the_mean_and_sd_over_runs():
-    from prepretrain_lit.report import curve_bands, plot_training_curves
+    from prepretrain_lit.report_figures import curve_bands, plot_training_curves
     rng = np.random.default_rng(0)
     steps = np.array([10, 20, 30, 40])
     rows = [dict(run=f"{recipe}/s{seed}", recipe=recipe, step=s, value=v)
@@ -429,7 +431,7 @@ def test_curve_bands_are_the_mean_and_sd_over_runs():
 
 
 def test_training_curves_draw_a_band_per_recipe_not_a_line_per_run(tmp_path):
-    from prepretrain_lit.report import plot_training_curves
+    from prepretrain_lit.report_figures import plot_training_curves
     table = gather(example_runs(tmp_path / "ex", seeds=tuple(range(5)), mae_model=False))
     curves = table[table.record == "curve"]
     stage = curves.groupby("stage").run.nunique().idxmax()
@@ -487,7 +489,7 @@ def test_standalone_runs_name_their_kind_and_trunk_from_their_records(standalone
     assert got("runs/probe_wsp") == ["knn", "wsp", "mae", "runs/wsp_a"]
     assert got("runs/probe_random") == ["knn", None, "scratch", None]
     assert runs.loc["runs/probe_a", "trunk_id"] == runs.loc["runs/mae25", "trunk_id"] != runs.loc["runs/probe_b", "trunk_id"]
-    from prepretrain_lit.report import mae_stage_dirs
+    from prepretrain_lit.report_figures import mae_stage_dirs
     assert mae_stage_dirs(table) == [standalone / "mae100", standalone / "mae25"]        # both MAE runs hold a model.pt
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from prepretrain_lit.report import comparison_lines, load_table
+from prepretrain_lit.report_summary import comparison_lines
+from prepretrain_lit.report_table import load_table
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "results" / "cpu_study"

@@ -102,7 +102,7 @@ def state(folder: Path) -> str | None:
 
 
 def checkpoint_steps(folder: Path) -> list[int]:
-    from prepretrain_lit.trainer import complete_checkpoints
+    from prepretrain_lit.checkpoint import complete_checkpoints
     return [step for step, _ in complete_checkpoints(folder / "checkpoints")]
 
 

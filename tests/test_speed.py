@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from prepretrain_lit.data import build_shards, encode_image, shapes_source
-from prepretrain_lit.loader import (EncodedJpeg, ShardStream, StreamLoader, as_pil, collate_samples, crop_flip_draws,
-                                    crop_flip_parts, eval_transform, fast_crop_flip, jpeg_draft_scale, jpeg_header,
-                                    mae_transform, open_image, pack_batch, seeded_rng, unpack_batch)
+from prepretrain_lit.decode import (EncodedJpeg, as_pil, crop_flip_draws, crop_flip_parts, eval_transform,
+                                    fast_crop_flip, jpeg_draft_scale, jpeg_header, mae_transform, open_image,
+                                    seeded_rng)
+from prepretrain_lit.loader import ShardStream, StreamLoader, collate_samples, pack_batch, unpack_batch
 
 
 def photo_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
@@ -176,8 +177,9 @@ def test_lazy_jpegs_and_damaged_images():
 
 # -- precision and compilation ---------------------------------------------------------------------------------
 from prepretrain_lit import trainer as trainer_module
-from prepretrain_lit.config import load_config
-from prepretrain_lit.trainer import SyntheticImages, Trainer, mae_objective, resolve_compile, resolve_precision
+from prepretrain_lit.presets import load_config
+from prepretrain_lit.trainer import SyntheticImages, Trainer, resolve_compile, resolve_precision
+from prepretrain_lit.objectives import mae_objective
 from tiny_runs import TINY
 
 
@@ -250,7 +252,7 @@ def test_auto_attention_is_the_textbook_kernel_on_a_cpu_under_bf16_only(tmp_path
 
 def test_the_two_attention_kernels_train_alike_and_are_not_part_of_a_runs_identity(tmp_path):
     "The textbook and fused kernels compute the same function: fp32 MAE losses agree to rounding over 3 steps."
-    from prepretrain_lit.config import config_hash
+    from prepretrain_lit.presets import config_hash
     fused, a = mae_losses(tmp_path / "fused", 3, "train.precision=fp32", "train.attention=fused")
     math, b = mae_losses(tmp_path / "math", 3, "train.precision=fp32", "train.attention=math")
     assert (a.attention, b.attention) == ("fused", "math")

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prepretrain_lit.config import load_config
+from prepretrain_lit.presets import load_config
 from prepretrain_lit.data import build_shards, shapes_source
 from prepretrain_lit.splitmask import SplitMaskViT, gather_tokens, info_nce, split_patches
-from prepretrain_lit.trainer import launch, train, train_worker
+from prepretrain_lit.distributed import launch
+from prepretrain_lit.trainer import train, train_worker
 from prepretrain_lit.vit import ViT, load_trunk
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_num_heads=4,

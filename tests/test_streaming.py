@@ -11,9 +11,12 @@ import pytest
 import torch
 
 import prepretrain_lit.loader as loader_module
-from prepretrain_lit.data import encode_image, nested_subsets, subset_score, write_manifest, write_shard
-from prepretrain_lit.loader import (DataQualityError, ShardStream, StreamLoader, StreamPlan, Window, buffer_order,
-                                    eval_transform, mae_transform)
+from prepretrain_lit.data import encode_image
+from prepretrain_lit.subsets import nested_subsets, subset_score
+from prepretrain_lit.manifest import write_manifest, write_shard
+from prepretrain_lit.decode import DataQualityError, eval_transform, mae_transform
+from prepretrain_lit.loader import ShardStream, StreamLoader
+from prepretrain_lit.stream import StreamPlan, Window, buffer_order
 
 
 def ordered_corpus(tmp_path, n=400, shard_size=20, subsets=None, record_shards=True, bad=(), name="c"):
@@ -219,7 +222,7 @@ def test_a_jpeg_broken_inside_is_skipped_and_counted_within_the_budget(tmp_path,
     """A JPEG whose header and end marker are fine but whose data is broken stays encoded until the transform
     decodes it: it is then skipped and counted like any bad sample (fast path, generic transform, no transform),
     and too many of them stop the run with the data-quality error."""
-    from prepretrain_lit.loader import jpeg_header, jpeg_is_complete, open_image
+    from prepretrain_lit.decode import jpeg_header, jpeg_is_complete, open_image
     good = encode_image(np.zeros((16, 16, 3), dtype=np.uint8) + 90, "jpg")
     assert jpeg_header(broken_inside(good)) == (16, 16, 3) and jpeg_is_complete(broken_inside(good))
     assert type(open_image(broken_inside(good))).__name__ == "EncodedJpeg"        # not decoded when read
@@ -271,8 +274,9 @@ def test_a_reduced_cluster_simulation_balanced_complete_elastic():
 # -- the trainer: the stream state in the checkpoint, a resume on another world size ---------------------------
 
 def test_the_trainer_resumes_a_stream_checkpoint_on_another_world_size_with_a_warning(tmp_path):
-    from prepretrain_lit.config import load_config
-    from prepretrain_lit.trainer import save_file_atomic, train
+    from prepretrain_lit.presets import load_config
+    from prepretrain_lit.checkpoint import save_file_atomic
+    from prepretrain_lit.trainer import train
     path = ordered_corpus(tmp_path, n=200, shard_size=20)
     cfg = load_config(preset="tiny", overrides=[f"data.dataset={path}", "model.depth=2", "model.decoder_depth=1",
                                                 "data.num_workers=0", "data.batch_size=8", "train.steps=4",

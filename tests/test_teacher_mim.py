@@ -55,7 +55,7 @@ def test_prepretrain_train_teacher_mim_then_export_and_status(teacher_run, tmp_p
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert records[-1]["step"] == 3 and "target_cosine" in records[-1]
 
-    from prepretrain_lit.config import load_config
+    from prepretrain_lit.presets import load_config
     from prepretrain_lit.vit import vit_from_config
     trunk_keys = set(vit_from_config(load_config(preset="tiny").model).state_dict())
     model = torch.load(out / "model.pt", weights_only=True)["model"]
@@ -87,7 +87,7 @@ def test_a_missing_or_mismatched_teacher_is_one_line(teacher_run, tmp_path, caps
 
 
 def test_the_teacher_stays_frozen_through_the_trainer(tmp_path):
-    from prepretrain_lit.config import load_config, save_config
+    from prepretrain_lit.presets import load_config, save_config
     from prepretrain_lit.objectives import classifier_from_config
     from prepretrain_lit.teacher_mim import teacher_mim_objective
     from prepretrain_lit.trainer import SyntheticImages, Trainer
@@ -154,7 +154,7 @@ def test_an_experiment_runs_teacher_mim_with_status_and_report(tmp_path, digits_
 
 def test_a_teacher_written_relative_or_absolute_is_one_run(tmp_path, monkeypatch):
     "`teacher.checkpoint` is a path key of the stage (`StageSpec.path_keys`): the same file gives the same identity."
-    from prepretrain_lit.config import config_hash, load_config
+    from prepretrain_lit.presets import config_hash, load_config
     (tmp_path / "wsp").mkdir()
     monkeypatch.chdir(tmp_path)
     cfgs = [load_config(preset="tiny", stage="teacher_mim", overrides=[f"teacher.checkpoint={p}"])

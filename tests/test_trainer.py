@@ -10,11 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from prepretrain_lit.config import UserError, derive_seed, load_config
+from prepretrain_lit.schema import UserError
+from prepretrain_lit.config import derive_seed
+from prepretrain_lit.presets import load_config
 from prepretrain_lit.data import build_shards, shapes_source
-from prepretrain_lit.trainer import (EXIT_PREEMPTED, MODEL_INIT_STREAM, MAEObjective, SyntheticImages, Trainer, TrainingDiverged,
-                                     complete_checkpoints, first_slurm_host, grad_norm_, launch, lr_at, mae_objective,
-                                     param_groups, save_file_atomic, train, train_worker)
+from prepretrain_lit.checkpoint import EXIT_PREEMPTED, complete_checkpoints, save_file_atomic
+from prepretrain_lit.trainer import (MODEL_INIT_STREAM, SyntheticImages, Trainer, TrainingDiverged, grad_norm_,
+                                     train, train_worker)
+from prepretrain_lit.objectives import MAEObjective, mae_objective
+from prepretrain_lit.distributed import first_slurm_host, launch
+from prepretrain_lit.optim import lr_at, param_groups
 from tiny_runs import TINY, tiny, weights, wait_for
 
 PRETRAIN = Path(sys.executable).parent / "prepretrain"
@@ -340,7 +345,8 @@ def test_fsdp_resumes_exactly_from_its_sharded_checkpoint(tmp_path):
 
 def test_the_linear_probe_without_a_data_builder_is_refused_naming_the_evaluation(tmp_path):
     "The trainer knows no stage by name: the linear probe's data (cached features) come from `data=`, or it says where."
-    from prepretrain_lit.config import UserError, load_config
+    from prepretrain_lit.schema import UserError
+    from prepretrain_lit.presets import load_config
     from prepretrain_lit.trainer import train, train_stage
     cfg = load_config(preset="tiny", stage="linear_probe")
     for run in (lambda: train("linear_probe", cfg, tmp_path / "a"), lambda: train_stage("linear_probe", cfg, tmp_path / "b", nprocs=2)):

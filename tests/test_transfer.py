@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from prepretrain_lit.config import UserError, load_config
+from prepretrain_lit.schema import UserError
+from prepretrain_lit.presets import load_config
 from prepretrain_lit.objectives import ViTClassifier
 from prepretrain_lit.trainer import Trainer
-from prepretrain_lit.transfer import (FeatureBatches, FeatureSet, LinearProbe, LinearProbeObjective, evaluate,
-                                      feature_cache_path, lowshot_evaluate, lowshot_indices, read_results,
-                                      summarize_records, topk_correct, write_results)
+from prepretrain_lit.knn import FeatureSet, topk_correct
+from prepretrain_lit.transfer import (FeatureBatches, evaluate, feature_cache_path, lowshot_evaluate, lowshot_indices,
+                                      read_results, summarize_records, write_results)
+from prepretrain_lit.objectives import LinearProbe, LinearProbeObjective
 
 TINY_MODEL = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
 
@@ -169,7 +171,7 @@ def test_evaluation_input_errors_come_before_compute(tmp_path, digits_manifests)
 # -- at cluster size ---------------------------------------------------------------------------------------------
 def test_distributed_feature_extraction_equals_one_process(tmp_path, digits_manifests):
     "Two gloo processes, each extracting its shards' share, gather into exactly the one-process features (key order)."
-    from prepretrain_lit.trainer import launch
+    from prepretrain_lit.distributed import launch
     from prepretrain_lit.transfer import cached_features, extract_to_cache, features_worker, load_features
     test = digits_manifests[1]
     cfg = load_config(preset="tiny", overrides=[*TINY_MODEL, "train.device=cpu", "eval.batch_size=64"])
@@ -181,7 +183,7 @@ def test_distributed_feature_extraction_equals_one_process(tmp_path, digits_mani
     assert torch.allclose(a.features, b.features, atol=1e-6)
     assert not list(tmp_path.glob("*.part-*"))                       # the shares were joined and removed
     with pytest.raises(ValueError, match="two shares"):
-        from prepretrain_lit.transfer import gather_features
+        from prepretrain_lit.knn import gather_features
         gather_features([FeatureSet(a.features[:2], a.labels[:2], "x", ["k1", "k2"])] * 2)
 
 
@@ -199,7 +201,7 @@ def test_feature_batches_draw_one_permutation_per_epoch(monkeypatch):
 # --- weighted k-NN (DINO) ----------------------------------------------------------------------------------------
 
 def test_knn_matches_a_hand_computed_case():
-    from prepretrain_lit.transfer import knn_scores
+    from prepretrain_lit.knn import knn_scores
     # test point (1, 0); neighbours (1, 0) class 0 (cos 1), (0.6, 0.8) class 1 (cos 0.6), (0, 1) class 1 (cos 0)
     train = FeatureSet(torch.tensor([[3.0, 0.0], [0.6, 0.8], [0.0, 2.0]]), torch.tensor([0, 1, 1]), "tr")
     test = FeatureSet(torch.tensor([[1.0, 0.0]]), torch.tensor([1]), "te")
@@ -218,7 +220,7 @@ def test_knn_agrees_with_sklearn_on_the_same_features(k, T):
     """scikit-learn's KNeighborsClassifier with cosine distance d = 1 - cos and weights exp((1 - d) / T) is the
     same classifier: on continuous random features (no ties in distance) the predictions agree exactly."""
     from sklearn.neighbors import KNeighborsClassifier
-    from prepretrain_lit.transfer import knn_evaluate, knn_scores
+    from prepretrain_lit.knn import knn_evaluate, knn_scores
     train, test = blobs(n=300, classes=5, seed=1, spread=2.0), blobs(n=200, classes=5, seed=2, spread=2.0)
     ours = knn_scores(train, test, k=k, temperature=T).argmax(1).numpy()
     clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
@@ -232,7 +234,7 @@ def test_knn_agrees_with_sklearn_on_the_same_features(k, T):
 def test_knn_with_a_large_temperature_is_uniform_majority_vote():
     "T -> infinity: every weight is ~1, so the k-NN is scikit-learn's uniform-weight majority (odd k, 2 classes: no ties)."
     from sklearn.neighbors import KNeighborsClassifier
-    from prepretrain_lit.transfer import knn_scores
+    from prepretrain_lit.knn import knn_scores
     train, test = blobs(n=200, classes=2, seed=3, spread=3.0), blobs(n=100, classes=2, seed=4, spread=3.0)
     ours = knn_scores(train, test, k=9, temperature=1e6).argmax(1).numpy()
     theirs = KNeighborsClassifier(n_neighbors=9, metric="cosine", algorithm="brute").fit(
@@ -243,8 +245,8 @@ def test_knn_with_a_large_temperature_is_uniform_majority_vote():
 def test_light_transform_never_mirrors_and_is_chosen_by_data_transform():
     "data.transform=light: a crop and normalise only; a digit is never flipped (a mirrored 2 is not a 2)."
     from PIL import Image
-    from prepretrain_lit.config import ConfigError
-    from prepretrain_lit.loader import TRANSFORMS
+    from prepretrain_lit.schema import ConfigError
+    from prepretrain_lit.decode import TRANSFORMS
     img = np.zeros((32, 32, 3), np.uint8)
     img[:, :16] = 255                                                         # left half white
     t = TRANSFORMS["light"](32, scale=(1.0, 1.0))
@@ -316,7 +318,8 @@ def test_the_linear_probe_trains_in_two_processes_with_its_data_builder(tmp_path
 
 def test_pixel_features_are_the_normalised_image_area_averaged(digits_manifests):
     "The raw-pixel arm's vector is the evaluation image itself, averaged over s x s blocks when larger than `size`."
-    from prepretrain_lit.transfer import eval_loader, pixel_features
+    from prepretrain_lit.knn import eval_loader
+    from prepretrain_lit.transfer import pixel_features
     test = str(digits_manifests[1])
     full, small = pixel_features(test, 16, size=32), pixel_features(test, 16, size=4)
     assert full.features.shape == (450, 3 * 16 * 16) and small.features.shape == (450, 3 * 4 * 4)
@@ -353,8 +356,10 @@ def test_a_manifest_rebuilt_in_place_is_another_feature_cache_key(tmp_path):
 
 def test_shape_id_is_a_judge_raw_pixels_do_not_pass(tmp_path):
     "The built-in shape-id splits: built from their manifests, disjoint, balanced enough, and far from solved by pixels."
-    from prepretrain_lit.data import build_from_recipe, load_manifest, shipped_manifest
-    from prepretrain_lit.transfer import knn_evaluate, pixel_features
+    from prepretrain_lit.data import build_from_recipe, shipped_manifest
+    from prepretrain_lit.manifest import load_manifest
+    from prepretrain_lit.knn import knn_evaluate
+    from prepretrain_lit.transfer import pixel_features
     train, test = (build_from_recipe(shipped_manifest(f"shape-id-{s}"), tmp_path / s, progress=False) for s in ("train", "test"))
     assert (load_manifest(train).num_samples, load_manifest(test).num_samples) == (2000, 1000)
     a, b = pixel_features(str(train), 32), pixel_features(str(test), 32)

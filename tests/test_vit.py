@@ -7,7 +7,8 @@ import pytest
 import timm
 import torch
 
-from prepretrain_lit.config import ModelConfig, UserError, get_preset
+from prepretrain_lit.schema import ModelConfig, UserError
+from prepretrain_lit.presets import get_preset
 from prepretrain_lit.mae import mae_vit_base_patch16
 from prepretrain_lit.vit import (VIT_SIZES, CheckpointMismatchError, ViT, load_state_dict_file, load_trunk, save_trunk,
                                  sincos_pos_embed_2d, trunk_state_dict, vit_base_patch16, vit_from_config,

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from prepretrain_lit.config import RunConfig, load_config
+from prepretrain_lit.schema import RunConfig
+from prepretrain_lit.presets import load_config
 
 TINY = ["data.dataset=synthetic", "model.depth=2", "model.decoder_depth=1", "train.log_every=1"]
 

@@ -92,7 +92,8 @@ def graft(kind: str, executed: Path, root: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from prepretrain_lit.pipeline import EXPERIMENTS_DIR, run_experiment
+    from prepretrain_lit.pipeline_spec import EXPERIMENTS_DIR
+    from prepretrain_lit.pipeline import run_experiment
     if argv[:1] == ["--from"]:          # graft again from runs made earlier (their `runs` folder); `--only KIND ...`
         root, only = Path(argv[1]), argv[3:] if argv[2:3] == ["--only"] else list(RUNS)
         for kind in only: graft(kind, root / RUNS[kind] / "executed.ipynb", root)

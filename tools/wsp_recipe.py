@@ -56,10 +56,10 @@ def train(stage: str, out: Path, dataset: Path, steps: int, *overrides: str) -> 
 def heldout(run: Path, val: Path) -> tuple[float, float, float]:
     "(last training loss, WSP loss, hashtag top-1 %) of the WSP run in `run`, the last two over manifest `val`."
     import torch
-    from prepretrain_lit.config import load_config
-    from prepretrain_lit.data import load_manifest
+    from prepretrain_lit.presets import load_config
+    from prepretrain_lit.manifest import load_manifest
     from prepretrain_lit.objectives import classifier_from_config, hashtag_top1, wsp_loss
-    from prepretrain_lit.transfer import eval_loader
+    from prepretrain_lit.knn import eval_loader
     from prepretrain_lit.vit import load_state_dict_file
     cfg = load_config(run / "config.yaml")
     model = classifier_from_config(cfg.model, len(load_manifest(val).hashtags), cfg.head.global_pool)
