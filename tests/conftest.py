@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 
 
 def pytest_collection_modifyitems(config, items):

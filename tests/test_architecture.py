@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 PACKAGE = ROOT / "prepretrain_lit"
 
 

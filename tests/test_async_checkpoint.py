@@ -1,4 +1,4 @@
-"""Asynchronous checkpoints (issue 35): the same files and the same exact resume as synchronous ones; a writer killed
+"""Asynchronous checkpoints: the same files and the same exact resume as synchronous ones; a writer killed
 mid-file leaves the previous checkpoint the one that loads; a run never ends (normally, on a stop signal, on an
 error) before its last checkpoint is on disk; one save in flight at a time."""
 import json

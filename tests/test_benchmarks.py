@@ -5,7 +5,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from prepretrain_lit.schema import MAEConfig, ModelConfig
 from prepretrain_lit.mae import mae_from_config
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 
 
 def load_script(name: str):

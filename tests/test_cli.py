@@ -12,7 +12,7 @@ import yaml
 from prepretrain_lit.cli import main
 from prepretrain_lit.presets import config_hash, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 PRETRAIN = Path(sys.executable).parent / "prepretrain"
 
 
@@ -123,7 +123,7 @@ def test_evaluate_writes_results_and_prints_the_summary(tmp_path, digits_manifes
     assert main(["evaluate", "probe", "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
 
 
-# -- errors that name what the user set (issue 20) ------------------------------------------------------------
+# -- errors that name what the user set ------------------------------------------------------------
 
 def test_config_show_stage_shows_the_recipe_the_stage_uses():
     res = run("config", "show", "--preset", "vit_b16", "--stage", "finetune")
@@ -181,7 +181,7 @@ def test_a_missing_shard_is_found_at_the_start(tmp_path, shapes_manifest):
     assert "DataLoader worker" not in res.stderr and "Traceback" not in res.stderr
 
 
-# -- the documented commands run (issue 20) -------------------------------------------------------------------
+# -- the documented commands run -------------------------------------------------------------------
 
 def documented_commands(path: Path) -> list[tuple[str, bool]]:
     "(command, shown as an error) for each `prepretrain` line in the code blocks of markdown file `path`."

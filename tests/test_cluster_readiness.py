@@ -8,15 +8,15 @@ import os
 from pathlib import Path
 
 import pytest
-
-from prepretrain_lit.registry import objective_factory
 import torch
 
 from prepretrain_lit import checkpoint as C
 from prepretrain_lit import distributed as D
 from prepretrain_lit import trainer as T
-from prepretrain_lit.schema import UserError
 from prepretrain_lit.presets import load_config
+from prepretrain_lit.registry import objective_factory
+from prepretrain_lit.schema import UserError
+from project import ROOT
 from tiny_runs import TINY, tiny
 
 TINY_TEXT = ["lit.embed_dim=32", "lit.text_width=32", "lit.text_layers=2", "lit.text_heads=4", "lit.context_length=16"]
@@ -364,7 +364,7 @@ def test_an_evaluation_in_every_task_of_a_job_shares_the_extraction_and_writes_o
 
 # -- benchmarks/gpu_check.sh: its CPU parts and its arguments ---------------------------------------------------------
 
-GPU_CHECK = ["bash", str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh")]
+GPU_CHECK = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")]
 
 
 def run_check(*args: str, timeout: int = 600):
@@ -393,7 +393,7 @@ def test_gpu_check_dry_run_and_bad_arguments():
 
 def test_gpu_check_reads_the_throughput_table():
     import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
     gc = importlib.util.module_from_spec(spec); spec.loader.exec_module(gc)
     text = ("(medians)                         ours img/s  peer img/s  ours/peer   paired\n"
             "train                                1234.50           -          -        -\n"

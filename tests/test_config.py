@@ -95,8 +95,11 @@ def test_sizes_that_cannot_build_a_model_are_refused():
         load_config(overrides=["train.steps=0"])
 
 
-def test_config_errors_are_user_errors_and_value_errors():
-    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+def test_a_config_mistake_is_caught_as_the_users_error_and_as_a_value_error():
+    "The CLI prints a `UserError` as one line; code that guards with `except ValueError` catches it too."
+    for caught in (UserError, ValueError):
+        with pytest.raises(caught, match="train.steps=0 must be > 0"):
+            load_config(overrides=["train.steps=0"])
 
 
 def test_malformed_override():

@@ -11,7 +11,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==(\S+)$")
 
 
@@ -85,8 +85,8 @@ def test_torchvision_and_timm_import_with_the_installed_torch():
     import torchvision
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
     assert torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5).tolist() == [0]  # a compiled op
-    assert timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
-                             patch_size=16) is not None
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=16)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 192)                          # pooled features, no head
 
 
 @pytest.mark.skipif(Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(),

@@ -1,12 +1,12 @@
 """Shipped experiments that are meant to be run on CPU: cpu_study validates (dry-run) and has the shape its
 claims need -- three seeds a point, four sub-studies, every transfer judge (nbs/08b_pipeline_spec.ipynb)."""
 from collections import Counter
-from pathlib import Path
 
 from prepretrain_lit.cli import main
 from prepretrain_lit.pipeline_spec import expand, load_experiment
+from project import ROOT
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = ROOT / "experiments"
 
 
 def test_cpu_study_dry_run_validates(tmp_path, capsys):

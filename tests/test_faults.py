@@ -1,4 +1,4 @@
-"""Fault injection: the faults real cluster runs meet (issue 16), each reproduced here on a tiny run, with what
+"""Fault injection: the faults real cluster runs meet, each reproduced here on a tiny run, with what
 must happen instead: nothing lost, nothing silently wrong, an error that names the cause."""
 import dataclasses
 import json

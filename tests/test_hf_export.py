@@ -1,4 +1,4 @@
-"""`prepretrain export --to hf|hf-vit` (issue 35): Hugging Face `transformers` reads the folders back strictly (no
+"""`prepretrain export --to hf|hf-vit`: Hugging Face `transformers` reads the folders back strictly (no
 missing, unexpected or mismatched weights) and computes what ours computes: the MAE's loss, predictions and mask
 with the same noise; a trunk's last hidden state."""
 import json

@@ -1,4 +1,4 @@
-"""Runs a person can follow and steer (issue 20): log lines without a terminal, `status` on every kind of run
+"""Runs a person can follow and steer: log lines without a terminal, `status` on every kind of run
 folder, "resumed from step N of M", `train --extend`, JupyterLab set-up, a wheel that carries what the CLI needs,
 and `export` of a trunk for timm."""
 import contextlib
@@ -16,7 +16,7 @@ import torch
 from prepretrain_lit.cli import main
 from prepretrain_lit.run_folder import write_status
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 BIN = Path(sys.executable).parent
 TINY = ["--preset", "tiny", "--set", "data.dataset=synthetic", "--set", "data.batch_size=4", "--set", "model.depth=2",
         "--set", "train.log_every=2", "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=3"]

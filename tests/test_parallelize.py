@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from project import ROOT
 import torch
 
 import prepretrain_lit.trainer as T
@@ -133,7 +134,7 @@ def test_compiled_blocks_equal_eager_under_ddp_and_fsdp(tmp_path):
 
 def test_the_gpu_check_has_the_parallel_part_in_both_modes():
     import subprocess
-    check = [str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"), "--dry-run", "--only", "parallel"]
+    check = [str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--only", "parallel"]
     gpu, cpu = (subprocess.run(["bash", *check, *extra], capture_output=True, text=True) for extra in ([], ["--cpu-smoke"]))
     assert gpu.returncode == cpu.returncode == 0, gpu.stderr + cpu.stderr
     assert "gpu_check.py parallel --device cuda" in gpu.stdout
@@ -144,7 +145,7 @@ def test_the_gpu_check_has_the_parallel_part_in_both_modes():
 def test_the_gpu_checks_parallel_part_runs_on_the_cpu():
     "Its CPU path (one gloo rank, FSDP2, aot_eager): eager and the three compiled modes train the same losses."
     import subprocess, sys
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    script = ROOT / "benchmarks" / "gpu_check.py"
     r = subprocess.run([sys.executable, str(script), "parallel", "--device", "cpu", "--preset", "tiny", "--batch", "4",
                         "--precision", "fp32", "--backend", "aot_eager", "--steps", "1", "--tolerance", "1e-5"],
                        capture_output=True, text=True, timeout=900)

@@ -19,7 +19,7 @@ from prepretrain_lit.pipeline_exec import StageJob, slurm_job_params, submit_slu
 from prepretrain_lit.pipeline_plan import format_dag
 from prepretrain_lit.pipeline import run_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 OUT = 'out_dir = "."  # the run folder\n'
 
 
@@ -428,7 +428,7 @@ def test_a_reduced_demo_gives_the_same_results_table_twice(tmp_path):
     pd.testing.assert_frame_equal(tables[0], tables[1])
 
 
-# -- every stage run checked before any runs (issue 20) -------------------------------------------------------
+# -- every stage run checked before any runs -------------------------------------------------------
 
 def demo_with(tmp_path: Path, change) -> Path:
     "experiments/demo.yaml with one mistake made by `change(spec)`, written to tmp_path."

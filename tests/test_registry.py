@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 STAGE_MODULE = ROOT / "tests" / "stages" / "simmim.py"
 STAGE_NOTEBOOK = ROOT / "tests" / "stages" / "simmim.ipynb"
 PRETRAIN = Path(sys.executable).parent / "prepretrain"

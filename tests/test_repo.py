@@ -1,9 +1,8 @@
 """The repository's own promises: the layout, CI calling the README's test command, the nbdev settings."""
 import configparser
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 
 
 def settings() -> configparser.SectionProxy:

@@ -14,7 +14,7 @@ import pytest
 from prepretrain_lit.report_summary import comparison_lines
 from prepretrain_lit.report_table import load_table
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 STUDY = ROOT / "results" / "cpu_study"
 SECTION = "## What the CPU study shows"
 

@@ -26,7 +26,7 @@ import yaml
 
 from prepretrain_lit.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 sys.path.insert(0, str(ROOT / "tools"))
 import slurm_cluster  # noqa: E402
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
 PRETRAIN = Path(sys.executable).parent / "prepretrain"
 TINY = ["--preset", "tiny", "--set", "data.dataset=synthetic", "--set", "data.batch_size=8"]
 
