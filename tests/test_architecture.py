@@ -130,3 +130,10 @@ def test_no_module_reexports_another_modules_names():
     bad = reexports()
     assert not bad, ("names handed out by a module that does not define them (import each name from the module "
                      "that defines it):\n  " + "\n  ".join(bad))
+
+
+def test_every_module_docstring_is_its_chapters_whole_summary():
+    "nbdev takes a chapter's `> summary` line as the module docstring: a summary wrapped over lines is cut at the wrap."
+    cut = [m for m in module_order() if not (ast.get_docstring(ast.parse((PACKAGE / f"{m}.py").read_text())) or "")
+           .rstrip().endswith((".", ")", "`"))]
+    assert not cut, f"module docstrings cut short (write the chapter's `> ...` summary on one line): {cut}"
