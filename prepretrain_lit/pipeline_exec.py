@@ -22,12 +22,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import UserError, atomic_write_text, run_lock, usable_cpus
+from .schema import UserError
+from .presets import atomic_write_text
+from .config import run_lock, usable_cpus
 from .schema import RunRefused
 from .pipeline_stage import STAGE_NOTEBOOK_ENV, notebook_parameters
 from .registry import find_stage
 from .pipeline_spec import AXIS_KEYS, StageRun
-from .pipeline_plan import _count, read_json, run_state
+from .run_folder import CONFIG, STAGE, read_stage, read_status, write_json
+from .pipeline_plan import _count, run_state
 
 # %% ../nbs/08d_pipeline_exec.ipynb #f4f73f3b
 def now() -> str:
@@ -45,17 +48,17 @@ def stage_record(run: StageRun, state: str, **extra) -> dict:
             "deps": run.deps, "hash": run.hash, "config_hash": _config_hash(run.folder), "state": state, **extra}
 
 def _config_hash(folder: Path) -> str | None:
-    if not (folder / "config.yaml").is_file(): return None
+    if not (folder / CONFIG).is_file(): return None
     try:
-        from prepretrain_lit.config import config_hash, load_config
-        return config_hash(load_config(folder / "config.yaml"))
+        from prepretrain_lit.presets import config_hash, load_config
+        return config_hash(load_config(folder / CONFIG))
     except Exception: return None
 
 def write_stage_json(run: StageRun, state: str, **extra) -> dict:
-    old = read_json(run.folder / "stage.json") or {}
+    old = read_stage(run.folder) or {}
     record = stage_record(run, state, **{k: old[k] for k in ("started", "job_id", "extended") if k in old and k not in extra}, **extra)
     run.folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.folder / "stage.json", json.dumps(record, indent=2, default=str) + "\n")
+    write_json(run.folder / STAGE, record)
     return record
 
 @contextmanager
@@ -80,7 +83,7 @@ def extend_env(on: bool):
     "With `on`, `PREPRETRAIN_EXTEND=1` for the kernels started inside (the stage's `train` may lengthen its run)."
     if not on:                       # the common case: no import of the trainer (torch, timm) into the runner
         yield; return
-    from prepretrain_lit.trainer import EXTEND_ENV
+    from prepretrain_lit.checkpoint import EXTEND_ENV
     old = os.environ.get(EXTEND_ENV)
     os.environ[EXTEND_ENV] = "1"
     try: yield
@@ -112,7 +115,7 @@ def _execute_locked(run: StageRun, progress: bool, log_output: bool) -> str:
     if missing:
         write_stage_json(run, "failed", started=now(), finished=now(), error=f"missing inputs: {', '.join(missing)}")
         return "failed"
-    record = run.folder / "stage.json"
+    record = run.folder / STAGE
     before = record.read_text() if record.is_file() else None
     if run.extend: write_stage_json(run, "running", extended={k: list(v) for k, v in run.extend.items()})
     write_stage_json(run, "running", started=now(), finished=None, error=None, pid=os.getpid(), host=socket.gethostname())
@@ -127,7 +130,6 @@ def _execute_locked(run: StageRun, progress: bool, log_output: bool) -> str:
             if before is None: record.unlink(missing_ok=True)
             else: atomic_write_text(record, before)
             raise RunRefused(f"{run.id}: {e.evalue}") from None
-        from prepretrain_lit.trainer import read_status
         trainer = read_status(run.folder) or {}
         dead = type(e).__name__ == "DeadKernelError"             # killed (SIGKILL, out of memory) or crashed
         state = trainer["state"] if trainer.get("state") in ("preempted", "diverged") else "killed" if dead else "failed"
@@ -163,7 +165,7 @@ class Outcome:
 RAN_OK = ("complete", "skipped")   # states whose outputs the runs that read them may use
 
 def _finished(run: StageRun, state: str, seconds: float) -> Outcome:
-    record = read_json(run.folder / "stage.json") or {}
+    record = read_stage(run.folder) or {}
     note = "" if state == "complete" else f"{record.get('error')}; see {run.folder / 'executed.ipynb'}"
     return Outcome(run, state, seconds, note)
 
@@ -398,7 +400,7 @@ class StageJob:
         warned = [s for s in signals if s in REQUEUE_SIGNALS]
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if warned and job and restarts < self.max_requeues:
-            record = read_json(run.folder / "stage.json") or {}
+            record = read_stage(run.folder) or {}
             write_stage_json(run, "preempted", job_id=job, signal=warned[0],
                              error=record.get("error") if state == "preempted" else f"{state} after {warned[0]}: {record.get('error')}")
             why_not = requeue_job(job)          # the last thing: SLURM now kills this step
@@ -423,7 +425,7 @@ LIVE_JOB_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING"
 def queued_job(run: StageRun) -> str | None:
     "The id of a job submitted earlier for `run` (same hash) that SLURM still has queued or running, or None."
     import subprocess
-    record = read_json(run.folder / "stage.json") or {}
+    record = read_stage(run.folder) or {}
     job = record.get("job_id")
     if not job or record.get("hash") != run.hash or record.get("state") not in ("pending", "running", "preempted"): return None
     try: out = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True, timeout=60).stdout

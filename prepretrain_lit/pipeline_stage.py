@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .config import RunConfig, UserError
+from .schema import RunConfig, UserError
 from .registry import STAGES, recipe_stage, stage_spec
+from .run_folder import read_metrics
 
 # %% ../nbs/08a_pipeline_stage.ipynb #1a11079a
 import prepretrain_lit
@@ -101,7 +102,7 @@ def stage_config(stage: str, preset: str | None = None, dataset: str | None = No
                  seed: int | None = None, init_checkpoint: str | None = None, nprocs: int = 1,
                  overrides: Sequence[str] = ()) -> RunConfig:
     "The checked config of a stage notebook's parameters: preset < `stage`'s recipe < parameters < `overrides` (None: keep)."
-    from prepretrain_lit.config import load_config
+    from prepretrain_lit.presets import load_config
     items = []
     if dataset is not None: items.append(f"data.dataset={dataset}")
     if subset is not None: items.append(f"data.subset={subset}")
@@ -112,9 +113,9 @@ def stage_config(stage: str, preset: str | None = None, dataset: str | None = No
     items += list(overrides)
     cfg = load_config(preset=preset, overrides=items, stage=stage)
     if epochs is not None:
-        from prepretrain_lit.data import load_manifest
+        from prepretrain_lit.manifest import load_manifest
         from prepretrain_lit.loader import resolve_manifest
-        from prepretrain_lit.trainer import steps_for
+        from prepretrain_lit.optim import steps_for
         n = load_manifest(resolve_manifest(cfg.data.dataset)).subset_size(cfg.data.subset)
         batch = cfg.data.batch_size * cfg.train.accum_steps * world_size(nprocs)
         cfg = load_config(preset=preset, overrides=items + [f"train.steps={steps_for(epochs, n, batch)}"], stage=stage)
@@ -128,9 +129,9 @@ def train_stage(stage: str, cfg: RunConfig, out_dir: str | os.PathLike, progress
     return launch(stage, cfg, out_dir, progress=progress, nprocs=nprocs, data=data)
 
 def plot_metrics(out_dir: str | os.PathLike, keys: Sequence[str] = ("loss",)):
-    "The curves of `keys` against the step, from the run's `metrics.jsonl`; returns the figure."
+    "The curves of `keys` against the step, from the run's `metrics.jsonl` (a half-written last line skipped); returns the figure."
     import matplotlib.pyplot as plt
-    rows = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = read_metrics(out_dir)
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
         ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
@@ -150,7 +151,7 @@ def param_type(p: Param):
 
 def check_value(p: Param, value):
     "`value` for parameter `p`, checked against (and converted to) its annotated type; `UserError` naming it if it does not fit."
-    from prepretrain_lit.config import ConfigError, coerce
+    from prepretrain_lit.schema import ConfigError, coerce
     tp = param_type(p)
     if tp is None: return value
     try: return coerce(value, tp, p.name)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .report_summary import _size_of, distinct_evals, final_values, is_scratch, pretty, with_recipe
 from .registry import stage_kinds
-from .report_table import read_json
+from .run_folder import CONFIG, MODEL, read_status
 
 if TYPE_CHECKING:   # figures and models are imported when drawn: the table alone needs neither matplotlib nor torch
     import matplotlib.figure
@@ -252,8 +252,11 @@ def held_out_images(cfg, n: int = 4) -> tuple["torch.Tensor", str]:
     "(n, 3, img_size, img_size) normalised images `cfg`'s MAE did not train on, and a description of them."
     import torch
     from PIL import Image
-    from prepretrain_lit.data import digits_split, load_manifest, render_digit, render_shapes, shipped_manifest
-    from prepretrain_lit.loader import TRANSFORMS, decode_sample, tar_samples
+    from prepretrain_lit.render import digits_split, render_digit, render_shapes
+    from prepretrain_lit.manifest import load_manifest
+    from prepretrain_lit.data import shipped_manifest
+    from prepretrain_lit.decode import TRANSFORMS, decode_sample
+    from prepretrain_lit.stream import tar_samples
     transform = TRANSFORMS["eval"](cfg.model.img_size)
     dataset = str(cfg.data.dataset)
     manifest = None
@@ -287,28 +290,28 @@ def held_out_images(cfg, n: int = 4) -> tuple["torch.Tensor", str]:
 
 def load_stage_mae(folder: str | os.PathLike):
     "The MAE model of a stage folder, from its `config.yaml` and `model.pt`, and its config."
-    from prepretrain_lit.config import load_config
+    from prepretrain_lit.presets import load_config
     from prepretrain_lit.mae import load_mae_checkpoint, mae_from_config
     folder = Path(folder)
-    cfg = load_config(folder / "config.yaml")
+    cfg = load_config(folder / CONFIG)
     model = mae_from_config(cfg.model, cfg.mae)
-    load_mae_checkpoint(model, folder / "model.pt")
+    load_mae_checkpoint(model, folder / MODEL)
     return model.eval(), cfg
 
 def plot_reconstructions(folder: str | os.PathLike, n: int = 4, seed: int = 0, label: str | None = None) -> "matplotlib.figure.Figure":
     "MAE reconstructions of `n` held-out images by the stage in `folder` (needs its `config.yaml` and `model.pt`)."
     import torch
-    from prepretrain_lit.loader import IMAGENET_MEAN, IMAGENET_STD
+    from prepretrain_lit.decode import IMAGENET_MEAN, IMAGENET_STD
     from prepretrain_lit.mae import show_reconstructions
     plt, _ = _plt()
     folder = Path(folder)
-    missing = [f for f in ("config.yaml", "model.pt") if not (folder / f).is_file()]
+    missing = [f for f in (CONFIG, MODEL) if not (folder / f).is_file()]
     if missing: raise MissingData(f"{folder} has no {' and no '.join(missing)}")
     model, cfg = load_stage_mae(folder)
     imgs, what = held_out_images(cfg, n)
     noise = torch.rand(len(imgs), cfg.model.num_patches, generator=torch.Generator().manual_seed(seed))
     fig = show_reconstructions(model, imgs, IMAGENET_MEAN, IMAGENET_STD, cfg.mae.mask_ratio, noise, max_images=n)
-    status = read_json(folder / "status.json", []) or {}
+    status = read_status(folder) or {}
     step = f", step {status['step']}" if "step" in status else ""
     label = label or f"{folder.parent.name}/{folder.name}"
     fig.suptitle(f"{label}: MAE reconstructions ({what}{step}, {cfg.mae.mask_ratio:.0%} masked)", fontsize=9)
@@ -319,7 +322,7 @@ def mae_stage_dirs(table: pd.DataFrame) -> list[Path]:
     "Folders of MAE training stages in the table that hold a `model.pt`."
     rows = table[table.kind == "mae"]
     dirs = sorted({Path(s).parent for s in rows.source})
-    return [d for d in dirs if (d / "model.pt").is_file()]
+    return [d for d in dirs if (d / MODEL).is_file()]
 
 # %% ../nbs/09c_report_figures.ipynb #a2d90345
 FIGURES = {"convergence": plot_convergence, "scaling": plot_scaling, "mae_length": plot_mae_length,

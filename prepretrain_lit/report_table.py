@@ -13,23 +13,25 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from .config import UserError, atomic_write_text, run_is_alive
+from .schema import UserError
+from .presets import atomic_write_text
+from .config import run_is_alive
+from .run_folder import (CHECKPOINTS, CONFIG, METRICS, RESULTS, STAGE, read_config_values,
+                                        read_curves, read_metrics, read_results, read_stage, read_status)
 from .lineage import UNKNOWN, lineage, run_name
 from .registry import STAGES, stage_kinds
 
 # %% auto #0
-__all__ = ['STAGE_FILES', 'SKIP_DIRS', 'SCRATCH', 'SAFE_LOADER', 'COLUMNS', 'INT_COLUMNS', 'FLOAT_COLUMNS', 'DEAD_STATES',
-           'SETTLED', 'TEXT_COLUMNS', 'SORT_KEYS', 'CSV_MAX_ROWS', 'Block', 'find_stage_dirs', 'names_from_path',
-           'read_json', 'read_yaml', 'read_metrics', 'is_number', 'encoder_params', 'preset_params', 'stage_axes',
-           'thin_indices', 'curve_rows', 'read_curves', 'thin_curves', 'stage_state', 'stage_record', 'eval_rows',
-           'stage_rows', 'empty_table', 'typed', 'curve_block', 'eval_block', 'block_table', 'sort_table', 'gather',
-           'save_table', 'load_table']
+__all__ = ['STAGE_FILES', 'SKIP_DIRS', 'SCRATCH', 'COLUMNS', 'INT_COLUMNS', 'FLOAT_COLUMNS', 'DEAD_STATES', 'SETTLED',
+           'TEXT_COLUMNS', 'SORT_KEYS', 'CSV_MAX_ROWS', 'Block', 'find_stage_dirs', 'names_from_path', 'is_number',
+           'encoder_params', 'preset_params', 'stage_axes', 'thin_indices', 'curve_rows', 'thin_curves', 'stage_state',
+           'stage_record', 'eval_rows', 'stage_rows', 'empty_table', 'typed', 'curve_block', 'eval_block',
+           'block_table', 'sort_table', 'gather', 'save_table', 'load_table']
 
 # %% ../nbs/09a_report_table.ipynb #77205a74
-STAGE_FILES = ("stage.json", "config.yaml", "metrics.jsonl", "results.json")
-SKIP_DIRS = {"checkpoints", "__pycache__", ".ipynb_checkpoints"}
+STAGE_FILES = (STAGE, CONFIG, METRICS, RESULTS)
+SKIP_DIRS = {CHECKPOINTS, "__pycache__", ".ipynb_checkpoints"}
 SCRATCH = ("scratch", "random", "none", "")   # `init` values that mean "no pretrained trunk"
 
 def find_stage_dirs(root: str | os.PathLike) -> list[Path]:
@@ -51,47 +53,6 @@ def names_from_path(root: Path, folder: Path) -> dict:
     return dict(experiment=root.resolve().parent.name, stage=root.resolve().name, variant=None)
 
 # %% ../nbs/09a_report_table.ipynb #ea24899a
-def read_json(path: Path, notes: list[str]) -> dict | None:
-    "The JSON object in `path`, or None (with a note) when it is missing, unreadable or not an object."
-    if not path.is_file(): return None
-    try: data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        notes.append(f"{path}: not readable JSON ({type(e).__name__}: {e}); ignored"); return None
-    if not isinstance(data, dict):
-        notes.append(f"{path}: expected a JSON object, got {type(data).__name__}; ignored"); return None
-    return data
-
-SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml's: ~10x faster on a 1,000-run folder
-
-def read_yaml(path: Path, notes: list[str]) -> dict | None:
-    "The mapping in YAML file `path`, or None (with a note)."
-    if not path.is_file(): return None
-    try: data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
-    except (OSError, yaml.YAMLError) as e:
-        notes.append(f"{path}: not readable YAML ({type(e).__name__}); ignored"); return None
-    return data if isinstance(data, dict) else None
-
-def read_metrics(path: Path, notes: list[str]) -> list[dict]:
-    "The JSON lines of `metrics.jsonl` that parse to objects with a `step`; others (a half-written last line) noted and skipped."
-    if not path.is_file(): return []
-    records, bad = [], []
-    with open(path, errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: record = json.loads(line)
-            except ValueError: bad.append(number); continue
-            if isinstance(record, dict) and _is_step(record.get("step")): records.append(record)
-            else: bad.append(number)
-    if bad: notes.append(_bad_lines_note(path, bad))
-    return records
-
-def _is_step(step) -> bool:
-    "A metrics line's `step`: a finite number (not a bool)."
-    return isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
-
-def _bad_lines_note(path: Path, bad: list[int]) -> str:
-    return f"{path}: {len(bad)} line(s) skipped, not complete JSON records with a step (line {', '.join(map(str, bad[:5]))})"
-
 def is_number(v) -> bool:
     "A real number (bool is not one)."
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -110,7 +71,7 @@ def _text(v) -> str | None:
 
 def encoder_params(model_section: dict | None) -> int | None:
     "Encoder parameters of a `config.yaml` `model:` section (None when it does not describe a ViT)."
-    from prepretrain_lit.config import ModelConfig
+    from prepretrain_lit.schema import ModelConfig
     import dataclasses
     if not model_section: return None
     known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -119,7 +80,8 @@ def encoder_params(model_section: dict | None) -> int | None:
 
 def preset_params(arch: str | None) -> int | None:
     "Encoder parameters of preset `arch`, or of the preset whose `model.arch` is `arch` (`vit_b16` -> 86M)."
-    from prepretrain_lit.config import PRESETS, ModelConfig
+    from prepretrain_lit.presets import PRESETS
+    from prepretrain_lit.schema import ModelConfig
     import dataclasses
     if arch in PRESETS:              # the runner's axes name the preset (`tiny`, `vit_b16`)
         return encoder_params({**dataclasses.asdict(ModelConfig()), **PRESETS[arch].get("model", {})})
@@ -196,56 +158,6 @@ def curve_rows(records: Sequence[dict], max_points: int | None = None) -> pd.Dat
     long.attrs["thinned"] = bool(thinned)
     return long
 
-def read_curves(path: Path, notes: list[str]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
-    """`metrics.jsonl` as arrays: ({metric: (steps int64, values float64)} in logged order, lines read). The same
-    numbers as `curve_rows(read_metrics(path))`, without a DataFrame per file: ~50 bytes a point while reading."""
-    if not path.is_file(): return {}, 0
-    if (fast := _arrow_curves(path)) is not None: return fast
-    columns: dict[str, tuple[list, list]] = {}
-    bad, lines, loads = [], 0, json.loads
-    with open(path, errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: record = loads(line)
-            except ValueError: bad.append(number); continue
-            step = record.get("step") if isinstance(record, dict) else None
-            if not _is_step(step): bad.append(number); continue
-            lines, step = lines + 1, int(step)
-            for k, v in record.items():
-                t = type(v)
-                if (t is int or (t is float and v == v)) and k != "step":    # numbers, not bools, not NaN
-                    try: steps, values = columns[k]
-                    except KeyError: steps, values = columns[k] = ([], [])
-                    steps.append(step); values.append(v)
-    if bad: notes.append(_bad_lines_note(path, bad))
-    return {k: (np.array(s, dtype=np.int64), np.array(v, dtype=np.float64)) for k, (s, v) in columns.items()}, lines
-
-def _arrow_curves(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int] | None:
-    """`read_curves` by pyarrow's JSON reader (C++, ~3x faster than a line at a time), or None where that reading
-    could differ (a damaged or half-written line, a key whose type changes, a missing or non-numeric step): then the
-    line-by-line reading decides, and notes the bad lines."""
-    try:
-        import pyarrow as pa
-        import pyarrow.json as pj
-        table = pj.read_json(path)
-    except Exception: return None          # no pyarrow, or a line it rejects
-    if "step" not in table.column_names: return None
-    number = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)
-    step = table.column("step")
-    if step.null_count or not number(step.type): return None
-    steps = step.to_numpy()
-    if steps.dtype.kind == "f":
-        if not np.isfinite(steps).all(): return None
-        steps = steps.astype(np.int64)                  # as int(step)
-    out = {}
-    for name in table.column_names:
-        column = table.column(name)
-        if name == "step" or not number(column.type): continue    # text, booleans, nested values: not metrics
-        values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)   # a null is NaN
-        keep = ~np.isnan(values)
-        if keep.any(): out[name] = (steps, values) if keep.all() else (steps[keep], values[keep])
-    return out, len(steps)
-
 def thin_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], max_points: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     "Each curve of `read_curves` thinned to `max_points` (`thin_indices`)."
     out = {}
@@ -267,8 +179,8 @@ def stage_record(root: Path, folder: Path, notes: list[str],
                  pretrain: set[str] | None = None) -> tuple[dict, dict | None, dict | None] | None:
     """(the run's axes, its results.json, its stage.json) of one stage folder; None (with a note) when the stage failed,
     diverged, was killed or was interrupted (its numbers are partial: they never enter a table or a verdict), or is a report."""
-    stage = read_json(folder / "stage.json", notes)
-    status = read_json(folder / "status.json", notes)
+    stage = read_stage(folder, notes)
+    status = read_status(folder, notes)
     state = stage_state(folder, stage, status)
     if state in DEAD_STATES:
         record = (stage if (stage or {}).get("state") else status) or {}
@@ -276,8 +188,8 @@ def stage_record(root: Path, folder: Path, notes: list[str],
         notes.append(f"{folder}: stage {state} ({why.splitlines()[-1]}); left out")
         return None
     if (stage or {}).get("kind") == "report": return None
-    config = read_yaml(folder / "config.yaml", notes)
-    results = read_json(folder / "results.json", notes)
+    config = read_config_values(folder, notes)
+    results = read_results(folder, notes)
     base = stage_axes(root, folder, stage, config, results, pretrain, notes)
     base["state"] = state
     if state not in SETTLED: notes.append(f"{folder}: stage {state}; its numbers may be partial (shown, not compared)")
@@ -286,7 +198,7 @@ def stage_record(root: Path, folder: Path, notes: list[str],
 def eval_rows(base: dict, results: dict | None, stage: dict | None, folder: Path, notes: list[str]) -> list[dict]:
     "The `eval` rows of a stage's `results.json` records (a record without a metric name and a number: noted, skipped)."
     if results is None: return []
-    source = str(folder / "results.json")
+    source = str(folder / RESULTS)
     if results.get("kind") and base["kind"] != results["kind"] and (stage or {}).get("kind") is None:
         base = {**base, "kind": results["kind"]}
     records = results.get("records")
@@ -321,10 +233,10 @@ def stage_rows(root: Path, folder: Path, notes: list[str], max_points: int | Non
     got = stage_record(root, folder, notes, pretrain)
     if got is None: return None
     base, results, stage = got
-    curves = curve_rows(read_metrics(folder / "metrics.jsonl", notes), max_points)
+    curves = curve_rows(read_metrics(folder, notes), max_points)
     thinned = curves.attrs.get("thinned", False)
     curves = curves.assign(**base, record="curve", dataset=None, split_seed=None, shots=None,
-                           source=str(folder / "metrics.jsonl"))
+                           source=str(folder / METRICS))
     frames = [typed(f) for f in (curves, pd.DataFrame(eval_rows(base, results, stage, folder, notes))) if len(f)]
     if not frames: return None
     rows = pd.concat(frames, ignore_index=True)
@@ -442,12 +354,12 @@ def gather(run_dirs: str | os.PathLike | Sequence[str | os.PathLike], max_points
         got = stage_record(root, folder, notes, pretrain)
         if got is None: continue
         base, results, stage = got
-        curves, _ = read_curves(folder / "metrics.jsonl", notes)
+        curves, _ = read_curves(folder, notes)
         kept = thin_curves(curves, max_points)
         thinned += any(len(kept[k][1]) < len(curves[k][1]) for k in curves)
         del curves
         evals = eval_rows(base, results, stage, folder, notes)
-        blocks = ([curve_block(base, str(folder / "metrics.jsonl"), kept)] if kept else []) + ([eval_block(evals)] if evals else [])
+        blocks = ([curve_block(base, str(folder / METRICS), kept)] if kept else []) + ([eval_block(evals)] if evals else [])
         if blocks: runs.append(((base["experiment"], base["stage"], base["variant"]), blocks))
     if not columnar: table = sort_table(typed(pd.concat(frames, ignore_index=True)) if frames else empty_table())
     elif not runs: table = empty_table()

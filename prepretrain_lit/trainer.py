@@ -5,19 +5,7 @@
 # %% auto #0
 __all__ = ['MODEL_INIT_STREAM', 'DataBuilder', 'PEER_LOST', 'ALLOCATION_FAILED', 'SyntheticImages', 'grad_norm_',
            'TrainingDiverged', 'cpu_has_bf16', 'resolve_precision', 'resolve_compile', 'Trainer', 'memory_mb',
-           'build_data', 'build_objective', 'check_data', 'train', 'run_failure', 'train_worker', 'train_stage',
-           'Objective', 'MAEObjective', 'mae_objective', 'splitmask_objective', 'DIST_TIMEOUT_ENV', 'DIST_TIMEOUT_S',
-           'DistInfo', 'first_slurm_host', 'slurm_master_port', 'dist_timeout', 'process_placement', 'select_device',
-           'shared_devices', 'check_distinct_gpus', 'setup_distributed', 'cleanup_distributed', 'RankFailed', 'agree',
-           'broadcast_from_main', 'fsdp_policies', 'load_full_state_from_rank0', 'threading_is_main', 'free_port',
-           'omp_threads', 'launch', 'steps_for', 'lr_at', 'param_groups', 'build_optimizer', 'set_lr', 'CKPT',
-           'SHARD_SUMS', 'TEMPORARY', 'EXIT_PREEMPTED', 'EXTEND_ENV', 'EXTENSIONS', 'checkpoint_path',
-           'complete_checkpoints', 'rng_state', 'set_rng_state', 'CheckpointIOError', 'io_error', 'HashingWriter',
-           'save_file_atomic', 'remove_checkpoint', 'remove_stale_temporaries', 'write_status', 'read_status',
-           'Preempted', 'catch_signals', 'requeues_on', 'request_requeue', 'with_steps', 'extension_records',
-           'extended_from', 'run_hashes', 'refuse_longer_without_extend', 'plan_extension', 'record_extension',
-           'extend_run', 'checkpoint_record', 'another_world_size', 'check_before_writing', 'is_terminal',
-           'format_duration', 'StepClock', 'progress_line', 'resume_message']
+           'build_data', 'build_objective', 'check_data', 'train', 'run_failure', 'train_worker', 'train_stage']
 
 # %% ../nbs/06d_trainer.ipynb #1b0e6966
 import contextlib
@@ -38,31 +26,24 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import (RunConfig, UserError, atomic_write_text, config_hash, derive_seed, init_run_folder,
-                                    run_lock, seed_everything, write_provenance)
+from .schema import RunConfig, RunRefused, UserError
+from .presets import atomic_write_text, config_hash
+from .config import derive_seed, init_run_folder, run_lock, seed_everything, write_provenance
+from .run_folder import (CHECKPOINTS, MODEL, PROVENANCE, append_metrics, read_provenance,
+                                        truncate_metrics, write_json, write_status)
 from .registry import objective_factory, recipe_stage
-from .schema import RunRefused
 from .objectives import (MAEObjective, Objective,
                                         mae_objective, splitmask_objective)
 from .vit import file_sha256, resolve_attention, set_attention_kernel, verify_checkpoint_file
-# what the trainer stands on, re-exported: `trainer.launch`, `trainer.lr_at`, `trainer.complete_checkpoints`, ...
-from .distributed import *
-from .optim import *
-from .checkpoint import *
-# ... and in `from prepretrain_lit.trainer import *`, as before the split
-_all_ = ['Objective', 'MAEObjective', 'mae_objective', 'splitmask_objective',
-          'DIST_TIMEOUT_ENV', 'DIST_TIMEOUT_S', 'DistInfo', 'first_slurm_host', 'slurm_master_port', 'dist_timeout',
-          'process_placement', 'select_device', 'shared_devices', 'check_distinct_gpus', 'setup_distributed',
-          'cleanup_distributed', 'RankFailed', 'agree', 'broadcast_from_main', 'fsdp_policies',
-          'load_full_state_from_rank0', 'threading_is_main', 'free_port', 'omp_threads', 'launch', 'steps_for',
-          'lr_at', 'param_groups', 'build_optimizer', 'set_lr', 'CKPT', 'SHARD_SUMS', 'TEMPORARY', 'EXIT_PREEMPTED',
-          'EXTEND_ENV', 'EXTENSIONS', 'checkpoint_path', 'complete_checkpoints', 'rng_state', 'set_rng_state',
-          'CheckpointIOError', 'io_error', 'HashingWriter', 'save_file_atomic',
-          'remove_checkpoint', 'remove_stale_temporaries', 'write_status', 'read_status',
-          'Preempted', 'catch_signals', 'requeues_on', 'request_requeue', 'with_steps', 'extension_records',
-          'extended_from', 'run_hashes', 'refuse_longer_without_extend', 'plan_extension', 'record_extension', 'extend_run',
-          'checkpoint_record', 'another_world_size', 'check_before_writing',
-          'is_terminal', 'format_duration', 'StepClock', 'progress_line', 'resume_message']
+from .distributed import (DistInfo, setup_distributed, cleanup_distributed, RankFailed, agree,
+                                         broadcast_from_main, compile_seconds, parallelize, threading_is_main, launch)
+from .optim import lr_at, build_optimizer, set_lr
+from .checkpoint import (SHARD_SUMS, EXTEND_ENV, checkpoint_path, complete_checkpoints, rng_state,
+                                        set_rng_state, CheckpointIOError, io_error, save_file_atomic,
+                                        remove_stale_temporaries, prune_checkpoints, CheckpointWriter, Preempted, catch_signals, requeues_on, request_requeue,
+                                        with_steps, extension_records, run_hashes, record_extension,
+                                        another_world_size, check_before_writing, is_terminal, StepClock,
+                                        progress_line, resume_message)
 
 
 # %% ../nbs/06d_trainer.ipynb #76ad5491
@@ -156,11 +137,11 @@ class Trainer:
             except ImportError: raise UserError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
             self.tb = SummaryWriter(str(self.out / "tensorboard")) if self.info.is_main else None
         else: self.tb = None
-        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt_dir = self.out / CHECKPOINTS
         self.writer = CheckpointWriter(t.async_checkpoint, self.optimizer, self.objective)   # rank 0's files, in the background
-        if self.info.is_main and (record := self.out / "provenance.json").is_file():   # what 'auto' chose on this hardware
-            atomic_write_text(record, json.dumps({**json.loads(record.read_text()), "resolved": {
-                "precision": self.precision, "compile": self.compile, "attention": self.attention}}, indent=2) + "\n")
+        if self.info.is_main and (record := read_provenance(self.out)) is not None:   # what 'auto' chose on this hardware
+            write_json(self.out / PROVENANCE, {**record, "resolved": {
+                "precision": self.precision, "compile": self.compile, "attention": self.attention}})
         if self.info.is_main: self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.step = 0                      # the last step trained (for status.json when something fails)
 
@@ -319,21 +300,14 @@ class Trainer:
 
     def _metrics(self, record: dict) -> None:
         if not self.info.is_main: return
-        with open(self.out / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
+        append_metrics(self.out, record)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step": self.tb.add_scalar(k, v, record["step"])
 
     def _truncate_metrics(self, step: int) -> None:
         "Drop metric lines past `step` (written after the checkpoint we resume from), and lines that are not a record."
-        path = self.out / "metrics.jsonl"
-        if self.info.is_main and path.exists():
-            raw = path.read_bytes().splitlines()
-            records = [_json_or_none(l) for l in raw]
-            lines = [json.dumps(r) for r in records if r is not None and isinstance(r.get("step"), int) and r["step"] <= step]
-            damaged = sum(r is None and l.strip() != b"" for r, l in zip(records, raw))
-            if damaged: warnings.warn(f"{path}: dropped {damaged} damaged line(s) (not a JSON record with a step)")
-            atomic_write_text(path, "".join(l + "\n" for l in lines))
+        if self.info.is_main: truncate_metrics(self.out, step)
 
     def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
         if self.info.distributed: dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
@@ -381,10 +355,10 @@ class Trainer:
         state = self.resume()
         start = state["step"] if state else 0
         data_offset = state["data"] if state else {"seen": 0, "skipped": 0}
-        self._truncate_metrics(start)     # lines past the checkpoint (every line, without one) are an ended attempt's
+        self._truncate_metrics(start if state else -1)   # lines past the checkpoint (every line, without one) are an ended attempt's
         if state and self.info.is_main: print(resume_message(state, t.steps), flush=True)
         if start >= t.steps:
-            if not (self.out / "model.pt").exists(): self.export_model()   # stopped between the last checkpoint and export
+            if not (self.out / MODEL).exists(): self.export_model()   # stopped between the last checkpoint and export
             self._status("complete", start)
             return {"step": start, "state": "complete"}
         self._status("running", start)
@@ -460,12 +434,10 @@ class Trainer:
 
     def _record_first_step(self, seconds: float) -> None:
         "Put the first step's seconds (compilation included when compiled) into provenance.json's `resolved`."
-        record = self.out / "provenance.json"
-        if not (self.info.is_main and record.is_file()): return
-        data = json.loads(record.read_text())
+        if not self.info.is_main or (data := read_provenance(self.out)) is None: return
         data["resolved"] = {**data.get("resolved", {}), "first_step_s": round(seconds, 3),
                             "compile_s": round(compile_seconds(), 3)}
-        atomic_write_text(record, json.dumps(data, indent=2) + "\n")
+        write_json(self.out / PROVENANCE, data)
 
     def _state_is_finite(self) -> torch.Tensor:
         "1.0 when every parameter and floating optimizer-state tensor of this rank (its shards under FSDP) is finite."
@@ -499,7 +471,7 @@ class Trainer:
 
     def export_model(self) -> Path:
         "Write `model.pt`, `{'model': full state dict}` of the objective's model, for the next stage."
-        path = self.out / "model.pt"
+        path = self.out / MODEL
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             sd = get_model_state_dict(self.objective.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -510,12 +482,6 @@ class Trainer:
             except UserError as e: error = e
         agree(error, f"writing {path}", self.info)
         return path
-
-def _json_or_none(line: str | bytes) -> dict | None:
-    "A metrics line as a dict; None for a blank, half-written (a process killed mid-append) or damaged one (`42`, bad UTF-8)."
-    try: record = json.loads(line) if line.strip() else None
-    except ValueError: return None               # UnicodeDecodeError included
-    return record if isinstance(record, dict) else None
 
 def memory_mb(device: torch.device) -> float:
     "Peak memory of this process: CUDA allocations on a GPU, resident set size on the CPU."
@@ -536,7 +502,8 @@ def build_data(stage: str, cfg: RunConfig, info: DistInfo, out_dir: str | os.Pat
     if cfg.data.dataset == "synthetic":
         return SyntheticImages(cfg.data.batch_size, cfg.model.img_size, cfg.model.num_patches, cfg.seed,
                                info.rank, info.world_size, cfg.model.in_chans)
-    from prepretrain_lit.loader import TRANSFORMS, make_loader
+    from prepretrain_lit.decode import TRANSFORMS
+    from prepretrain_lit.loader import make_loader
     transform = TRANSFORMS[cfg.data.transform or recipe_stage(stage).transform](cfg.model.img_size)   # data.transform overrides
     return make_loader(cfg.data, transform, seed=cfg.seed, rank=info.rank, world_size=info.world_size, infinite=True,
                        pin_memory=info.device.type == "cuda")
@@ -577,7 +544,7 @@ def train(stage: str, cfg: RunConfig, out_dir: str | os.PathLike, resume: bool |
     try:
         error, found = None, None
         if info.is_main:                # rank 0 decides: a rank whose filesystem lags does not decide otherwise
-            found = bool(complete_checkpoints(out / "checkpoints"))
+            found = bool(complete_checkpoints(out / CHECKPOINTS))
             if resume is True and not found: error = UserError(f"--resume: no checkpoint in {out / 'checkpoints'}")
             if resume is False and found: error = UserError(f"{out} already holds checkpoints; resume it, or use another folder")
         agree(error, f"checking the checkpoints in {out}", info)
