@@ -44,10 +44,11 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def build_trainer(preset: str, out: Path, batch: int = 1) -> Trainer:
-    "A CPU `Trainer` of `preset`'s MAE whose AdamW state exists (one step on zero gradients)."
-    cfg = load_config(preset=preset, overrides=["data.dataset=synthetic", f"data.batch_size={batch}", "train.device=cpu",
-                                                "train.precision=fp32", "train.compile=false", "train.steps=1000000",
+def build_trainer(preset: str, out: Path, batch: int = 1, device: str = "cpu") -> Trainer:
+    "A `Trainer` of `preset`'s MAE on `device` (fp32 weights) whose AdamW state exists (one step on zero gradients)."
+    precision = "bf16" if device == "cuda" else "fp32"             # autocast; the weights and moments stay fp32
+    cfg = load_config(preset=preset, overrides=["data.dataset=synthetic", f"data.batch_size={batch}", f"train.device={device}",
+                                                f"train.precision={precision}", "train.compile=false", "train.steps=1000000",
                                                 "train.keep_checkpoints=1"])
     torch.manual_seed(0)
     objective = mae_objective(cfg)
@@ -61,8 +62,10 @@ def build_trainer(preset: str, out: Path, batch: int = 1) -> Trainer:
 
 
 def timed(fn) -> float:
+    "Seconds `fn` takes, the GPU's queued work included."
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available() and torch.cuda.is_initialized(): torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -94,37 +97,52 @@ def measure(trainer: Trainer, rounds: int) -> dict:
             "background_s": background, "step_alone_s": alone, "step_during_s": steps, "bytes": path.stat().st_size}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="vit_l16", help="model preset (tiny: a smoke run)")
     parser.add_argument("--rounds", type=int, default=3, help="timed saves of each kind")
     parser.add_argument("--batch", type=int, default=1, help="images per training step (the step the copy overlaps)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures there as JSON")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        trainer = build_trainer(args.preset, Path(d), args.batch)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the model trains (cuda: bf16 autocast; the staging copy goes GPU -> CPU)")
+    args = parser.parse_args(argv)
+    row = run(args.preset, args.rounds, args.batch, args.dir, args.device)
+    report(row)
+    if args.json: args.json.write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def run(preset: str, rounds: int, batch: int = 1, folder: Path | None = None, device: str = "cpu") -> dict:
+    "The figures of `measure` for `preset`'s MAE on `device`, as one row (medians; `goal_met`: warm <= 10% of sync)."
+    with tempfile.TemporaryDirectory(dir=folder) as d:
+        trainer = build_trainer(preset, Path(d), batch, device)
         params = sum(p.numel() for p in trainer.objective.parameters())
-        r = measure(trainer, args.rounds)
+        r = measure(trainer, rounds)
     sync, warm = statistics.median(r["sync_s"]), statistics.median(r["async_warm_s"])
-    row = {"preset": args.preset, "parameters": params, "checkpoint_gb": r["bytes"] / 1e9, "sync_s": sync,
+    return {"preset": preset, "device": device, "parameters": params, "checkpoint_gb": r["bytes"] / 1e9, "sync_s": sync,
            "async_blocking_warm_s": warm, "async_blocking_cold_s": r["async_cold_s"],
            "async_background_s": statistics.median(r["background_s"]), "blocking_share": warm / sync,
            "save_call_s": statistics.median(r["call_s"][1:]), "step_held_s": statistics.median(r["held_s"][1:]),
            "train_step_s": statistics.median(r["step_alone_s"]), "train_step_during_write_s": statistics.median(r["step_during_s"][1:]),
-           "goal_met": warm <= 0.10 * sync, "cpu": cpu_name(), "threads": torch.get_num_threads(), "rounds": args.rounds}
-    print(f"{args.preset} MAE + AdamW: {params / 1e6:.0f}M parameters, {row['checkpoint_gb']:.2f} GB a checkpoint, "
-          f"{row['cpu']}, {row['threads']} threads, median of {args.rounds}")
+           "goal_met": warm <= 0.10 * sync, "cpu": cpu_name(), "threads": torch.get_num_threads(), "rounds": rounds,
+           "async_cold_background_s": r["background_s"][0], "parameters_m": params / 1e6}
+
+
+def report(row: dict) -> None:
+    "The row as the table this script prints."
+    sync, warm = row["sync_s"], row["async_blocking_warm_s"]
+    print(f"{row['preset']} MAE + AdamW on {row['device']}: {row['parameters_m']:.0f}M parameters, "
+          f"{row['checkpoint_gb']:.2f} GB a checkpoint, {row['cpu']}, {row['threads']} threads, median of {row['rounds']}")
     print(f"{'save':<28}{'loop blocked s':>16}{'background s':>15}")
     print(f"{'synchronous':<28}{sync:>16.3f}{'-':>15}")
-    print(f"{'asynchronous, cold (first)':<28}{r['async_cold_s']:>16.3f}{r['background_s'][0]:>15.3f}")
-    print(f"{'asynchronous, warm':<28}{warm:>16.3f}{statistics.median(r['background_s'][1:]):>15.3f}")
+    print(f"{'asynchronous, cold (first)':<28}{row['async_blocking_cold_s']:>16.3f}{row['async_cold_background_s']:>15.3f}")
+    print(f"{'asynchronous, warm':<28}{warm:>16.3f}{row['async_background_s']:>15.3f}")
     print(f"warm blocking = save call {row['save_call_s']:.3f} s + next optimizer step's wait for the copy "
           f"{row['step_held_s']:.3f} s; a training step takes {row['train_step_s']:.2f} s alone, "
           f"{row['train_step_during_write_s']:.2f} s while the copy and write run beside it")
     print(f"blocking: {100 * row['blocking_share']:.1f}% of the synchronous save (goal <= 10%: "
           f"{'met' if row['goal_met'] else 'NOT met'})")
-    if args.json: args.json.write_text(json.dumps(row, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -337,6 +337,22 @@ def part_loader(args) -> None:
          images_per_s=rate, pinned=bool(pin and pinned))
 
 
+# -- asynchronous checkpoints ----------------------------------------------------------------------------------------
+
+def part_async_checkpoint(args) -> None:
+    """The training loop's blocking per checkpoint, synchronous against asynchronous (benchmarks/checkpoint_async.py) on
+    this device: on a GPU the staging copy runs GPU -> CPU beside the next step. `goal_met`: warm blocking <= 10% of the
+    synchronous save (meaningless on the CPU smoke's tiny model, whose save is fixed costs only)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from checkpoint_async import report, run
+    row = run(args.preset, args.rounds, args.batch, device=device_of(args.device).type)
+    report(row)
+    keep = ("checkpoint_gb", "sync_s", "async_blocking_warm_s", "async_blocking_cold_s", "async_background_s",
+            "blocking_share", "goal_met", "train_step_s")
+    emit("async-checkpoint", name=f"async checkpoint {args.preset} MAE+AdamW", ok=True,
+         **{k: row[k] for k in keep})
+
+
 # -- the report --------------------------------------------------------------------------------------------------
 
 def part_report(args) -> None:
@@ -386,12 +402,17 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--workers", type=int, default=4)
+    p = sub.add_parser("async-checkpoint")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--preset", default="vit_l16", help="the MAE's size (tiny on the CPU)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
     p = sub.add_parser("report")
     p.add_argument("results")
     p.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     {"device": part_device, "tiny": part_tiny, "fsdp": part_fsdp, "lit-fsdp": part_lit_fsdp, "parallel": part_parallel,
-     "throughput": part_throughput,
+     "throughput": part_throughput, "async-checkpoint": part_async_checkpoint,
      "loader": part_loader, "report": part_report}[args.part](args)
 
 

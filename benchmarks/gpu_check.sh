@@ -4,7 +4,8 @@
 # after step 11 and resumed, matching the uninterrupted run; a one-rank NCCL FSDP2 step with its dtypes, a DCP save and
 # load and a model.pt export reloaded; LiT under FSDP2; a ViT-B/16 MAE through `parallelize` on one rank (FSDP2, bf16),
 # eager and compiled per block with activation checkpointing none / full / selective (losses, compile s, peak memory); MAE train-step images/s, MFU and peak memory for ViT-B/16,
-# L/16 and H/14 at bf16, compile off and on (benchmarks/mae_throughput.py); the loader with pinned memory.
+# L/16 and H/14 at bf16, compile off and on (benchmarks/mae_throughput.py); the loader with pinned memory; a ViT-L/16 MAE's
+# checkpoint blocking the loop, synchronous against asynchronous (benchmarks/checkpoint_async.py).
 # Prints one table and writes a JSON.
 #
 #   bash benchmarks/gpu_check.sh                        # on a GPU machine, after `make install` (README)
@@ -64,6 +65,7 @@ if [ "$MODE" = gpu ]; then
     "lit-fsdp|90|$PY $CHECK lit-fsdp $DEV"
     "parallel|240|$PY $CHECK parallel $DEV"
     "loader-pinned|90|$PY $CHECK loader $DEV"
+    "async-checkpoint|150|$PY $CHECK async-checkpoint $DEV"
     "mae-vit_b16|90|$PY benchmarks/mae_throughput.py --model vit_b16 $THR"
     "mae-vit_b16-compiled|150|$PY benchmarks/mae_throughput.py --model vit_b16 --compile $THR"
     "mae-vit_l16|90|$PY benchmarks/mae_throughput.py --model vit_l16 $THR"
@@ -82,6 +84,7 @@ else
     "parallel|300|$PY $CHECK parallel $DEV --preset tiny --batch 8 --precision fp32 --backend aot_eager --steps 2 --tolerance 1e-5"
     "mae-tiny|120|$PY benchmarks/mae_throughput.py --model tiny --precision fp32 --device cpu --ours-only --steps 2 --warmup 1 --matmul-size 256"
     "loader|120|$PY $CHECK loader $DEV --images 256 --workers 0"
+    "async-checkpoint|120|$PY $CHECK async-checkpoint $DEV --preset tiny --rounds 2 --batch 2"
   )
 fi
 

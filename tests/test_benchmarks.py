@@ -221,6 +221,22 @@ def test_checkpoint_async_tiny_run_times_both_saves_and_the_background_write(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.json"]        # its checkpoints went with its temporary folder
 
 
+def test_the_gpu_checks_async_checkpoint_part_is_in_both_modes_and_runs_on_the_cpu():
+    "Its GPU command trains a ViT-L/16 MAE on cuda; its CPU command, run here, emits the timings of both saves."
+    check = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--only", "async-checkpoint"]
+    gpu, cpu = (subprocess.run(check + extra, capture_output=True, text=True) for extra in ([], ["--cpu-smoke"]))
+    assert gpu.returncode == cpu.returncode == 0, gpu.stderr + cpu.stderr
+    assert "async-checkpoint --device cuda" in gpu.stdout and "--preset tiny" in cpu.stdout
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "async-checkpoint", "--device", "cpu",
+                          "--preset", "tiny", "--rounds", "2", "--batch", "2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.split("RESULT ")[-1])
+    assert result["part"] == "async-checkpoint" and result["ok"] and result["sync_s"] > 0 and result["async_blocking_warm_s"] > 0
+    assert result["blocking_share"] == pytest.approx(result["async_blocking_warm_s"] / result["sync_s"])
+    assert "tiny MAE + AdamW on cpu" in run.stdout
+
+
 def test_activation_memory_tiny_run_measures_the_three_modes(tmp_path):
     "`--tiny`: each checkpointing mode measured in its own child process (RSS after forward and at the peak)."
     out = tmp_path / "memory.json"
