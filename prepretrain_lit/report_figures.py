@@ -21,9 +21,10 @@ if TYPE_CHECKING:   # figures and models are imported when drawn: the table alon
     import torch
 
 # %% auto #0
-__all__ = ['FIGURES', 'MissingData', 'main_setting', 'curve_bands', 'draw_bands', 'plot_convergence', 'scaling_metric',
-           'plot_scaling', 'plot_lowshot', 'plot_mae_length', 'plot_training_curves', 'held_out_images',
-           'load_stage_mae', 'plot_reconstructions', 'mae_stage_dirs', 'save_figure', 'make_figures']
+__all__ = ['FIGURES', 'MONITOR_METRIC', 'MissingData', 'main_setting', 'curve_bands', 'draw_bands', 'plot_convergence',
+           'scaling_metric', 'plot_scaling', 'plot_lowshot', 'plot_mae_length', 'plot_training_curves',
+           'held_out_images', 'load_stage_mae', 'plot_reconstructions', 'mae_stage_dirs', 'save_figure', 'make_figures',
+           'NotLogged', 'plot_monitor']
 
 # %% ../nbs/09c_report_figures.ipynb #59bb4d65
 class MissingData(Exception):
@@ -344,6 +345,7 @@ def make_figures(table: pd.DataFrame, out_dir: str | os.PathLike, max_reconstruc
     made, skipped = {}, {}
     def attempt(name, draw):
         try: made[name] = save_figure(draw(), out / f"{name}.png")
+        except NotLogged: return          # the runs did not log what it draws (the k-NN monitor): nothing missed
         except MissingData as e: skipped[name] = str(e)
         except Exception as e: skipped[name] = f"failed: {type(e).__name__}: {e}"
         if verbose and name in skipped: print(f"figure {name} skipped: {skipped[name]}")
@@ -359,3 +361,29 @@ def make_figures(table: pd.DataFrame, out_dir: str | os.PathLike, max_reconstruc
         skipped["reconstructions (more)"] = f"{len(folders) - max_reconstructions} more MAE stages not drawn (max_reconstructions={max_reconstructions})"
     return made, skipped
 
+
+# %% ../nbs/09c_report_figures.ipynb #51a2c698
+MONITOR_METRIC = "monitor/knn_top1"      # what the trainer logs (05c_knn's KNNMonitor)
+
+class NotLogged(MissingData):
+    "The runs did not log what a figure draws (an optional monitor): `make_figures` leaves it out without a reason."
+
+def plot_monitor(table: pd.DataFrame) -> "matplotlib.figure.Figure":
+    "k-NN top-1 of the monitor against the pretraining step: a band (mean ± sd over runs) per trunk recipe."
+    plt, sns = _plt()
+    rows = table[(table.record == "curve") & (table.metric == MONITOR_METRIC)]
+    if rows.empty: raise NotLogged("no run logged the k-NN monitor (eval.monitor.every=0)")
+    rows = with_recipe(rows)
+    if rows.model.nunique() > 1: rows = rows.assign(recipe=rows.recipe + " (" + rows.model.fillna("?").astype(str) + ")")
+    rank = {k: i for i, k in enumerate(stage_kinds("pretrain"))}
+    firsts = rows.drop_duplicates("recipe")
+    order = [r for _, r in sorted(zip(firsts.kind.map(lambda k: rank.get(k, len(rank))), firsts.recipe))]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    with sns.axes_style("whitegrid"):
+        draw_bands(ax, curve_bands(rows, ["recipe"]), "recipe", order, label_n=True)
+        ax.set(xlabel="pretraining step", ylabel="k-NN top-1 (%)", title="k-NN monitor on its labelled set during pretraining")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+FIGURES["monitor"] = plot_monitor

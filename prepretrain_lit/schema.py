@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['EXTRA_SECTIONS', 'UserError', 'ConfigError', 'RunRefused', 'unknown_choice', 'ModelConfig', 'DataConfig',
-           'OptimConfig', 'TrainConfig', 'MAEConfig', 'SplitMaskConfig', 'InitConfig', 'HeadConfig', 'EvalConfig',
-           'ProbeConfig', 'LiTConfig', 'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides']
+           'OptimConfig', 'TrainConfig', 'MAEConfig', 'SplitMaskConfig', 'InitConfig', 'HeadConfig', 'MonitorConfig',
+           'EvalConfig', 'ProbeConfig', 'LiTConfig', 'RunConfig', 'type_name', 'coerce', 'merge', 'parse_overrides']
 
 # %% ../nbs/00a_schema.ipynb #4caebd89
 import dataclasses
@@ -228,15 +228,32 @@ class HeadConfig:
         if self.mixup < 0 or self.cutmix < 0: raise ConfigError("head.mixup and head.cutmix must be >= 0 (0 turns them off)")
 
 @dataclass
+class MonitorConfig:
+    "The online k-NN monitor (05c_knn): the current trunk's leave-one-out k-NN top-1 on a small labelled set while it trains."
+    every: int = 0                  # steps between evaluations (also at step 0 and the last step); 0: off
+    dataset: str | None = None      # a small labelled manifest YAML (e.g. data/digits-train/digits-train.yaml), held in memory
+    samples: int = 0                # images of it the monitor keeps, a fixed choice by key (`subset_score`); 0: all
+                                    # (its cost: one forward pass over them per evaluation)
+
+    def check(self) -> None:
+        if self.every < 0: raise ConfigError(f"eval.monitor.every={self.every} must be >= 0 (0 turns the monitor off)")
+        if self.samples < 0: raise ConfigError(f"eval.monitor.samples={self.samples} must be >= 0 (0 keeps every image)")
+        if self.every and self.dataset is None:
+            raise ConfigError(f"eval.monitor.every={self.every} needs eval.monitor.dataset: a small labelled manifest "
+                              "(e.g. data/digits-train/digits-train.yaml), or eval.monitor.every=0")
+
+@dataclass
 class EvalConfig:
-    "The labelled test set an evaluation reports on."
+    "The labelled test set an evaluation reports on, and the monitor a training run evaluates itself with."
     dataset: str | None = None      # the path of a manifest YAML (e.g. digits-test); required by evaluations
     batch_size: int = 256           # images per forward pass
     num_workers: int = 2            # loader processes
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)   # k-NN of the trunk every N training steps
 
     def check(self) -> None:
         _check_positive(self, "eval", "batch_size")
         if self.num_workers < 0: raise ConfigError(f"eval.num_workers={self.num_workers} must be >= 0")
+        self.monitor.check()
 
 @dataclass
 class ProbeConfig:

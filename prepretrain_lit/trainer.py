@@ -35,6 +35,7 @@ from .registry import objective_factory, recipe_stage
 from .objectives import (MAEObjective, Objective,
                                         mae_objective, splitmask_objective)
 from .vit import file_sha256, resolve_attention, set_attention_kernel, verify_checkpoint_file
+from .knn import KNNMonitor
 from .distributed import (DistInfo, setup_distributed, cleanup_distributed, RankFailed, agree,
                                          broadcast_from_main, compile_seconds, parallelize, threading_is_main, launch)
 from .optim import lr_at, build_optimizer, set_lr
@@ -144,6 +145,7 @@ class Trainer:
                 "precision": self.precision, "compile": self.compile, "attention": self.attention}})
         if self.info.is_main: self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.step = 0                      # the last step trained (for status.json when something fails)
+        self.monitor = KNNMonitor.from_config(cfg, self.info.rank, self.info.world_size, self.info.device)   # eval.monitor
 
     def _wrap(self, objective: Objective, on_meta: bool = False) -> nn.Module:
         """Activation checkpointing, `torch.compile` and FSDP2 per block, or DDP around the objective (`parallelize`,
@@ -305,6 +307,16 @@ class Trainer:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step": self.tb.add_scalar(k, v, record["step"])
 
+    def _monitor(self, step: int) -> float:
+        "Log the k-NN monitor's line (`eval.monitor`, 05c_knn) when it is due after `step` steps; returns its seconds."
+        if not self.monitor.due(step): return 0.0
+        tic = time.perf_counter()
+        record = {"step": step, **self.monitor(self.objective)}     # every rank extracts its share; rank 0 gets the number
+        self._metrics(record)
+        if self.progress and "monitor/knn_top1" in record:
+            print(f"step {step}: k-NN monitor top-1 {record['monitor/knn_top1']:.1f}% on {self.monitor.name}", flush=True)
+        return time.perf_counter() - tic
+
     def _truncate_metrics(self, step: int) -> None:
         "Drop metric lines past `step` (written after the checkpoint we resume from), and lines that are not a record."
         if self.info.is_main: truncate_metrics(self.out, step)
@@ -368,6 +380,7 @@ class Trainer:
         on_terminal = self.progress and is_terminal()   # a bar where a person watches a terminal, lines everywhere else
         bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not on_terminal, dynamic_ncols=True)
         clock = StepClock(start, t.steps)
+        if start == 0: self._monitor(0)          # the trunk it starts from (a resumed run logged it already)
         losses, parts, last, tic, step = [], [], {}, time.perf_counter(), start
         first_step_s, untimed = None, 0     # this process's first step (with train.compile: the compilation), timed apart
         self.last_finite = self.step = start
@@ -383,6 +396,7 @@ class Trainer:
                     first_step_s, untimed, tic = time.perf_counter() - tic, 1, time.perf_counter()
                     self._record_first_step(first_step_s)
                 bar.update(1)
+                tic += self._monitor(step)       # before this step's checkpoint; its time kept out of the throughput
                 at_log, at_ckpt = step % t.log_every == 0 or step == t.steps, step % t.checkpoint_every == 0 or step == t.steps
                 if not (at_log or at_ckpt): continue
                 stacked = torch.stack(losses)
