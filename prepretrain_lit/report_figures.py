@@ -381,7 +381,8 @@ def plot_monitor(table: pd.DataFrame) -> "matplotlib.figure.Figure":
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     with sns.axes_style("whitegrid"):
         draw_bands(ax, curve_bands(rows, ["recipe"]), "recipe", order, label_n=True)
-        ax.set(xlabel="pretraining step", ylabel="k-NN top-1 (%)", title="k-NN monitor on its labelled set during pretraining")
+        ax.set(xlabel="step of its own stage (MAE→WSP: 0 is the MAE trunk it starts from)", ylabel="k-NN top-1 (%)",
+               title="k-NN monitor on its labelled set during pretraining")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
