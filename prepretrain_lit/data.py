@@ -31,8 +31,8 @@ from .schema import UserError
 from .manifest import (KEY_EXT, ManifestError, Manifest, load_manifest, sha256_file, write_shard,
                                       write_manifest, TarError, tar_members)
 from .manifest import _MANIFESTS, _member # the parse cache (benchmarks clear it); one tar member
-from .render import (SHAPES, SHAPES_HASHTAGS, DIGIT_CLASSES, SHAPE_ID_HASHTAGS, SHAPE_ID_SPLITS,
-                                    render_shapes, digits_split, render_digit, render_shape_id)
+from .render import (SHAPES, SHAPES_HASHTAGS, DIGIT_CLASSES, RENDERED_SPLITS,
+                                    render_shapes, digits_split, render_digit)
 from .subsets import subset_score, subset_scores, score_buckets, prefix_subsets
 
 # %% ../nbs/01a_data.ipynb #a56d2c89
@@ -442,7 +442,7 @@ def shipped_manifest(name: str) -> Path:
     return (wheel if wheel.is_dir() else package.parent / "data_manifests") / f"{name}.yaml"
 
 def recipe_source(manifest: Manifest) -> Source:
-    "The `Source` a recipe manifest describes (`generator: shapes | digits | shape_id`)."
+    "The `Source` a recipe manifest describes (`generator: shapes | digits | shape_id | shape_count`)."
     recipe = dict(manifest.recipe or {})
     generator = recipe.pop("generator", None)
     size = int(recipe.pop("image_size", 64 if generator == "shapes" else 32))
@@ -453,14 +453,16 @@ def recipe_source(manifest: Manifest) -> Source:
         if src.n != manifest.num_samples:
             raise ManifestError(f"{manifest.path}: field 'num_samples' is {manifest.num_samples}, the digits split has {src.n}")
         return dataclasses.replace(src, name=manifest.name)
-    if generator == "shape_id":                  # one fixed split of `shape-id` (01_render), by name, as digits
+    if generator in RENDERED_SPLITS:             # one fixed split of `shape-id` or `shape-count` (01_render), by name
+        name, splits, render, classes, hashtags = RENDERED_SPLITS[generator]
         split = recipe.pop("split", None)
-        if split not in SHAPE_ID_SPLITS: raise ManifestError(f"{manifest.path}: shape-id has splits {', '.join(SHAPE_ID_SPLITS)}, not {split!r}")
-        seed, n = SHAPE_ID_SPLITS[split]
+        if split not in splits: raise ManifestError(f"{manifest.path}: {name} has splits {', '.join(splits)}, not {split!r}")
+        seed, n = splits[split]
         if n != manifest.num_samples:
-            raise ManifestError(f"{manifest.path}: field 'num_samples' is {manifest.num_samples}, the shape-id {split} split has {n}")
-        return Source(manifest.name, n, partial(render_shape_id, seed, size=size), list(SHAPES), list(SHAPE_ID_HASHTAGS))
-    raise ManifestError(f"{manifest.path}: field 'recipe.generator' is {generator!r}; generators: shapes, digits, shape_id")
+            raise ManifestError(f"{manifest.path}: field 'num_samples' is {manifest.num_samples}, the {name} {split} split has {n}")
+        return Source(manifest.name, n, partial(render, seed, size=size), list(classes), list(hashtags))
+    raise ManifestError(f"{manifest.path}: field 'recipe.generator' is {generator!r}; generators: shapes, digits, "
+                        + ", ".join(RENDERED_SPLITS))
 
 def build_from_recipe(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike, workers: int = 1,
                       num_samples: int | None = None, progress: bool = True) -> Path:
