@@ -80,9 +80,10 @@ def test_env_reports_versions(capsys):
 def test_demo_is_the_demo_experiment_and_dry_run_plans_it(tmp_path):
     res = run("demo", "--dry-run", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
-    assert f"== experiment demo: 69 stage runs in {tmp_path.resolve() / 'demo'}" in res.stdout
+    assert f"== experiment demo: 75 stage runs in {tmp_path.resolve() / 'demo'}" in res.stdout
     for line in ("mae/seed=0", "wsp/scratch,seed=2", "wsp/from_mae,seed=1", "knn/seed=2,init=mae", "knn_mae/seed=1", "knn_random/seed=2", "finetune/seed=0,init=mae",
-                 "zeroshot/seed=0,init=scratch", "knn_shape_id_random/seed=1", "linear_probe_shape_id/seed=2,init=mae", "report/main"):
+                 "zeroshot/seed=0,init=scratch", "knn_shape_count_random/seed=1", "linear_probe_shape_count/seed=2,init=mae",
+                 "linear_probe_shape_count_random/seed=0", "report/main"):
         assert line in res.stdout, line
     assert not (tmp_path / "demo").exists()          # a dry run writes nothing
 

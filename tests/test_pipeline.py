@@ -345,9 +345,10 @@ def test_shipped_experiments_validate():
         assert demo[f"knn_mae/seed={seed}"].params["init_checkpoint"].endswith(f"demo/mae/seed={seed}/model.pt")
         assert "init_checkpoint" not in demo[f"knn_random/seed={seed}"].params
         assert demo[f"knn_random/seed={seed}"].params["seed"] == seed
-    assert {k.split("/")[0] for k in demo if "shape_id" in k.split("/")[0]} == {   # the second judge: every arm on shape-id
-        "shape_id_train", "shape_id_test", "knn_shape_id", "knn_shape_id_mae", "knn_shape_id_random", "linear_probe_shape_id"}
-    assert len(demo["report/main"].deps) == 36 + 6 + 3 + 3 + 6        # digits' 36, then shape-id's k-NN arms and probes
+    assert {k.split("/")[0] for k in demo if "shape_count" in k.split("/")[0]} == {   # the main judge: every arm on shape-count
+        "shape_count_train", "shape_count_test", *(f"{e}_shape_count{a}" for e in ("knn", "linear_probe") for a in ("", "_mae", "_random"))}
+    assert "init_checkpoint" not in demo["linear_probe_shape_count_random/seed=2"].params
+    assert len(demo["report/main"].deps) == 36 + 2 * (6 + 3 + 3)      # digits' 36, then shape-count's k-NN and probe, four arms each
 
 
 def test_demo_dry_run_prints_the_dag(tmp_path, capsys):
