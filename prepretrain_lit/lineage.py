@@ -10,31 +10,23 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from .presets import NOT_IDENTITY, PATH_KEYS
 from .registry import display_name, stage_kinds
+from .run_folder import (CONFIG, PROVENANCE, RESULTS, STAGE, read_config_values, read_provenance,
+                                        read_results, read_stage)
 
 # %% auto #0
-__all__ = ['RECORDS', 'CHECKPOINT_SUFFIXES', 'NOT_RECIPE', 'UNKNOWN', 'read_record', 'run_records', 'run_config', 'run_kind',
-           'init_checkpoints', 'checkpoint_folder', 'run_name', 'recipe_identity', 'Link', 'Lineage', 'lineage']
+__all__ = ['RECORDS', 'CHECKPOINT_SUFFIXES', 'NOT_RECIPE', 'UNKNOWN', 'run_records', 'run_config', 'run_kind', 'init_checkpoints',
+           'checkpoint_folder', 'run_name', 'recipe_identity', 'Link', 'Lineage', 'lineage']
 
 # %% ../nbs/07b_lineage.ipynb #720b2391
-RECORDS = ("stage.json", "config.yaml", "provenance.json", "results.json")
+# the records a run keeps of itself, each read by its run-folder reader (00d_run_folder)
+RECORDS = {STAGE: read_stage, CONFIG: read_config_values, PROVENANCE: read_provenance, RESULTS: read_results}
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-def read_record(path: Path) -> dict:
-    "The mapping in JSON or YAML file `path`; {} when it is missing, half-written or not a mapping."
-    try: text = Path(path).read_text()
-    except OSError: return {}
-    try: data = json.loads(text) if Path(path).suffix == ".json" else yaml.load(text, Loader=_YAML_LOADER)
-    except (ValueError, yaml.YAMLError): return {}
-    return data if isinstance(data, dict) else {}
 
 def run_records(folder) -> dict[str, dict]:
-    "{file name: its mapping} of the records of run folder `folder` (`RECORDS`; {} for a missing one)."
-    return {name: read_record(Path(folder) / name) for name in RECORDS}
+    "{file name: its mapping} of the records of run folder `folder` (`RECORDS`; {} for a missing or half-written one)."
+    return {name: read(folder) or {} for name, read in RECORDS.items()}
 
 def run_config(records: dict) -> dict:
     "The run's config: `config.yaml`, else the config `provenance.json` recorded."
@@ -72,7 +64,7 @@ def checkpoint_folder(checkpoint: str, near=None, experiment_dir=None) -> Path |
 def run_name(folder) -> str:
     "A run's name: the runner's `experiment/stage/variant` (its `stage.json`), else `<parent>/<folder>`."
     folder = Path(folder)
-    record = read_record(folder / "stage.json")
+    record = read_stage(folder) or {}
     if record.get("stage"): return "/".join(str(record[k]) for k in ("experiment", "stage", "variant") if record.get(k))
     return f"{folder.resolve().parent.name}/{folder.resolve().name}"
 
