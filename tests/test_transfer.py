@@ -260,16 +260,19 @@ def test_light_transform_never_mirrors_and_is_chosen_by_data_transform():
 
 
 def count_manifest_loads(monkeypatch) -> dict:
-    "Count `load_manifest` calls by manifest path, wherever they are made (data's own name and the loader's import)."
+    """Count `load_manifest` calls by manifest path, wherever they are made: its own module's name (looked up there by
+    the functions that import it when called, as the k-NN chapter's `labelled_manifest` does) and the names data and
+    the loader import."""
     import collections
     import prepretrain_lit.data as data
     import prepretrain_lit.loader as loader
-    counts, real = collections.Counter(), data.load_manifest
+    import prepretrain_lit.manifest as manifest
+    counts, real = collections.Counter(), manifest.load_manifest
     def counting(path, *args, **kwargs):
         counts[str(Path(path).resolve())] += 1
         return real(path, *args, **kwargs)
-    monkeypatch.setattr(data, "load_manifest", counting)
-    monkeypatch.setattr(loader, "load_manifest", counting)
+    for module in (manifest, data, loader):
+        if hasattr(module, "load_manifest"): monkeypatch.setattr(module, "load_manifest", counting)
     return counts
 
 
