@@ -210,11 +210,10 @@ def pipeline(work: Path, seeds, kinds, steps_grid) -> None:
                         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                        env={**os.environ, "OMP_NUM_THREADS": "1"})
                     res = json.loads((out / "results.json").read_text())
-                    rows = [r for r in res["records"] if r["metric"] == "top1"] if "records" in res else []
-                    tops += [r["value"] for r in rows if r.get("arm") != "pixels"]
-                    pixels = [r["value"] for r in rows if r.get("arm") == "pixels"] or pixels
-                print(f"{kind:>12} steps {steps:>4} {arm:>7}: top-1 {np.mean(tops):.1f} ± {np.std(tops, ddof=1) if len(tops) > 1 else 0:.1f}"
-                      f" (n={len(tops)}); pixels {np.mean(pixels) if pixels else float('nan'):.1f}", flush=True)
+                    tops += [r["value"] for r in res["records"] if r["metric"] == "top1"]
+                    pixels = res.get("baselines", {}).get("pixels", {}).get("summary", {}).get("top1", {}).get("mean", pixels)
+                print(f"{kind:>12} steps {steps:>4} {arm:>7}: top-1 {np.mean(tops):.1f} ± {np.std(tops):.1f} (n={len(tops)}); "
+                      f"pixels {pixels if pixels is not None else float('nan'):.1f}", flush=True)
 
 
 def main(argv=None):
