@@ -221,20 +221,20 @@ def test_checkpoint_async_tiny_run_times_both_saves_and_the_background_write(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.json"]        # its checkpoints went with its temporary folder
 
 
-def test_the_gpu_checks_async_checkpoint_part_is_in_both_modes_and_runs_on_the_cpu():
+def test_the_gpu_checks_async_checkpoint_part_is_in_both_modes_and_runs_on_the_cpu(capsys):
     "Its GPU command trains a ViT-L/16 MAE on cuda; its CPU command, run here, emits the timings of both saves."
     check = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--only", "async-checkpoint"]
     gpu, cpu = (subprocess.run(check + extra, capture_output=True, text=True) for extra in ([], ["--cpu-smoke"]))
     assert gpu.returncode == cpu.returncode == 0, gpu.stderr + cpu.stderr
     assert "async-checkpoint --device cuda" in gpu.stdout and "--preset tiny" in cpu.stdout
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "async-checkpoint", "--device", "cpu",
-                          "--preset", "tiny", "--rounds", "2", "--batch", "2"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.split("RESULT ")[-1])
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec); spec.loader.exec_module(gpu_check)
+    gpu_check.main(["async-checkpoint", "--device", "cpu", "--preset", "tiny", "--rounds", "2", "--batch", "2"])
+    out = capsys.readouterr().out
+    result = json.loads(out.split("RESULT ")[-1])
     assert result["part"] == "async-checkpoint" and result["ok"] and result["sync_s"] > 0 and result["async_blocking_warm_s"] > 0
     assert result["blocking_share"] == pytest.approx(result["async_blocking_warm_s"] / result["sync_s"])
-    assert "tiny MAE + AdamW on cpu" in run.stdout
+    assert "tiny MAE + AdamW on cpu" in out
 
 
 def test_activation_memory_tiny_run_measures_the_three_modes(tmp_path):

@@ -32,14 +32,25 @@ def train_cmd(shapes: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return [str(PRETRAIN), "train", "mae", "--preset", "tiny", "--out", str(out), *[a for s in sets for a in ("--set", s)]]
 
 
+UNINTERRUPTED_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes, tmp_path_factory) -> Path:
+    "The run folder of `train_cmd(shapes, ..., 40)` run straight through: what each stopped and resumed run must equal."
+    out = tmp_path_factory.mktemp("whole")
+    whole = subprocess.run(train_cmd(shapes, out, UNINTERRUPTED_STEPS), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    return out
+
+
 # -- 4. a signal to the whole process group ----------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])     # a cluster's stop; a terminal's Ctrl-C
-def test_a_stop_signal_to_the_process_group_checkpoints_exits_3_and_resumes_bit_identically(tmp_path, shapes, stop):
-    steps = 40
-    whole = subprocess.run(train_cmd(shapes, tmp_path / "whole", steps), capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+def test_a_stop_signal_to_the_process_group_checkpoints_exits_3_and_resumes_bit_identically(tmp_path, shapes,
+                                                                                            uninterrupted, stop):
+    steps = UNINTERRUPTED_STEPS
     run = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(shapes, run, steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)          # its own process group: the trainer and its 2 workers
@@ -54,7 +65,7 @@ def test_a_stop_signal_to_the_process_group_checkpoints_exits_3_and_resumes_bit_
     again = subprocess.run(train_cmd(shapes, run, steps), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert steps_logged(run) == list(range(1, steps + 1))
-    a, b = weights(tmp_path / "whole"), weights(run)
+    a, b = weights(uninterrupted), weights(run)
     for name in a: assert torch.equal(a[name], b[name]), name
 
 
