@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import yaml
 
-from .config import UserError
+from .schema import UserError
 from .registry import find_stage, use_stage_modules
 from .pipeline_stage import (REPO, SHIPPED, STAGES_DIR, Param,
                                             check_value, kind_config, notebook_defaults, notebook_parameters,
@@ -392,7 +392,8 @@ def run_outputs(run: "StageRun") -> list[str] | None:
 
 def _shards_manifest(manifest):
     "The manifest a shards stage's `manifest` parameter names (a built-in name or a YAML path), loaded and checked."
-    from prepretrain_lit.data import load_manifest, shipped_manifest
+    from prepretrain_lit.manifest import load_manifest
+    from prepretrain_lit.data import shipped_manifest
     text = str(manifest)
     path = Path(text) if text.endswith((".yaml", ".yml")) else shipped_manifest(text)
     if not path.is_file():
@@ -405,8 +406,9 @@ def _shards_manifest(manifest):
 
 def _ready_manifest(m) -> list[str]:
     "What stops manifest `m` from being read: a template's `CHANGE-ME` shard paths, more shard files missing than a run skips."
-    from prepretrain_lit.config import DataConfig
-    from prepretrain_lit.data import TEMPLATE_MARK, missing_shards_verdict
+    from prepretrain_lit.schema import DataConfig
+    from prepretrain_lit.manifest import TEMPLATE_MARK
+    from prepretrain_lit.data import missing_shards_verdict
     if m.format != "webdataset": return []
     if any(TEMPLATE_MARK in s for s in m.shards):
         return [f"{m.path} is a template: fill in your shard paths (replace {TEMPLATE_MARK} in its 'shards' with where "
@@ -416,7 +418,7 @@ def _ready_manifest(m) -> list[str]:
 
 def _dataset_problems(key: str, value, kind: str) -> list[str]:
     "A dataset parameter that does not come from another run: a manifest file whose shards exist (or `synthetic`)."
-    from prepretrain_lit.data import load_manifest
+    from prepretrain_lit.manifest import load_manifest
     from prepretrain_lit.loader import resolve_manifest
     labels = find_stage(kind).needs_labels
     if value is None:
@@ -438,7 +440,7 @@ def _checkpoint_problem(value) -> list[str]:
 def _config_problems(kind: str, base: dict, given: dict, pending: bool) -> list[tuple[str | None, str]]:
     """Every parameter in `given` whose value alone, over the notebook defaults `base`, makes a config that fails its
     checks, as (parameter, error); (None, error) when only the parameters together fail."""
-    from prepretrain_lit.config import ConfigError
+    from prepretrain_lit.schema import ConfigError
     def fails(p):
         try: kind_config(kind, p, epochs=not pending); return None
         except (ConfigError, UserError) as e: return str(e)
