@@ -99,7 +99,8 @@ def config_to_dict(cfg) -> dict:
 # same function (to rounding). A requeued job may change them.
 NOT_IDENTITY = ("preset", "stage", "data.num_workers", "data.verify_checksums", "eval.num_workers", "train.log_every",
                 "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard", "train.attention",
-                "train.async_checkpoint")
+                "train.async_checkpoint",
+                "eval.monitor.every", "eval.monitor.dataset", "eval.monitor.samples")   # it watches; the run computes the same
 PATH_KEYS = ("data.dataset", "eval.dataset", "init.checkpoint")   # the same file however it is written
 
 def flat_config(values: dict, prefix: str = "") -> dict:

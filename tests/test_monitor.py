@@ -72,6 +72,19 @@ def test_monitor_lines_survive_resume_exactly_once(tmp_path, digits_manifests):
     assert monitored(tmp_path) == whole
 
 
+def test_a_run_may_resume_with_the_monitor_turned_on(tmp_path, digits_manifests):
+    "The monitor changes nothing a run computes, so it is not part of the run's identity: a requeue may add it."
+    from prepretrain_lit.presets import config_hash
+    plain = tiny(*RUN, "train.checkpoint_every=3")
+    watched = with_monitor(digits_manifests[1], 2, "train.checkpoint_every=3")
+    assert config_hash(plain) == config_hash(watched)
+    train("mae", plain, tmp_path, progress=False)
+    (tmp_path / "model.pt").unlink()
+    for f in (tmp_path / "checkpoints").glob("step_00000006*"): f.unlink()
+    train("mae", watched, tmp_path, progress=False)                 # resumed from step 3, not refused
+    assert sorted(monitored(tmp_path)) == [4, 6]
+
+
 def test_the_monitor_is_refused_in_one_line_without_a_labelled_set(tmp_path, shapes_manifest):
     with pytest.raises(ConfigError, match="eval.monitor.every=5 needs eval.monitor.dataset"):
         tiny("eval.monitor.every=5").check()
