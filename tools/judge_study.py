@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shape_id_baselines import knn_and_logreg   # the frozen-feature pair every study here reports
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
@@ -121,15 +123,6 @@ def render_split(task, seed, n):
         img, label = task(seed, i)
         xs.append(tf(Image.fromarray(img))); ys.append(label)
     return torch.stack(xs), torch.tensor(ys)
-
-
-def knn_and_logreg(ftr, ytr, fte, yte) -> tuple[float, float]:
-    from sklearn.linear_model import LogisticRegression
-    from prepretrain_lit.knn import FeatureSet, knn_evaluate
-    knn = knn_evaluate(FeatureSet(ftr, ytr, "train"), FeatureSet(fte, yte, "test"))[0]["value"]
-    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
-    clf = LogisticRegression(C=0.1, max_iter=500).fit(((ftr - mu) / sd).numpy(), ytr.numpy())
-    return knn, 100.0 * clf.score(((fte - mu) / sd).numpy(), yte.numpy())
 
 
 def trunk(path, seed=0):
