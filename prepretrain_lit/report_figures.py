@@ -106,7 +106,8 @@ def plot_convergence(table: pd.DataFrame, objective: str = "wsp") -> "matplotlib
     order = sorted(trained | set(evals.recipe), key=lambda r: (r != pretty(objective), r not in trained, r))
     colors = dict(zip(order, sns.color_palette(n_colors=len(order))))   # one colour per recipe in both panels
     hue = dict(hue="recipe", hue_order=[r for r in order], palette=colors)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw=dict(width_ratios=[3, 2]))
+    right = max(4.4, 1.3 * evals.groupby(["kind", "dataset"]).ngroups)   # inches: each evaluation's labels get room
+    fig, axes = plt.subplots(1, 2, figsize=(6.6 + right, 4), gridspec_kw=dict(width_ratios=[6.6, right]))
     with sns.axes_style("whitegrid"):
         draw_bands(axes[0], curve_bands(curves, ["recipe"]), "recipe", [r for r in order if r in set(curves.recipe)], colors)   # a band per recipe, not a line per run
         axes[0].set(xlabel="step")
