@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .registry import evaluation_function, recipe_stage, stage_kinds
 from .schema import RunConfig, UserError
-from .presets import atomic_write_text, config_hash
+from .presets import config_hash
 from .config import derive_seed, init_run_folder, write_provenance
 from .objectives import (LinearProbe, LinearProbeObjective, ViTClassifier, classifier_from_config,
                                         linear_probe_objective)
@@ -33,11 +33,12 @@ from .lit import LiTModel, load_lit, zeroshot_classifier, zeroshot_scores
 from .distributed import (DistInfo, agree, broadcast_from_main, cleanup_distributed, launch,
                                          process_placement, setup_distributed)
 from .checkpoint import complete_checkpoints, run_hashes
+from .run_folder import RESULTS, read_results, write_json, write_status
 from .trainer import train, train_stage
 from .vit import ViT, vit_from_config
 
 # %% auto #0
-__all__ = ['RESULTS_SCHEMA_VERSION', 'PIXELS', 'summarize_records', 'write_results', 'read_results', 'trunk_from_config',
+__all__ = ['RESULTS_SCHEMA_VERSION', 'PIXELS', 'summarize_records', 'write_results', 'checked_results', 'trunk_from_config',
            'feature_cache_path', 'unique_suffix', 'load_features', 'extract_to_cache', 'features_worker',
            'cached_features', 'FeatureBatches', 'probe_data', 'lowshot_indices', 'lowshot_evaluate', 'pixel_features',
            'pixel_sets', 'train_probe', 'pixel_records', 'split_arms', 'count_correct', 'evaluate_classifier',
@@ -75,18 +76,17 @@ def write_results(out_dir: str | os.PathLike, kind: str, dataset: str, records: 
     if baselines:
         doc["baselines"] = {arm: {"records": _rows(recs), "summary": summarize_records(_rows(recs))}
                             for arm, recs in baselines.items()}
-    path = Path(out_dir) / "results.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return write_json(Path(out_dir) / RESULTS, doc, indent=1)
 
-def read_results(path: str | os.PathLike) -> dict:
-    "A `results.json` (or the one in folder `path`), checked for its schema version."
-    path = Path(path)
-    if path.is_dir(): path = path / "results.json"
-    if not path.is_file(): raise UserError(f"no results file at {path}")
-    doc = json.loads(path.read_text())
+def checked_results(folder: str | os.PathLike) -> dict:
+    """The `results.json` of run folder `folder` (read by `run_folder.read_results`), checked for its schema version;
+    a `UserError` when there is none that this version reads."""
+    doc = read_results(folder)
+    if doc is None: raise UserError(f"no readable results file at {Path(folder) / RESULTS}")
     if doc.get("schema_version") != RESULTS_SCHEMA_VERSION:
-        raise UserError(f"{path}: results schema {doc.get('schema_version')}, this version reads {RESULTS_SCHEMA_VERSION}")
+        raise UserError(f"{Path(folder) / RESULTS}: results schema {doc.get('schema_version')}, this version reads "
+                        f"{RESULTS_SCHEMA_VERSION}")
     return doc
 
 # %% ../nbs/07_transfer.ipynb #cc1c22b7
@@ -374,7 +374,7 @@ def zeroshot_evaluate(cfg: RunConfig, out_dir: str | os.PathLike, progress: bool
                for name, value in metrics.items()]
     write_results(out, kind="zeroshot", dataset=manifest.name, records=records, init=cfg.init.checkpoint,
                   train_dataset=None, cfg=cfg)
-    return json.loads((out / "results.json").read_text())
+    return checked_results(out)
 
 
 # %% ../nbs/07_transfer.ipynb #dc32213c
@@ -476,8 +476,7 @@ def evaluate(kind: str, cfg: RunConfig, out_dir: str | os.PathLike, progress: bo
     group = info or _group_info()
     try:
         out = Path(out_dir)
-        done = out / "results.json"
-        doc = read_results(done) if group.is_main and done.is_file() else None
+        doc = checked_results(out) if group.is_main and (out / RESULTS).is_file() else None
         same = doc is not None and doc["config_hash"] in run_hashes(out, cfg)    # this run's, in any version's form
         doc = broadcast_from_main(doc if same else None, group)
         if doc is not None: return doc
@@ -490,8 +489,8 @@ def evaluate(kind: str, cfg: RunConfig, out_dir: str | os.PathLike, progress: bo
                 trunk_records, arms = split_arms(records)     # the raw-pixel arm, where the evaluation has one
                 path = write_results(out, kind, test_name, trunk_records, cfg.init.checkpoint, train_name, cfg, arms)
                 if recipe_stage(kind).objective is None:         # no trainer ran (k-NN, low-shot): say the stage is done
-                    atomic_write_text(out / "status.json", json.dumps({"state": "complete", "step": 0, "message": ""}) + "\n")
-                doc = read_results(path)
+                    write_status(out, "complete", 0)
+                doc = checked_results(path.parent)
             except Exception as e: error = e
         agree(error, f"writing {out / 'results.json'}", group)
         return broadcast_from_main(doc, group)

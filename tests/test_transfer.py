@@ -13,7 +13,7 @@ from prepretrain_lit.objectives import ViTClassifier
 from prepretrain_lit.trainer import Trainer
 from prepretrain_lit.knn import FeatureSet, topk_correct
 from prepretrain_lit.transfer import (FeatureBatches, evaluate, feature_cache_path, lowshot_evaluate, lowshot_indices,
-                                      read_results, summarize_records, write_results)
+                                      checked_results, summarize_records, write_results)
 from prepretrain_lit.objectives import LinearProbe, LinearProbeObjective
 
 TINY_MODEL = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
@@ -134,7 +134,7 @@ def test_each_evaluation_loads_a_wsp_checkpoint_and_writes_results(tmp_path, dig
         "eval.num_workers=0", "train.log_every=2", "train.checkpoint_every=100"])
     out = tmp_path / kind
     doc = evaluate(kind, cfg, out, progress=False)
-    assert read_results(out) == doc and doc["kind"] == kind and doc["init"] == str(ckpt)
+    assert checked_results(out) == doc and doc["kind"] == kind and doc["init"] == str(ckpt)
     assert doc["dataset"] == "digits-test" and doc["train_dataset"] == "digits-train"
     assert all(0 <= r["value"] <= 100 for r in doc["records"])
     if kind == "lowshot":
