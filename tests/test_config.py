@@ -293,14 +293,6 @@ def test_unknown_stage_lists_the_stages():
         load_config(stage="wps")
 
 
-def test_config_reexports_every_public_name_of_the_config_chapters():
-    "`prepretrain_lit.config` is the config layer's one import: the chapters before it add to it, they do not move names away."
-    from prepretrain_lit import config, presets, schema
-    for chapter in (schema, presets):
-        for name in chapter.__all__:
-            assert name in config.__all__ and getattr(config, name) is getattr(chapter, name), (chapter.__name__, name)
-
-
 # -- a run's identity survives the schema's growth ------------------------------------------------------------
 
 from dataclasses import dataclass, field

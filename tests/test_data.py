@@ -364,14 +364,6 @@ def test_cli_build_skips_a_truncated_jpeg_and_reshard_writes_prefix_subsets(tmp_
     assert main(["shards", "reshard", str(tmp_path / "re" / "folder.yaml"), "--out", str(tmp_path / "re")]) == 2
 
 
-def test_data_reexports_every_public_name_of_the_data_chapters():
-    "`prepretrain_lit.data` keeps every name of the manifest, built-in dataset and subset chapters it was split into."
-    from prepretrain_lit import data, manifest, render, subsets, tars
-    for chapter in (manifest, render, subsets, tars):
-        for name in chapter.__all__:
-            assert name in data.__all__ and getattr(data, name) is getattr(chapter, name), (chapter.__name__, name)
-
-
 # -- bring your own corpus: index in place, subsets over shards as they are, byte-exact builds ------
 
 class CountingOpen:

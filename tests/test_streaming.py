@@ -298,14 +298,6 @@ def test_the_trainer_resumes_a_stream_checkpoint_on_another_world_size_with_a_wa
     assert (out / "model.pt").exists()
 
 
-def test_loader_reexports_every_public_name_of_the_loader_chapters():
-    "`prepretrain_lit.loader` keeps every name of the stream and decode chapters it was split into, star import included."
-    from prepretrain_lit import decode, loader, stream
-    for chapter in (stream, decode):
-        for name in chapter.__all__:
-            assert name in loader.__all__ and getattr(loader, name) is getattr(chapter, name), (chapter.__name__, name)
-
-
 # -- the bad-sample budget: a statistical rule while reading, an exact one at the end of an epoch ------------
 
 def simulated_stops(rate: float, streams: int, samples: int = 20_000, batch: int = 16, limit: float = 0.01,
