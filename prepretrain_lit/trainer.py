@@ -217,7 +217,7 @@ class Trainer:
         "None when checkpoint `path` matches the checksums recorded at writing, else what is wrong (every rank agrees)."
         if not path.is_dir(): return verify_checkpoint_file(path) if self.info.is_main else None
         sums = path / SHARD_SUMS
-        if not sums.exists(): return None                        # written before checksums: loads as before
+        if not sums.exists(): return None                        # a checkpoint without checksums loads unchecked
         recorded = json.loads(sums.read_text())
         mine = self._my_share(path) + ([path / "trainer_state.pt"] if self.info.is_main else [])
         missing = sorted(set(recorded) - {p.name for p in path.iterdir()})
